@@ -1,0 +1,353 @@
+"""Audio in and out, in-process: decoding, resampling, loudness, speed, and encoding every format.
+
+Everything works on float32 mono numpy arrays. Decoding and encoding go through PyAV (FFmpeg's
+libraries linked into the process), so no job starts a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import pyloudnorm
+from scipy.signal import resample_poly
+
+# Output formats: name -> (container, codec, content type, file extension).
+FORMATS: dict[str, tuple[str | None, str | None, str, str]] = {
+    "mp3": ("mp3", "libmp3lame", "audio/mpeg", "mp3"),
+    "opus": ("ogg", "libopus", "audio/ogg", "opus"),
+    "aac": ("adts", "aac", "audio/aac", "aac"),
+    "flac": ("flac", "flac", "audio/flac", "flac"),
+    "wav": (None, None, "audio/wav", "wav"),
+    "pcm_16": (None, None, "audio/pcm", "pcm"),
+}
+DEFAULT_BITRATE_KBPS = {"mp3": 128, "aac": 128, "opus": 64}
+OPUS_SAMPLE_RATES = (8000, 12000, 16000, 24000, 48000)
+
+LOUDNESS_MIN_SECONDS = 0.4  # one gating block of ITU-R BS.1770
+SILENCE_LUFS = -70.0  # the absolute gate: anything quieter is treated as silence
+TRUE_PEAK_CEILING_DBTP = -1.0
+
+
+class AudioError(ValueError):
+    """Audio could not be decoded or processed; the message is one sentence for the user."""
+
+
+def mp3_bitrate_range(sample_rate: int) -> tuple[int, int]:
+    """The kbps range libmp3lame accepts at a sample rate (MPEG-1, MPEG-2 and MPEG-2.5 layers)."""
+    if sample_rate >= 32000:
+        return 32, 320
+    if sample_rate >= 16000:
+        return 8, 160
+    return 8, 64
+
+
+def bitrate_range(fmt: str, sample_rate: int) -> tuple[int, int] | None:
+    """Allowed kbps for a lossy format at a rate; None where bitrate does not apply."""
+    if fmt == "mp3":
+        return mp3_bitrate_range(sample_rate)
+    if fmt == "aac":
+        return 16, 320
+    if fmt == "opus":
+        return 6, 256
+    return None
+
+
+def default_bitrate(fmt: str, sample_rate: int) -> int | None:
+    if fmt not in DEFAULT_BITRATE_KBPS:
+        return None
+    low, high = bitrate_range(fmt, sample_rate) or (0, 0)
+    return min(max(DEFAULT_BITRATE_KBPS[fmt], low), high)
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def decode(data: bytes, sample_rate: int = 24000) -> np.ndarray:
+    """Decode any audio file FFmpeg knows (wav, mp3, flac, ogg/opus, m4a/aac, ...) to mono float32.
+
+    Channels are averaged and the rate converted by libswresample's filter.
+    """
+    if not data:
+        raise AudioError("the audio is empty.")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise AudioError("the file has no audio stream.")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            pieces = []
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler count samples itself (some demuxers give none)
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                pieces.append(out.to_ndarray().reshape(-1))
+    except AudioError:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError) as exc:
+        raise AudioError(f"the audio could not be decoded ({_ffmpeg_reason(exc)}).") from None
+    if not pieces:
+        raise AudioError("the audio has no samples.")
+    samples = np.concatenate(pieces).astype(np.float32, copy=False)
+    if not np.all(np.isfinite(samples)):
+        raise AudioError("the audio contains invalid sample values.")
+    return samples
+
+
+def _ffmpeg_reason(exc: Exception) -> str:
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return reason.split(":")[0].strip().rstrip(".").lower()
+
+
+# --- resampling, speed, loudness -------------------------------------------------------------
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Polyphase resampling with a Kaiser-windowed FIR low-pass (no linear interpolation)."""
+    if from_rate == to_rate or samples.size == 0:
+        return samples
+    ratio = Fraction(to_rate, from_rate)
+    out = resample_poly(samples, ratio.numerator, ratio.denominator, window=("kaiser", 8.0))
+    return out.astype(np.float32, copy=False)
+
+
+def change_speed(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
+    """Time-stretch by `speed` without changing pitch (FFmpeg's WSOLA `atempo` filter, chained).
+
+    The duration becomes duration / speed.
+    """
+    if speed == 1.0 or samples.size == 0:
+        return samples
+    factors = []
+    remaining = speed
+    while remaining > 2.0:  # one atempo instance covers 0.5..2.0 with the best quality
+        factors.append(2.0)
+        remaining /= 2.0
+    while remaining < 0.5:
+        factors.append(0.5)
+        remaining /= 0.5
+    factors.append(remaining)
+
+    graph = av.filter.Graph()
+    nodes = [graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}")]
+    nodes += [graph.add("atempo", f"{factor:.6f}") for factor in factors]
+    nodes.append(graph.add("abuffersink"))
+    for left, right in itertools.pairwise(nodes):
+        left.link_to(right)
+    graph.configure()
+
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+    frame.sample_rate = sample_rate
+    frame.pts = 0
+    frame.time_base = Fraction(1, sample_rate)
+    graph.push(frame)
+    graph.push(None)
+    pieces = []
+    while True:
+        try:
+            pieces.append(graph.pull().to_ndarray().reshape(-1))
+        except (av.error.EOFError, av.error.BlockingIOError):
+            break
+    return np.concatenate(pieces).astype(np.float32, copy=False) if pieces else samples[:0]
+
+
+def true_peak_dbtp(samples: np.ndarray, sample_rate: int) -> float:
+    """True peak in dBTP, estimated on a 4x oversampled signal (ITU-R BS.1770-4, annex 2)."""
+    if samples.size == 0:
+        return -math.inf
+    oversampled = resample_poly(samples.astype(np.float64), 4, 1)
+    peak = float(np.max(np.abs(oversampled)))
+    return 20 * math.log10(peak) if peak > 0 else -math.inf
+
+
+def integrated_loudness(samples: np.ndarray, sample_rate: int) -> float:
+    """Integrated loudness in LUFS (ITU-R BS.1770), -inf for silence."""
+    if samples.size < LOUDNESS_MIN_SECONDS * sample_rate:
+        return -math.inf
+    return float(pyloudnorm.Meter(sample_rate).integrated_loudness(samples.astype(np.float64)))
+
+
+@dataclass
+class LoudnessReport:
+    applied: bool
+    target_lufs: float
+    measured_lufs: float | None = None
+    output_lufs: float | None = None
+    gain_db: float = 0.0
+    true_peak_dbtp: float | None = None
+    limited_by_peak: bool = False
+    reason: str | None = None
+
+    def as_dict(self) -> dict:
+        def rounded(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else round(value, 2)
+
+        report = {
+            "applied": self.applied,
+            "target_lufs": self.target_lufs,
+            "measured_lufs": rounded(self.measured_lufs),
+            "output_lufs": rounded(self.output_lufs),
+            "gain_db": round(self.gain_db, 2),
+            "true_peak_dbtp": rounded(self.true_peak_dbtp),
+            "limited_by_peak": self.limited_by_peak,
+        }
+        if self.reason:
+            report["reason"] = self.reason
+        return report
+
+
+def normalize_loudness(
+    samples: np.ndarray,
+    sample_rate: int,
+    target_lufs: float,
+    ceiling_dbtp: float = TRUE_PEAK_CEILING_DBTP,
+) -> tuple[np.ndarray, LoudnessReport]:
+    """Scale to `target_lufs`, but never so far that the true peak passes `ceiling_dbtp`.
+
+    Audio shorter than one gating block, or quieter than the absolute gate (silence), is returned
+    unchanged with the reason in the report.
+    """
+    if samples.size < LOUDNESS_MIN_SECONDS * sample_rate:
+        return samples, LoudnessReport(False, target_lufs, reason=f"shorter than {LOUDNESS_MIN_SECONDS} s")
+    measured = integrated_loudness(samples, sample_rate)
+    if not math.isfinite(measured) or measured < SILENCE_LUFS:
+        return samples, LoudnessReport(False, target_lufs, measured_lufs=measured, reason="silent or too quiet")
+    peak = true_peak_dbtp(samples, sample_rate)
+    gain_db = target_lufs - measured
+    limited = peak + gain_db > ceiling_dbtp
+    if limited:
+        gain_db = ceiling_dbtp - peak
+    out = (samples * (10 ** (gain_db / 20))).astype(np.float32)
+    return out, LoudnessReport(
+        applied=True,
+        target_lufs=target_lufs,
+        measured_lufs=measured,
+        output_lufs=measured + gain_db,
+        gain_db=gain_db,
+        true_peak_dbtp=peak + gain_db,
+        limited_by_peak=limited,
+    )
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def to_pcm16(samples: np.ndarray) -> bytes:
+    """Float [-1, 1] to signed 16-bit little-endian, clipped (loudness keeps peaks under -1 dBTP)."""
+    clipped = np.clip(samples, -1.0, 1.0)
+    return (np.round(clipped * 32767.0)).astype("<i2").tobytes()
+
+
+def wav_header(sample_rate: int, data_bytes: int | None) -> bytes:
+    """A 44-byte PCM16 mono WAV header; `data_bytes=None` writes the streaming form (sizes maxed)."""
+    size = 0xFFFFFFFF if data_bytes is None else data_bytes
+    riff_size = 0xFFFFFFFF if data_bytes is None else 36 + data_bytes
+    return (
+        b"RIFF" + struct.pack("<I", riff_size) + b"WAVE"
+        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data" + struct.pack("<I", size)
+    )  # fmt: skip
+
+
+class Encoder:
+    """Encodes mono float32 audio into one format, incrementally.
+
+    `write()` returns the bytes the container has produced so far and `close()` the rest, so the
+    concatenation of every returned piece is one valid file. A whole file is one `write` + `close`.
+    """
+
+    def __init__(self, fmt: str, sample_rate: int, bitrate_kbps: int | None = None, streaming: bool = False):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}")
+        self.fmt = fmt
+        self.sample_rate = sample_rate
+        self.streaming = streaming
+        self._pending_pcm: list[bytes] = []
+        self._header_sent = False
+        # A whole file is muxed into a seekable buffer, so muxers can finish their headers (mp3's
+        # Xing frame, FLAC's STREAMINFO); a stream into a write-only sink, so bytes handed out
+        # are never rewritten.
+        self._buffer: io.BytesIO | _WriteOnlySink = _WriteOnlySink() if streaming else io.BytesIO()
+        self._container = None
+        self._closed = False
+        container_format, codec, _, _ = FORMATS[fmt]
+        if codec is None:
+            return
+        self._container = av.open(self._buffer, mode="w", format=container_format)
+        self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
+        if bitrate_kbps:
+            self._stream.bit_rate = bitrate_kbps * 1000
+        self._samples_written = 0
+        self._fifo = av.AudioFifo()
+
+    @property
+    def content_type(self) -> str:
+        return FORMATS[self.fmt][2]
+
+    def write(self, samples: np.ndarray) -> bytes:
+        if self.fmt in ("pcm_16", "wav"):
+            pcm = to_pcm16(samples)
+            if self.fmt == "wav" and not self.streaming:
+                self._pending_pcm.append(pcm)  # the header needs the final size
+                return b""
+            if self.fmt == "wav" and not self._header_sent:
+                self._header_sent = True
+                return wav_header(self.sample_rate, None) + pcm
+            return pcm
+        if samples.size:
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+            frame.sample_rate = self.sample_rate
+            frame.pts = self._samples_written
+            frame.time_base = Fraction(1, self.sample_rate)
+            self._samples_written += samples.size
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        return self._take()
+
+    def close(self) -> bytes:
+        if self.fmt == "pcm_16":
+            return b""
+        if self.fmt == "wav":
+            if self.streaming:
+                return b"" if self._header_sent else wav_header(self.sample_rate, None)
+            pcm = b"".join(self._pending_pcm)
+            return wav_header(self.sample_rate, len(pcm)) + pcm
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._closed = True
+        return self._take()
+
+    def _take(self) -> bytes:
+        if isinstance(self._buffer, _WriteOnlySink):
+            return self._buffer.take()
+        return self._buffer.getvalue() if self._closed else b""
+
+
+class _WriteOnlySink:
+    """A file-like object without seek: FFmpeg muxers then write strictly forward."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._pieces.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._pieces)
+        self._pieces.clear()
+        return data
+
+
+def encode(samples: np.ndarray, fmt: str, sample_rate: int, bitrate_kbps: int | None = None) -> bytes:
+    """Encode a whole signal into one file of `fmt`."""
+    encoder = Encoder(fmt, sample_rate, bitrate_kbps)
+    return encoder.write(samples) + encoder.close()

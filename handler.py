@@ -1,0 +1,234 @@
+"""RunPod serverless entry point: validate the job, run the engine, deliver the audio.
+
+    python handler.py                              # production worker loop (on RunPod)
+    python handler.py --test_input '{"input": {...}}'   # one local job, then exit
+    python handler.py --rp_serve_api               # the SDK's local HTTP server
+
+The handler is an async generator (concurrency and cancellation need `async`); a job yields one
+result, or one `{"error": ...}` item, which fails the job. The SDK's local modes do not iterate
+generators, so there the same handler runs behind `collect`, which returns what it yielded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from config import Settings, SettingsError, load_settings
+from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
+from jobs import JobError, plan_job, render
+from schema import InputError, parse_job_input
+from storage import DeliveryError, S3Storage, deliver
+from voices import VoiceLibrary, VoiceLimits
+
+log = logging.getLogger("vibevoice.handler")
+
+# Errors whose message is written for the user (one sentence naming the field).
+USER_ERRORS = (InputError, JobError, DeliveryError)
+
+
+class Worker:
+    """Everything a job needs, created once per process: settings, engine, voices, storage."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: VibeVoiceEngine,
+        library: VoiceLibrary | None = None,
+        storage: S3Storage | None = None,
+        progress: Callable[[dict, str], None] | None = None,
+    ):
+        self.settings = settings
+        self.engine = engine
+        self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
+        self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
+        self.progress = progress
+
+    async def handle(self, job: dict) -> AsyncIterator[dict]:
+        """The RunPod handler: yields the job's result, or one error item."""
+        try:
+            yield await self.run(job)
+        except USER_ERRORS as exc:
+            log.info("job %s failed: %s", job.get("id"), exc)
+            yield {"error": str(exc)}
+        except asyncio.CancelledError:
+            log.info("job %s cancelled", job.get("id"))
+            raise
+        except Exception as exc:  # a bug or a fault: log the traceback, tell the user one sentence
+            log.exception("job %s failed unexpectedly", job.get("id"))
+            yield {"error": f"internal error while generating audio ({type(exc).__name__}); the job was not completed."}
+
+    async def run(self, job: dict) -> dict:
+        job_input = parse_job_input(job.get("input"), self.settings)
+        if job_input.action == "list_voices":
+            return {"voices": self.library.describe()}
+
+        started = time.perf_counter()
+        plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
+        stop = threading.Event()
+
+        def on_chunk(result: ChunkAudio, total: int) -> None:
+            # Never for the last chunk: an update sent just before the result can arrive after it.
+            if self.progress and result.index + 1 < total:
+                self.progress(job, f"chunk {result.index + 1} of {total}")
+
+        generate_started = time.perf_counter()
+        try:
+            results = await asyncio.to_thread(
+                self.engine.synthesize, plan.chunks, plan.voices, plan.params, on_chunk, stop.is_set
+            )
+        except asyncio.CancelledError:
+            stop.set()  # the generation thread ends at its next frame
+            raise
+        generate_seconds = time.perf_counter() - generate_started
+
+        rendered = await asyncio.to_thread(render, plan, results, self.settings, time.perf_counter)
+        delivery = await asyncio.to_thread(
+            deliver,
+            rendered.data,
+            rendered.content_type,
+            rendered.extension,
+            plan.return_mode,
+            self.storage,
+            self.settings.inline_limit_bytes,
+        )
+
+        generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
+        warnings = plan.warnings + delivery.warnings
+        capped = [result.index for result in results if result.reached_cap]
+        if capped:
+            warnings.append(f"chunk(s) {', '.join(map(str, capped))} reached the frame cap and may be cut short.")
+        output = {
+            "status": "completed",
+            "format": plan.output_format,
+            "content_type": rendered.content_type,
+            "sample_rate": plan.sample_rate,
+            "duration_sec": round(rendered.duration_sec, 3),
+            **delivery.fields,
+            "delivery": delivery.method,
+            "seed": plan.params.seed,
+            "chunks": len(results),
+            "segments": rendered.segments,
+            "loudness": rendered.loudness,
+            "timings": {
+                "model_load_sec": round(self.engine.info.load_seconds, 3),
+                "generate_sec": round(generate_seconds, 3),
+                "postprocess_sec": round(rendered.postprocess_seconds, 3),
+                "encode_sec": round(rendered.encode_seconds, 3),
+                "upload_sec": round(delivery.upload_seconds, 3),
+                "total_sec": round(time.perf_counter() - started, 3),
+                "real_time_factor": round(generate_seconds / generated_seconds, 4) if generated_seconds else None,
+            },
+        }
+        if plan.bitrate_kbps:
+            output["bitrate_kbps"] = plan.bitrate_kbps
+        if rendered.captions is not None:
+            output["captions"] = rendered.captions
+        if warnings:
+            output["warnings"] = warnings
+        log.info(
+            "job %s: %d chars, %d chunks, %.2f s audio, rtf %s, delivery %s",
+            job.get("id"), plan.characters, len(results), rendered.duration_sec,
+            output["timings"]["real_time_factor"], delivery.method,
+        )  # fmt: skip
+        return output
+
+    async def collect(self, job: dict) -> list | dict:
+        """`handle` for the SDK's local modes: the yielded items as a list, or the error.
+
+        With VIBEVOICE_TEST_OUTPUT set, the same value is also written there as JSON (the SDK
+        truncates long log lines, so `make run` reads the audio from that file).
+        """
+        items = [item async for item in self.handle(job)]
+        errors = [item for item in items if isinstance(item, dict) and "error" in item]
+        result: list | dict = {"error": errors[0]["error"]} if errors else items
+        if os.environ.get("VIBEVOICE_TEST_OUTPUT"):
+            Path(os.environ["VIBEVOICE_TEST_OUTPUT"]).write_text(json.dumps(result))
+        return result
+
+
+def voice_limits(settings: Settings) -> VoiceLimits:
+    return VoiceLimits(
+        max_bytes=settings.voice_max_bytes,
+        min_seconds=settings.voice_min_seconds,
+        max_seconds=settings.voice_max_seconds,
+        fetch_timeout=settings.voice_fetch_timeout,
+        allowed_networks=VoiceLimits.parse_networks(settings.voice_url_allowed_networks),
+    )
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces every known secret in log records with '***'."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(secret in message for secret in self.secrets):
+            for secret in self.secrets:
+                message = message.replace(secret, "***")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup_logging(settings: Settings) -> None:
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stream.addFilter(RedactSecrets(settings.secret_values()))
+    root = logging.getLogger()
+    root.handlers[:] = [stream]
+    root.setLevel(settings.log_level)
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def runpod_progress(job: dict, message: str) -> None:
+    import runpod
+
+    runpod.serverless.progress_update(job, message)
+
+
+def _sdk_local_mode(argv: list[str]) -> bool:
+    """True where the SDK runs the handler itself without iterating generators."""
+    return "--test_input" in argv or "--rp_serve_api" in argv or not os.environ.get("RUNPOD_WEBHOOK_GET_JOB")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"vibevoice worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setup_logging(settings)
+    os.environ.setdefault("HF_HOME", str(settings.hf_home))
+    try:
+        engine = VibeVoiceEngine.load(settings)
+    except ModelLoadError as exc:
+        print(f"vibevoice worker: model failed to load: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+    import runpod
+
+    local = _sdk_local_mode(sys.argv)
+    worker = Worker(settings, engine, progress=None if local else runpod_progress)
+    runpod.serverless.start(
+        {
+            "handler": worker.collect if local else worker.handle,
+            "return_aggregate_stream": True,
+            "concurrency_modifier": lambda current: settings.max_concurrency,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""A synthesis job from validated input to encoded audio, as pure steps the handler calls in order.
+
+plan_job  -> which chunks, which reference voice per speaker, which settings
+(engine)  -> audio per chunk
+render    -> joined, speed-changed, loudness-normalised, resampled, encoded audio + segments
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import audio
+import captions
+from config import MODEL_SAMPLE_RATE, Settings
+from inference import ChunkAudio, GenerationParams
+from schema import JobInput, VoiceSource
+from text import Chunk, Script, ScriptError, chunk_script, parse_script
+from voices import VoiceError, VoiceLibrary
+
+
+class JobError(ValueError):
+    """The job cannot run as asked; the message is one sentence naming the field."""
+
+
+@dataclass
+class JobPlan:
+    script: Script
+    chunks: list[Chunk]
+    voices: dict[int, np.ndarray]  # speaker -> 24 kHz reference audio
+    voice_names: dict[int, str]  # speaker -> preset name or "cloned"
+    params: GenerationParams
+    output_format: str
+    sample_rate: int
+    bitrate_kbps: int | None
+    speed: float
+    normalize: bool
+    target_lufs: float
+    captions: str | None
+    return_mode: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def characters(self) -> int:
+        return sum(len(turn.text) for turn in self.script.turns)
+
+
+def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPlan:
+    """Parse the text, chunk it, and gather the reference voice of every speaker."""
+    assert job.text is not None
+    try:
+        script = parse_script(job.text)
+    except ScriptError as exc:
+        raise JobError(f"'text': {exc}") from None
+    if not script.turns:
+        raise JobError("'text' is empty; give the text to speak.")
+
+    warnings: list[str] = []
+    voices: dict[int, np.ndarray] = {}
+    names: dict[int, str] = {}
+    if job.disable_prefill:
+        if job.speakers or job.speaker or job.voice_audio_base64 or job.voice_url:
+            warnings.append("disable_prefill is set, so the given voices were not used.")
+    else:
+        sources = _voice_sources(job, script, settings, warnings)
+        for speaker, (field_name, source) in sources.items():
+            voices[speaker], names[speaker] = _load_voice(source, field_name, library)
+
+    seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**32)
+    return JobPlan(
+        script=script,
+        chunks=chunk_script(script, job.max_chunk_chars or settings.max_chunk_chars),
+        voices=voices,
+        voice_names=names,
+        params=GenerationParams(
+            cfg_scale=job.cfg_scale if job.cfg_scale is not None else settings.default_cfg_scale,
+            diffusion_steps=job.diffusion_steps or settings.default_diffusion_steps,
+            seed=seed,
+            max_new_tokens=job.max_new_tokens,
+            use_voice_prompt=not job.disable_prefill,
+        ),
+        output_format=job.resolved_format(settings),
+        sample_rate=job.resolved_sample_rate(settings),
+        bitrate_kbps=job.resolved_bitrate(settings),
+        speed=job.speed,
+        normalize=job.normalize,
+        target_lufs=job.target_lufs if job.target_lufs is not None else settings.target_lufs,
+        captions=job.captions,
+        return_mode=job.return_mode,
+        warnings=warnings,
+    )
+
+
+def _voice_sources(
+    job: JobInput, script: Script, settings: Settings, warnings: list[str]
+) -> dict[int, tuple[str, str | VoiceSource]]:
+    """Which field gives each speaker's voice: `speakers[i]` for scripts, else the single voice."""
+    if job.speakers is not None:
+        if not script.is_script:
+            raise JobError(
+                "'speakers' needs a script, but 'text' has no speaker labels: write one turn per line as "
+                "'Speaker 1: ...', 'Speaker 2: ...', or give a single voice in 'speaker'."
+            )
+        missing = [script.label(s) for s in script.speakers if s >= len(job.speakers)]
+        if missing:
+            raise JobError(
+                f"'speakers' gives {len(job.speakers)} voice(s), but 'text' uses {', '.join(missing)}; "
+                f"give one voice per speaker, in label order."
+            )
+        unused = [f"speakers[{i}]" for i in range(len(job.speakers)) if i not in script.speakers]
+        if unused:
+            warnings.append(f"{', '.join(unused)} not used: the text has no line for that speaker.")
+        return {s: (f"speakers[{s}]", job.speakers[s]) for s in script.speakers}
+
+    if len(script.speakers) > 1:
+        labels = ", ".join(script.label(s) for s in script.speakers)
+        raise JobError(
+            f"'text' has {len(script.speakers)} speakers ({labels}); give their voices in 'speakers', "
+            'for example ["Alice", "Frank"].'
+        )
+    if job.voice_audio_base64 is not None:
+        source: tuple[str, str | VoiceSource] = (
+            "voice_audio_base64",
+            VoiceSource(audio_base64=job.voice_audio_base64),
+        )
+    elif job.voice_url is not None:
+        source = ("voice_url", VoiceSource(audio_url=job.voice_url))
+    elif job.speaker is not None:
+        source = ("speaker", job.speaker)
+    else:
+        source = ("speaker", settings.default_speaker)
+    return {script.speakers[0]: source}
+
+
+def _load_voice(source: str | VoiceSource, field_name: str, library: VoiceLibrary) -> tuple[np.ndarray, str]:
+    try:
+        if isinstance(source, str):
+            preset = library.find(source)
+            return library.load(preset.name), preset.name
+        if source.audio_base64 is not None:
+            return library.from_base64(source.audio_base64, f"'{field_name}' audio"), "cloned"
+        return library.from_url(source.audio_url, f"'{field_name}' audio_url"), "cloned"
+    except VoiceError as exc:
+        message = str(exc)
+        if not message.startswith("'"):
+            message = f"'{field_name}': {message}"
+        raise JobError(message) from None
+
+
+@dataclass
+class Rendered:
+    data: bytes
+    content_type: str
+    extension: str
+    duration_sec: float
+    segments: list[dict]
+    loudness: dict
+    captions: str | None
+    postprocess_seconds: float
+    encode_seconds: float
+
+
+def join_chunks(results: list[ChunkAudio], gap_samples: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Concatenate chunk audio with silent gaps; return the signal and each chunk's sample span."""
+    pieces: list[np.ndarray] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+    gap = np.zeros(gap_samples, dtype=np.float32)
+    for number, result in enumerate(results):
+        if number:
+            pieces.append(gap)
+            position += gap_samples
+        pieces.append(result.audio)
+        spans.append((position, position + result.audio.size))
+        position += result.audio.size
+    signal = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return signal.astype(np.float32, copy=False), spans
+
+
+def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) -> Rendered:
+    """Join, change speed, normalise loudness, resample and encode; build segments and captions."""
+    started = clock()
+    gap = round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
+    signal, spans = join_chunks(results, gap)
+    stretched = audio.change_speed(signal, MODEL_SAMPLE_RATE, plan.speed)
+    # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
+    time_scale = stretched.size / signal.size if signal.size else 1.0
+    if plan.normalize:
+        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs)
+    else:
+        report = audio.LoudnessReport(False, plan.target_lufs, reason="normalize is false")
+    output = audio.resample(stretched, MODEL_SAMPLE_RATE, plan.sample_rate)
+    postprocess_seconds = clock() - started
+
+    started = clock()
+    data = audio.encode(output, plan.output_format, plan.sample_rate, plan.bitrate_kbps)
+    encode_seconds = clock() - started
+
+    segments = build_segments(plan, results, spans, time_scale)
+    subtitle = captions.build(segments, plan.captions) if plan.captions else None
+    _, _, content_type, extension = audio.FORMATS[plan.output_format]
+    return Rendered(
+        data=data,
+        content_type=content_type,
+        extension=extension,
+        duration_sec=output.size / plan.sample_rate,
+        segments=segments,
+        loudness=report.as_dict(),
+        captions=subtitle,
+        postprocess_seconds=postprocess_seconds,
+        encode_seconds=encode_seconds,
+    )
+
+
+def build_segments(
+    plan: JobPlan, results: list[ChunkAudio], spans: list[tuple[int, int]], time_scale: float
+) -> list[dict]:
+    by_index = {chunk.index: chunk for chunk in plan.chunks}
+    segments = []
+    for result, (start, end) in zip(results, spans, strict=True):
+        chunk = by_index[result.index]
+        labels = [plan.script.label(speaker) for speaker in chunk.speakers]
+        if len(chunk.turns) == 1:
+            spoken = chunk.turns[0].text
+        else:
+            spoken = "\n".join(f"{plan.script.label(turn.speaker)}: {turn.text}" for turn in chunk.turns)
+        segments.append(
+            {
+                "index": chunk.index,
+                "speaker": plan.script.label(chunk.turns[0].speaker),
+                "speakers": labels,
+                "text": spoken,
+                "start_sec": _seconds(start * time_scale),
+                "end_sec": _seconds(end * time_scale),
+            }
+        )
+    return segments
+
+
+def _seconds(samples: float) -> float:
+    return math.floor(samples / MODEL_SAMPLE_RATE * 1000 + 0.5) / 1000

@@ -1,0 +1,312 @@
+"""The job input contract: one declarative pydantic model, validated strictly.
+
+Every problem becomes one sentence that names the field and says what is allowed
+(`describe_error`). Limits that depend on the deployment (text length, chunk size, defaults)
+come from the settings passed in the validation context.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+import audio
+from config import SAMPLE_RATES, Settings
+from text import MAX_SPEAKERS
+
+OutputFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"]
+FORMAT_ALIASES = {"pcm": "pcm_16", "pcm16": "pcm_16", "pcm_s16le": "pcm_16"}
+
+# Human descriptions of numeric ranges, used in error messages.
+RANGES = {
+    "cfg_scale": "greater than 0 and at most 10",
+    "diffusion_steps": "an integer from 1 to 50",
+    "seed": "an integer from 0 to 4294967295",
+    "speed": "a number from 0.25 to 4.0",
+    "target_lufs": "a number from -70 to -5",
+    "max_chunk_chars": "an integer from 40 to 5000",
+    "max_new_tokens": "an integer from 1 to 4500 (frames of 133 ms)",
+    "bitrate_kbps": "an integer number of kbit/s",
+}
+
+
+class VoiceSource(BaseModel):
+    """Reference audio sent with the job, to clone a voice from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    audio_base64: str | None = Field(None, description="wav, mp3, flac, ogg/opus or m4a/aac, base64-encoded")
+    audio_url: str | None = Field(None, max_length=4096, description="an http(s) URL of such a file")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VoiceSource:
+        if (self.audio_base64 is None) == (self.audio_url is None):
+            raise ValueError("must have exactly one of 'audio_base64' or 'audio_url'")
+        return self
+
+
+SpeakerVoice = str | VoiceSource
+
+
+class JobInput(BaseModel):
+    """What a synthesis job may contain (see IMPLEMENTATION.md for the full contract)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    action: Literal["synthesize", "list_voices"] = "synthesize"
+    text: str | None = Field(None, validation_alias=AliasChoices("text", "input"))
+
+    # Voices: a preset name, or a cloning source; `speakers` gives one per script label.
+    speaker: str | None = Field(None, min_length=1, max_length=200)
+    speakers: list[Any] | None = Field(None, min_length=1)
+    voice_audio_base64: str | None = None
+    voice_url: str | None = Field(None, max_length=4096)
+
+    # Generation.
+    cfg_scale: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    diffusion_steps: int | None = Field(None, ge=1, le=50)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    max_chunk_chars: int | None = Field(None, ge=40, le=5000)
+    max_new_tokens: int | None = Field(None, ge=1, le=4500)
+    disable_prefill: bool = False
+
+    # Output.
+    output_format: OutputFormat | None = None
+    sample_rate: int | None = None
+    bitrate_kbps: int | None = Field(None, ge=1, le=512)
+    speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
+    normalize: bool = True
+    target_lufs: float | None = Field(None, ge=-70, le=-5, allow_inf_nan=False)
+    captions: Literal["srt", "vtt"] | None = None
+    return_mode: Literal["auto", "url", "base64"] = Field(
+        "auto", validation_alias=AliasChoices("return", "return_mode")
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "text" in data and "input" in data:
+            raise ValueError("give the text in 'text' or in 'input', not both")
+        fmt = data.get("output_format")
+        if isinstance(fmt, str) and fmt.lower() in FORMAT_ALIASES:
+            data = {**data, "output_format": FORMAT_ALIASES[fmt.lower()]}
+        return data
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        settings: Settings = info.context["settings"]
+        check_printable(value, "text")
+        if not value.strip():
+            raise ValueError("is empty; give the text to speak")
+        if len(value) > settings.max_text_length:
+            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
+        return value
+
+    @field_validator("speaker", "voice_url")
+    @classmethod
+    def _printable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            check_printable(value, info.field_name, allow_newlines=False)
+        return value
+
+    @field_validator("speakers")
+    @classmethod
+    def _speakers(cls, value: list[Any] | None) -> list[SpeakerVoice] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_SPEAKERS:
+            raise ValueError(f"has {len(value)} voices; a script has at most {MAX_SPEAKERS} speakers")
+        return [_speaker_voice(entry, f"speakers[{index}]") for index, entry in enumerate(value)]
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _sample_rate(cls, value: int | None) -> int | None:
+        if value is not None and value not in SAMPLE_RATES:
+            raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> JobInput:
+        if self.action == "list_voices":
+            return self
+        if self.text is None:
+            raise ValueError("'text' is required: give the text to speak")
+        shorthand = [name for name in ("speaker", "voice_audio_base64", "voice_url") if getattr(self, name) is not None]
+        if len(shorthand) > 1:
+            raise ValueError(f"give only one of {', '.join(repr(n) for n in shorthand)}")
+        if self.speakers is not None and shorthand:
+            raise ValueError(f"give voices either in 'speakers' or in {shorthand[0]!r}, not both")
+        settings: Settings = info.context["settings"]
+        fmt = self.resolved_format(settings)
+        if fmt == "opus" and self.sample_rate not in (None, 48000):
+            raise ValueError("'sample_rate' for opus must be 48000: Opus always decodes at 48 kHz")
+        rate = self.resolved_sample_rate(settings)
+        if self.bitrate_kbps is not None:
+            allowed = audio.bitrate_range(fmt, rate)
+            if allowed is None:
+                raise ValueError("'bitrate_kbps' applies only to mp3, aac and opus")
+            low, high = allowed
+            if not low <= self.bitrate_kbps <= high:
+                raise ValueError(
+                    f"'bitrate_kbps' for {fmt} at {rate} Hz must be from {low} to {high} (got {self.bitrate_kbps})"
+                )
+        return self
+
+    # --- values with deployment defaults --------------------------------------------------
+
+    def resolved_format(self, settings: Settings) -> str:
+        return self.output_format or settings.default_output_format
+
+    def resolved_sample_rate(self, settings: Settings) -> int:
+        if self.resolved_format(settings) == "opus":
+            return 48000
+        return self.sample_rate or settings.default_sample_rate
+
+    def resolved_bitrate(self, settings: Settings) -> int | None:
+        fmt = self.resolved_format(settings)
+        return self.bitrate_kbps or audio.default_bitrate(fmt, self.resolved_sample_rate(settings))
+
+
+def _speaker_voice(entry: Any, field: str) -> SpeakerVoice:
+    """One `speakers` entry: a preset name, or an object with audio_base64 / audio_url."""
+    if isinstance(entry, str):
+        if not entry.strip():
+            raise ValueError(f"'{field}' is an empty voice name")
+        try:
+            check_printable(entry, field, allow_newlines=False)
+        except ValueError as exc:
+            raise ValueError(f"'{field}' {exc}") from None
+        return entry
+    if isinstance(entry, dict):
+        try:
+            return VoiceSource.model_validate(entry)
+        except ValidationError as exc:
+            raise PydanticCustomError("sentence", describe_error(exc, prefix=field)) from None
+    raise ValueError(
+        f"'{field}' must be a voice name or an object with 'audio_base64' or 'audio_url' (got {_type_name(entry)})"
+    )
+
+
+def check_printable(value: str, field: str, allow_newlines: bool = True) -> None:
+    """Refuse control characters and lone surrogates (what broken UTF-8 escapes turn into)."""
+    for position, char in enumerate(value):
+        if "\ud800" <= char <= "\udfff":
+            raise ValueError(f"contains invalid Unicode (a lone surrogate) at position {position}")
+        if char in "\n\r\t" and allow_newlines:
+            continue
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"contains the control character U+{ord(char):04X} at position {position}")
+
+
+def parse_job_input(raw: Any, settings: Settings) -> JobInput:
+    """Validate `job["input"]`; raises InputError with one sentence on any problem."""
+    if not isinstance(raw, dict):
+        raise InputError(f"'input' must be a JSON object (got {_type_name(raw)}).")
+    try:
+        return JobInput.model_validate(raw, context={"settings": settings})
+    except ValidationError as exc:
+        raise InputError(describe_error(exc)) from None
+    except RecursionError:
+        raise InputError("'input' is nested too deeply.") from None
+
+
+class InputError(ValueError):
+    """The job input is invalid; the message is one sentence naming the field."""
+
+
+def describe_error(exc: ValidationError, prefix: str = "") -> str:
+    """The first validation problem as one sentence naming the field and what is allowed."""
+    error = exc.errors(include_url=False)[0]
+    loc = list(error["loc"])
+    field = _field_path(([prefix] if prefix else []) + loc)
+    kind = error["type"]
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+
+    if kind == "extra_forbidden":
+        model = VoiceSource if prefix else JobInput
+        allowed = ", ".join(_public_fields(model))
+        return f"Unknown field '{field}'; allowed fields are: {allowed}."
+    if kind == "missing":
+        return f"Field '{field}' is required."
+    if kind == "sentence" or message.startswith("'"):  # already a sentence naming its field
+        return _sentence(message)
+    if not loc:  # a model-level rule: the message names its fields
+        return _sentence(f"'{prefix}' {message}" if prefix else message)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        name = str(loc[0])
+        if name in RANGES:
+            return f"'{field}' must be {RANGES[name]} (got {_shown(given)})."
+    if kind == "literal_error":
+        return f"'{field}' must be {message.removeprefix('Input should be ')} (got {_shown(given)})."
+    if kind.endswith("_type") or kind in ("model_type", "model_attributes_type", "dict_type"):
+        wanted = message.removeprefix("Input should be ").removeprefix("a valid ")
+        return f"'{field}' must be {_article(wanted)} (got {_type_name(given)})."
+    if kind in ("too_long", "too_short", "string_too_long", "string_too_short"):
+        return f"'{field}' {message.lower().removeprefix('list ').removeprefix('string ')}."
+    return f"'{field}' {message[0].lower() + message[1:]}" + ("" if message.endswith(".") else ".")
+
+
+def _field_path(loc: list) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _public_fields(model: type[BaseModel]) -> list[str]:
+    names = []
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        names.append(alias.choices[0] if isinstance(alias, AliasChoices) else name)
+    return names
+
+
+def _sentence(message: str) -> str:
+    message = message[0].upper() + message[1:]
+    return message if message.endswith(".") else message + "."
+
+
+def _article(noun: str) -> str:
+    if noun.startswith(("a ", "an ", "one of")):
+        return noun
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number" if math.isfinite(value) else "a non-finite number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -1,0 +1,211 @@
+"""Shared fixtures: the tiny checkpoint (built once per session), voices, settings, engine, servers.
+
+Mocked here: nothing. The model is the real VibeVoice code path with a tiny random-weight
+checkpoint (no GPU and no real weights on test machines); S3 is moto's server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Tests never see the host's cloud settings.
+for _name in list(os.environ):
+    if _name.startswith(("S3_", "RUNPOD_")) or _name in ("MODEL_ID", "MODEL_PATH", "HF_TOKEN", "VIBEVOICE_CONFIG"):
+        del os.environ[_name]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tiny_checkpoint  # noqa: E402
+from config import Settings, load_settings  # noqa: E402
+from tools.local_home import write_demo_voices  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint.build_native(tmp_path_factory.mktemp("tiny-vibevoice"))
+
+
+@pytest.fixture(scope="session")
+def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VIBEVOICE_HOME with the volume layout and two demo voices (Alice, Frank)."""
+    home = tmp_path_factory.mktemp("volume")
+    for folder in ("hf_home", "hf_cache", "models", "output"):
+        (home / folder).mkdir()
+    write_demo_voices(home / "demo" / "voices")
+    return home
+
+
+@pytest.fixture(scope="session")
+def make_settings(tiny_model_dir: Path, volume: Path):
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"model_path": tiny_model_dir, "vibevoice_home": volume, "device": "cpu"}
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def settings(make_settings) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings):
+    from inference import VibeVoiceEngine
+
+    return VibeVoiceEngine.load(settings)
+
+
+@pytest.fixture()
+def make_worker(engine, make_settings):
+    """A Worker around the session's engine; keyword overrides change its settings."""
+    from handler import Worker
+
+    def make(storage=None, progress=None, **overrides: object):
+        return Worker(make_settings(**overrides), engine, storage=storage, progress=progress)
+
+    return make
+
+
+@pytest.fixture()
+def run_job(make_worker):
+    """Run one job through Worker.collect (what the SDK's local modes call); return its result."""
+
+    def run(job_input: dict, worker=None, job_id: str = "test-job"):
+        worker = worker or make_worker()
+        return asyncio.run(worker.collect({"id": job_id, "input": job_input}))
+
+    return run
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key_id: str
+    secret_access_key: str
+    bucket: str
+
+    def settings_overrides(self, **extra: object) -> dict:
+        return {
+            "s3_endpoint_url": self.endpoint,
+            "s3_access_key_id": self.access_key_id,
+            "s3_secret_access_key": self.secret_access_key,
+            "s3_bucket_name": self.bucket,
+            **extra,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name="us-east-1",
+        )
+
+
+def _start_moto(check_credentials: bool) -> tuple[subprocess.Popen, S3Server]:
+    """moto's S3 server on 127.0.0.1 in its own process.
+
+    With `check_credentials`, the first four requests are unauthenticated (they create a user,
+    its key, its policy and the bucket) and every later request must be signed with that key,
+    so wrong keys fail as on real S3. (moto cannot check presigned URLs in that mode, so the
+    download tests use the server without credential checks.)
+    """
+    import boto3
+
+    port = free_port()
+    env = dict(os.environ)
+    if check_credentials:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, timeout=60)
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1",
+                 "aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}  # fmt: skip
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="worker")
+        key = iam.create_access_key(UserName="worker")["AccessKey"]
+        policy = '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}'
+        iam.put_user_policy(UserName="worker", PolicyName="s3", PolicyDocument=policy)
+        boto3.client("s3", **admin).create_bucket(Bucket="vibevoice-test")
+    except BaseException:
+        process.terminate()
+        raise
+    return process, S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], "vibevoice-test")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """S3 on 127.0.0.1 whose presigned URLs download (moto server, no credential checks)."""
+    process, server = _start_moto(check_credentials=False)
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_strict_server() -> Iterator[S3Server]:
+    """S3 on 127.0.0.1 that checks every request's signature (wrong keys fail)."""
+    process, server = _start_moto(check_credentials=True)
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_files(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A local HTTP server over a temp folder; yields (base URL, folder)."""
+    handler = lambda *args, **kwargs: _QuietHandler(*args, directory=str(tmp_path), **kwargs)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+    server.server_close()

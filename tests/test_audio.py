@@ -1,0 +1,144 @@
+"""Audio in and out: every format decodes with a real decoder, resampling filters, loudness, speed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from audio_helpers import dominant_frequency, encode_file, probe, tone
+
+import audio
+from config import SAMPLE_RATES
+
+# Codec delay/padding a decoder may add at the start or end (AAC in ADTS cannot signal its
+# 1024-sample priming; MP3 frames are 1152 samples). Durations are checked within this.
+PADDING_SAMPLES = {"aac": 2 * 1024 + 64, "mp3": 1152 + 576, "opus": 960, "flac": 0, "wav": 0}
+EXPECTED_CODEC = {"mp3": "mp3float", "opus": "opus", "aac": "aac", "flac": "flac", "wav": "pcm_s16le"}
+
+MATRIX = [(fmt, rate) for fmt in ("mp3", "aac", "flac", "wav", "pcm_16") for rate in SAMPLE_RATES] + [("opus", 48000)]
+
+
+@pytest.mark.parametrize(("fmt", "rate"), MATRIX)
+def test_every_format_and_rate_decodes_as_claimed(fmt: str, rate: int) -> None:
+    signal = audio.resample(tone(440, 1.5), 24000, rate)
+    data = audio.encode(signal, fmt, rate, audio.default_bitrate(fmt, rate))
+    if fmt == "pcm_16":
+        decoded = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767
+        assert decoded.size == signal.size
+        assert np.max(np.abs(decoded - signal)) < 1e-4
+        return
+    result = probe(data)
+    assert result.codec == EXPECTED_CODEC[fmt]
+    assert result.sample_rate == rate
+    assert result.channels == 1
+    slack = PADDING_SAMPLES[fmt] / rate + 1e-3
+    assert abs(result.duration - 1.5) <= slack, (result.duration, slack)
+    assert abs(dominant_frequency(result.samples, rate) - 440) < 5
+
+
+def test_wav_header_has_exact_sizes() -> None:
+    data = audio.encode(tone(440, 0.5), "wav", 24000)
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    assert int.from_bytes(data[4:8], "little") == len(data) - 8
+    assert int.from_bytes(data[40:44], "little") == len(data) - 44
+
+
+def test_bitrate_is_applied() -> None:
+    signal = np.random.default_rng(0).normal(0, 0.1, 24000 * 4).astype(np.float32)
+    small = audio.encode(signal, "mp3", 24000, 32)
+    large = audio.encode(signal, "mp3", 24000, 160)
+    assert len(large) > 3 * len(small)
+
+
+def test_streaming_encoder_pieces_concatenate_into_one_file() -> None:
+    signal = tone(300, 2.0)
+    for fmt in ("mp3", "flac", "aac", "wav"):
+        encoder = audio.Encoder(fmt, 24000, audio.default_bitrate(fmt, 24000), streaming=True)
+        pieces = [encoder.write(signal[i : i + 2400]) for i in range(0, signal.size, 2400)] + [encoder.close()]
+        assert sum(1 for piece in pieces[:-1] if piece) > 1, f"{fmt} produced no bytes before close"
+        decoded = audio.decode(b"".join(pieces))
+        assert abs(decoded.size / 24000 - 2.0) < 0.15
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "rate", "channels"),
+    [
+        ("wav", "pcm_s16le", 44100, 2),
+        ("mp3", "libmp3lame", 22050, 1),
+        ("flac", "flac", 48000, 2),
+        ("ogg", "libopus", 48000, 1),
+        ("ipod", "aac", 16000, 1),  # m4a
+        ("adts", "aac", 24000, 2),
+    ],
+)
+def test_decode_any_rate_and_channels_to_24k_mono(container: str, codec: str, rate: int, channels: int) -> None:
+    data = encode_file(tone(500, 1.0, rate), rate, container, codec, channels)
+    decoded = audio.decode(data, 24000)
+    assert decoded.dtype == np.float32 and decoded.ndim == 1
+    assert abs(decoded.size / 24000 - 1.0) < 0.1
+    assert abs(dominant_frequency(decoded, 24000) - 500) < 5
+
+
+@pytest.mark.parametrize("data", [b"", b"not audio at all" * 10, b"RIFF\x00\x00\x00\x00WAVEfmt "])
+def test_undecodable_audio_is_one_sentence(data: bytes) -> None:
+    with pytest.raises(audio.AudioError) as error:
+        audio.decode(data)
+    message = str(error.value)
+    assert message.endswith(".") and "\n" not in message and "Traceback" not in message
+
+
+def test_resampling_filters_instead_of_aliasing() -> None:
+    # An 11 kHz tone is above the 8 kHz Nyquist limit of 16 kHz audio: a proper filter removes it,
+    # linear interpolation would fold it down to 5 kHz at nearly full level.
+    high = tone(11000, 1.0)
+    down = audio.resample(high, 24000, 16000)
+    assert down.size == 16000
+    assert np.sqrt(np.mean(down**2)) < 0.01 * np.sqrt(np.mean(high**2))
+    linear = np.interp(np.arange(16000) * 1.5, np.arange(high.size), high)
+    assert np.sqrt(np.mean(linear**2)) > 0.3 * np.sqrt(np.mean(high**2))
+    # In-band content passes unchanged in level and frequency.
+    low = audio.resample(tone(1000, 1.0), 24000, 44100)
+    assert abs(np.sqrt(np.mean(low[2000:-2000] ** 2)) - 0.3 / math.sqrt(2)) < 0.005
+    assert abs(dominant_frequency(low, 44100) - 1000) < 2
+
+
+def _speech_like(seconds: float = 3.0) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    t = np.arange(int(seconds * 24000)) / 24000
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    return (0.05 * envelope * (np.sin(2 * np.pi * 180 * t) + 0.3 * rng.standard_normal(t.size))).astype(np.float32)
+
+
+@pytest.mark.parametrize("target", [-30.0, -20.0, -16.0])
+def test_loudness_reaches_target_under_peak_ceiling(target: float) -> None:
+    out, report = audio.normalize_loudness(_speech_like(), 24000, target)
+    assert report.applied
+    assert abs(audio.integrated_loudness(out, 24000) - target) <= 1.0
+    assert audio.true_peak_dbtp(out, 24000) <= -1.0 + 0.05
+
+
+def test_loudness_is_limited_by_true_peak() -> None:
+    clicks = np.zeros(24000 * 2, dtype=np.float32)
+    clicks[::4800] = 0.5  # very peaky: reaching -10 LUFS would clip
+    out, report = audio.normalize_loudness(clicks + 0.001 * _speech_like(2.0), 24000, -10.0)
+    assert report.limited_by_peak
+    assert audio.true_peak_dbtp(out, 24000) <= -1.0 + 0.05
+
+
+def test_silence_and_short_audio_are_left_alone() -> None:
+    silent = np.zeros(24000, dtype=np.float32)
+    out, report = audio.normalize_loudness(silent, 24000, -20)
+    assert not report.applied and report.reason == "silent or too quiet" and out is silent
+    short = _speech_like(0.2)
+    out, report = audio.normalize_loudness(short, 24000, -20)
+    assert not report.applied and "shorter" in report.reason and out is short
+
+
+@pytest.mark.parametrize("speed", [0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0])
+def test_speed_scales_duration_and_keeps_pitch(speed: float) -> None:
+    signal = tone(220, 4.0)
+    out = audio.change_speed(signal, 24000, speed)
+    assert abs(out.size / signal.size - 1 / speed) <= 0.03 / speed
+    middle = out[out.size // 4 : 3 * out.size // 4]
+    assert abs(dominant_frequency(middle, 24000) - 220) < 6

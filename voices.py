@@ -1,0 +1,295 @@
+"""Reference voices: presets on the volume, and cloning sources sent with a job (base64 or URL).
+
+A preset is an audio file in the voices folder (`demo/voices/`); its name is the file stem,
+matched case-insensitively. VibeVoice's own files are named like `en-Alice_woman.wav`, so the
+short name ("Alice") also matches when exactly one file carries it. Names are only ever compared
+with the folder's listing, never joined into a path, so a name cannot reach outside the folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import numpy as np
+import soundfile
+import urllib3
+
+import audio
+
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm")
+MODEL_RATE = 24000
+_VIBEVOICE_NAME = re.compile(r"^[a-z]{2,3}-(?P<short>[^_]+)_", re.IGNORECASE)
+_MAX_REDIRECTS = 3
+
+
+class VoiceError(ValueError):
+    """A voice is unknown or its audio unusable; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    path: Path
+
+    @property
+    def short_name(self) -> str | None:
+        match = _VIBEVOICE_NAME.match(self.name)
+        return match.group("short") if match else None
+
+
+@dataclass(frozen=True)
+class VoiceLimits:
+    max_bytes: int = 20_000_000
+    min_seconds: float = 0.5
+    max_seconds: float = 300.0
+    fetch_timeout: float = 15.0
+    # Non-public networks a voice URL may still point to (e.g. 127.0.0.0/8 for tests).
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @staticmethod
+    def parse_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+
+
+class VoiceLibrary:
+    """The presets in one folder, with decoded reference audio cached by file and mtime."""
+
+    def __init__(self, folder: Path, limits: VoiceLimits | None = None):
+        self.folder = folder
+        self.limits = limits or VoiceLimits()
+        self._cache: dict[tuple[Path, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def presets(self) -> list[Preset]:
+        if not self.folder.is_dir():
+            return []
+        files = [
+            entry
+            for entry in self.folder.iterdir()
+            if entry.is_file() and entry.suffix.lower() in AUDIO_SUFFIXES and not entry.name.startswith(".")
+        ]
+        return sorted((Preset(entry.stem, entry) for entry in files), key=lambda preset: preset.name.lower())
+
+    def names(self) -> list[str]:
+        return [preset.name for preset in self.presets()]
+
+    def find(self, name: str) -> Preset:
+        """The preset called `name` (stem or VibeVoice short name, any case), or a VoiceError."""
+        wanted = name.strip().lower()
+        presets = self.presets()
+        exact = [preset for preset in presets if preset.name.lower() == wanted]
+        if exact:
+            return exact[0]
+        short = [preset for preset in presets if (preset.short_name or "").lower() == wanted]
+        if len(short) == 1:
+            return short[0]
+        available = ", ".join(preset.name for preset in presets) or "none (the voices folder is empty)"
+        if len(short) > 1:
+            raise VoiceError(
+                f"voice {name!r} matches several presets ({', '.join(p.name for p in short)}); use the full name."
+            )
+        raise VoiceError(f"unknown voice {_shown(name)}; available voices: {available}.")
+
+    def load(self, name: str) -> np.ndarray:
+        """Reference audio of a preset as 24 kHz mono float32."""
+        preset = self.find(name)
+        try:
+            key = (preset.path, preset.path.stat().st_mtime_ns)
+        except OSError:
+            raise VoiceError(f"voice {preset.name!r} can no longer be read from the voices folder.") from None
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            data = preset.path.read_bytes()
+            samples = audio.decode(data, MODEL_RATE)
+        except (OSError, audio.AudioError) as exc:
+            raise VoiceError(f"voice {preset.name!r} could not be read: {_reason(exc)}") from None
+        self._check_duration(samples, f"voice {preset.name!r}")
+        with self._lock:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != preset.path}
+            self._cache[key] = samples
+        return samples
+
+    def describe(self) -> list[dict]:
+        """Name, duration and sample rate of every preset (headers only: no model, no decoding)."""
+        described = []
+        for preset in self.presets():
+            entry: dict = {"name": preset.name, "duration_sec": None, "sample_rate": None}
+            if preset.short_name:
+                entry["short_name"] = preset.short_name
+            try:
+                info = soundfile.info(str(preset.path))
+                entry["duration_sec"] = round(info.frames / info.samplerate, 3)
+                entry["sample_rate"] = info.samplerate
+            except (RuntimeError, OSError, soundfile.LibsndfileError):
+                try:
+                    samples = self.load(preset.name)
+                    entry["duration_sec"] = round(samples.size / MODEL_RATE, 3)
+                    entry["sample_rate"] = MODEL_RATE
+                except VoiceError:
+                    entry["error"] = "unreadable"
+            described.append(entry)
+        return described
+
+    # --- cloning sources ------------------------------------------------------------------
+
+    def from_base64(self, encoded: str, field: str) -> np.ndarray:
+        limit = self.limits.max_bytes
+        if len(encoded) > (limit + 2) // 3 * 4 + 4:
+            raise VoiceError(f"{field} is larger than the {limit // 1_000_000} MB limit for reference audio.")
+        compact = re.sub(r"\s+", "", encoded)
+        if compact.startswith("data:"):  # a data URL: keep what follows "base64,"
+            compact = compact.partition(",")[2]
+        try:
+            data = base64.b64decode(compact, validate=True)
+        except (binascii.Error, ValueError):
+            raise VoiceError(f"{field} is not valid base64.") from None
+        return self._decode(data, field)
+
+    def from_url(self, url: str, field: str) -> np.ndarray:
+        return self._decode(fetch_audio(url, field, self.limits), field)
+
+    def _decode(self, data: bytes, field: str) -> np.ndarray:
+        if len(data) > self.limits.max_bytes:
+            raise VoiceError(f"{field} is larger than the {self.limits.max_bytes // 1_000_000} MB limit.")
+        try:
+            samples = audio.decode(data, MODEL_RATE)
+        except audio.AudioError as exc:
+            raise VoiceError(f"{field}: {exc}") from None
+        self._check_duration(samples, field)
+        return samples
+
+    def _check_duration(self, samples: np.ndarray, what: str) -> None:
+        seconds = samples.size / MODEL_RATE
+        if seconds < self.limits.min_seconds:
+            raise VoiceError(
+                f"{what} is {seconds:.2f} s long; reference audio must be at least {self.limits.min_seconds:g} s."
+            )
+        if seconds > self.limits.max_seconds:
+            raise VoiceError(
+                f"{what} is {seconds:.1f} s long; reference audio may be at most {self.limits.max_seconds:g} s."
+            )
+        if not np.any(samples):
+            raise VoiceError(f"{what} is silent.")
+
+
+def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
+    """Download reference audio over http(s), with a deadline and a size cap while streaming.
+
+    Every hop (redirects included) is resolved once and checked: loopback, private, link-local,
+    multicast, reserved and cloud metadata addresses are refused unless their network is listed in
+    `allowed_networks`, and
+    the connection goes to the checked address (no second DNS lookup to rebind).
+    """
+    deadline = time.monotonic() + limits.fetch_timeout
+    for _ in range(_MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise VoiceError(f"{field} must be an http:// or https:// URL.")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _resolve_allowed(parts.hostname, port, field, limits.allowed_networks)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
+        timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
+        common = {"port": port, "timeout": timeout, "retries": False, "maxsize": 1}
+        if parts.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                address, server_hostname=parts.hostname, assert_hostname=parts.hostname, **common
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(address, **common)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        try:
+            response = pool.urlopen(
+                "GET",
+                path,
+                headers={"Host": parts.netloc.rpartition("@")[2], "User-Agent": "vibevoice-worker"},
+                redirect=False,
+                preload_content=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            pool.close()
+            raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+        try:
+            if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
+                url = urljoin(url, response.headers["Location"])
+                continue
+            if response.status != 200:
+                raise VoiceError(f"{field} could not be fetched (HTTP {response.status}).")
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise VoiceError(f"{field} is larger than the {limits.max_bytes // 1_000_000} MB limit.")
+            received = bytearray()
+            try:
+                for piece in response.stream(64 * 1024):
+                    received += piece
+                    if len(received) > limits.max_bytes:
+                        raise VoiceError(f"{field} is larger than the {limits.max_bytes // 1_000_000} MB limit.")
+                    if time.monotonic() > deadline:
+                        raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
+            except urllib3.exceptions.HTTPError as exc:
+                if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+                    raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.") from None
+                raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+            return bytes(received)
+        finally:
+            response.release_conn()
+            pool.close()
+    raise VoiceError(f"{field} redirected more than {_MAX_REDIRECTS} times.")
+
+
+def _resolve_allowed(host: str, port: int, field: str, allowed_networks: tuple) -> str:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise VoiceError(f"{field} names a host that cannot be resolved.") from None
+    addresses = []
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if not address.is_global and not any(address in network for network in allowed_networks):
+            raise VoiceError(
+                f"{field} points to a private, loopback, link-local or reserved address, which is not allowed."
+            )
+        addresses.append(address)
+    if not addresses:
+        raise VoiceError(f"{field} names a host that cannot be resolved.")
+    return str(addresses[0])
+
+
+def _network_reason(exc: Exception) -> str:
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "connection timed out"
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return "read timed out"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return "connection refused or unreachable"
+    if isinstance(exc, urllib3.exceptions.SSLError):
+        return "TLS error"
+    return type(exc).__name__
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    return text if text.endswith(".") else text + "."
+
+
+def _shown(name: str) -> str:
+    """A user-given name, quoted and shortened, with control characters escaped."""
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    return repr(shown)
