@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint format clean
+# Every shell script in the repository (outside virtual environments and node_modules).
+SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
+
+.PHONY: venv run test lint lint-deploy format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,11 +26,18 @@ run: $(STAMP)
 ## The whole test suite (CI runs this through .ci/run).
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(MAKE) --no-print-directory lint-deploy
 	$(PY) -m pytest
+
+## shellcheck on every shell script, hadolint on the Dockerfile.
+lint-deploy: $(STAMP)
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(MAKE) --no-print-directory lint-deploy
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -4,7 +4,8 @@
 # First boot (or after requirements.txt / the torch spec changed, or the venv broke):
 #   1. create the volume layout under VIBEVOICE_HOME (hf_home, hf_cache, models, output, demo/voices, venv)
 #   2. build a virtual environment on the volume: torch (CUDA 12.8), flash-attn, requirements.txt
-#   3. find the model (MODEL_PATH, MODEL_SOURCE, RunPod's cached models, or download MODEL_ID; resumable)
+#   3. find the model (MODEL_PATH, MODEL_SOURCE, a model baked into the image, RunPod's cached models,
+#      or download MODEL_ID into the volume's cache; resumable)
 #      and convert a community-layout checkpoint to the transformers-native layout, once
 #   4. write VIBEVOICE_HOME/.first_run_complete (atomically, only after every step succeeded)
 # Every later boot checks the flag and the venv (a few milliseconds) and starts the worker offline.
@@ -36,6 +37,7 @@ WORKER_SCRIPT=${WORKER_SCRIPT:-$APP_DIR/handler.py}
 MODEL_ID=${MODEL_ID:-vibevoice/VibeVoice-7B-hf}
 MODEL_PATH=${MODEL_PATH:-}
 MODEL_SOURCE=${MODEL_SOURCE:-}
+BAKED_MODEL=${BAKED_MODEL:-/opt/vibevoice-model} # where the self-contained image bakes a model
 RUNPOD_HF_CACHE=${RUNPOD_HF_CACHE:-/runpod-volume/huggingface-cache/hub}
 TOKENIZER=${TOKENIZER:-}
 
@@ -240,6 +242,9 @@ run_worker() {
 }
 
 main() {
+    if [ -z "$MODEL_PATH$MODEL_SOURCE" ] && [ -f "$BAKED_MODEL/config.json" ]; then
+        MODEL_PATH=$BAKED_MODEL
+    fi
     STEP="creating the volume layout in $VIBEVOICE_HOME"
     mkdir -p "$VIBEVOICE_HOME"/{hf_home,hf_cache,models,output,demo/voices,venv}
     local voice
