@@ -6,7 +6,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,36 @@ def test_dockerfile_builds_both_modes_from_the_cuda_base():
 def test_docker_build_context_leaves_out_tests_venvs_and_audio():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {"tests", ".venv", ".venv-*", "node_modules", "**/node_modules", "*.wav", "*.mp3", ".git"} <= ignored
+
+
+def test_gpu_smoke_skips_cleanly_without_cuda():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_smoke.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device here" in done.stdout
+
+
+def test_gpu_smoke_script_runs_its_jobs_on_the_cpu(tiny_model_dir, volume, tmp_path):
+    """The script itself, on the tiny checkpoint: every job completes and the report has its figures."""
+    out = tmp_path / "report.json"
+    env = {**os.environ, "MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume)}
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "gpu_smoke.py"),
+        "--cpu",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["model_load_sec"] > 0 and report["device"] == "cpu"
+    jobs = {job["job"]: job for job in report["jobs"]}
+    assert set(jobs) == {"short", "long_multi_chunk", "multi_speaker_cloned", "streaming"}
+    for name in ("short", "long_multi_chunk", "multi_speaker_cloned"):
+        assert jobs[name]["ok"] and jobs[name]["audio_sec"] > 0 and jobs[name]["real_time_factor"] > 0, jobs[name]
+    assert jobs["long_multi_chunk"]["chunks"] > 1
+    assert jobs["streaming"]["ok"] or "skipped" in jobs["streaming"]
