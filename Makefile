@@ -5,11 +5,15 @@ PY := $(VENV)/bin/python
 # CPU build for development and CI; production installs torch 2.8.0 for CUDA 12.8 (Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The community reference implementation (vibevoice 0.0.1 on transformers 4.51.3) for `make parity`.
+REF_VENV := .venv-reference
+REF_PY := $(REF_VENV)/bin/python
+REF_STAMP := $(REF_VENV)/.installed
 
 # Every shell script in the repository (outside virtual environments and node_modules).
 SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
-.PHONY: venv run test lint lint-deploy format clean
+.PHONY: venv run test lint lint-deploy parity parity-env format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,12 +23,25 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
+$(REF_STAMP): requirements-reference.txt
+	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check -r requirements-reference.txt
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check --no-deps vibevoice==0.0.1
+	touch $@
+
+parity-env: $(REF_STAMP)
+
+## The worker against the community reference implementation on the same tiny weights; prints the differences.
+parity: $(STAMP) $(REF_STAMP)
+	$(PY) -m pytest -q -s tests/test_parity.py
+
 ## One real synthesis job through the RunPod SDK's local test mode; prints the audio file's path.
 run: $(STAMP)
 	$(PY) -m tools.run_job
 
 ## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP)
+test: $(STAMP) $(REF_STAMP)
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
 	$(PY) -m pytest
@@ -44,4 +61,4 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .local
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache .local
