@@ -219,6 +219,8 @@ def native_config(community: dict, tokenizer) -> tuple:
         raise ConversionError("decoder_config.model_type must be qwen2")
     if "torch_dtype" in decoder:
         decoder["dtype"] = decoder.pop("torch_dtype")
+    # The 1.5B model ties lm_head to the input embeddings; some configs say so only at the top level.
+    decoder.setdefault("tie_word_embeddings", community.get("tie_word_embeddings", False))
     text_config = Qwen2Config(**decoder)
 
     acoustic = community["acoustic_tokenizer_config"]

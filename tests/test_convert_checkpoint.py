@@ -223,3 +223,26 @@ def test_cli_converts_and_reports_errors_in_one_line(community_dir, tmp_path):
 def read_tensors_of(shard: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(shard), framework="pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+
+def test_tied_embeddings_checkpoint_converts_without_lm_head(community_dir, tmp_path):
+    """The 1.5B model ties lm_head to the input embeddings (its config says so at the top level)."""
+    from safetensors.torch import save_file
+    from transformers import VibeVoiceForConditionalGeneration
+
+    src = tmp_path / "src"
+    shutil.copytree(community_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    del config["decoder_config"]["tie_word_embeddings"]
+    (src / "config.json").write_text(json.dumps(config))
+    shard = src / "model-00002-of-00002.safetensors"
+    tensors = read_tensors_of(shard)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(shard))
+
+    out = convert(src, tmp_path / "out")
+    assert "lm_head.weight" not in read_tensors(out)
+    model = VibeVoiceForConditionalGeneration.from_pretrained(out)
+    assert model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, model.model.language_model.embed_tokens.weight)
