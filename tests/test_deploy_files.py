@@ -89,7 +89,17 @@ def test_dockerfile_builds_both_modes_from_the_cuda_base():
 
 def test_docker_build_context_leaves_out_tests_venvs_and_audio():
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    assert {"tests", ".venv", ".venv-*", "node_modules", "**/node_modules", "**/*.wav", "**/*.mp3", "**/*.safetensors", ".git"} <= ignored
+    assert {
+        "tests",
+        ".venv",
+        ".venv-*",
+        "node_modules",
+        "**/node_modules",
+        "**/*.wav",
+        "**/*.mp3",
+        "**/*.safetensors",
+        ".git",
+    } <= ignored
 
 
 def test_gpu_smoke_skips_cleanly_without_cuda():
