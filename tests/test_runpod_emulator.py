@@ -249,8 +249,8 @@ def test_jobs_wait_in_the_queue_until_cancelled_or_purged(bare_api: RunpodAPI) -
     _, second = bare_api.call("POST", "/run", {"input": {"text": "b"}})
     assert bare_api.call("GET", f"/status/{first['id']}") == (200, {"id": first["id"], "status": "IN_QUEUE"})
     started = time.monotonic()
-    _, waited = bare_api.call("POST", "/runsync?wait=10", {"input": {"text": "c"}})  # raised to the 1000 ms floor
-    assert waited["status"] == "IN_QUEUE" and 0.9 < time.monotonic() - started < 5
+    _, waited = bare_api.call("POST", "/runsync?wait=1000", {"input": {"text": "c"}})
+    assert waited == {"id": waited["id"], "status": "IN_QUEUE"} and 0.9 < time.monotonic() - started < 5
     assert bare_api.call("GET", "/health")[1]["jobs"]["inQueue"] == 3
     assert bare_api.call("POST", f"/cancel/{first['id']}") == (200, {"id": first["id"], "status": "CANCELLED"})
     assert bare_api.call("POST", "/purge-queue") == (200, {"removed": 2, "status": "completed"})
@@ -274,6 +274,13 @@ def test_jobs_wait_in_the_queue_until_cancelled_or_purged(bare_api: RunpodAPI) -
 def test_malformed_requests_get_400(bare_api: RunpodAPI, body: object, fragment: str) -> None:
     status, reply = bare_api.call("POST", "/run", body)  # type: ignore[arg-type]
     assert status == 400 and fragment in reply["error"]
+
+
+@pytest.mark.parametrize("wait", ["999", "300001", "soon"])
+def test_runsync_wait_outside_the_documented_range_gets_400(bare_api: RunpodAPI, wait: str) -> None:
+    reply = bare_api.call("POST", f"/runsync?wait={wait}", {"input": {"text": "hi"}})
+    assert reply == (400, {"error": "wait is invalid; must be between 1000 and 300000"})
+    assert bare_api.call("GET", "/health")[1]["jobs"]["inQueue"] == 0
 
 
 def test_invalid_json_and_unknown_endpoint(bare_api: RunpodAPI) -> None:

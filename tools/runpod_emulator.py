@@ -6,7 +6,7 @@ the end, yielded errors count as success). This module serves the public endpoin
 api.runpod.ai does, on 127.0.0.1 only, under the real path shape `/v2/{endpoint_id}/...`:
 
     POST /run               queue a job: {"id", "status": "IN_QUEUE"}
-    POST /runsync?wait=ms   queue a job and wait for it (90 s by default, 1000-300000 ms)
+    POST /runsync?wait=ms   queue a job and wait for it (90 s by default; 1000-300000 ms, else 400)
     GET  /status/{id}       the job: id, status, delayTime, executionTime, workerId, output | error
     GET  /status-sync/{id}?wait=ms   /status that waits like /runsync
     GET  /stream/{id}       the items streamed since the previous call: {"status", "stream": [{"output"}]}
@@ -203,6 +203,7 @@ class RunpodEmulator:
     ):
         self.api_key = api_key or "rp-local-" + secrets.token_hex(12)
         self.worker_key = "rp-worker-" + secrets.token_hex(12)
+        self._control_keys = _worker_keys(self.worker_key)
         self.endpoint_id = endpoint_id
         self.requested_port = port
         self.run_retention_s = run_retention_s
@@ -427,7 +428,7 @@ class RunpodEmulator:
 
     def _control(self, handler):
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            if not _key_matches(request, _worker_keys(self.worker_key)):
+            if not _key_matches(request, self._control_keys):
                 return web.json_response({"error": "Unauthorized"}, status=401)
             if request.match_info["endpoint_id"] != self.endpoint_id:
                 return web.json_response({"error": "endpoint not found"}, status=404)
@@ -828,12 +829,14 @@ def _wait_seconds(request: web.Request) -> float:
     raw = request.query.get("wait")
     if raw is None:
         return RUNSYNC_DEFAULT_WAIT_MS / 1000
+    low, high = RUNSYNC_WAIT_BOUNDS_MS
     try:
         wait_ms = int(raw)
     except ValueError:
-        raise RequestError(400, "'wait' must be a number of milliseconds from 1000 to 300000.") from None
-    low, high = RUNSYNC_WAIT_BOUNDS_MS
-    return min(max(wait_ms, low), high) / 1000
+        wait_ms = -1
+    if not low <= wait_ms <= high:  # the service's own answer to an out-of-range wait
+        raise RequestError(400, f"wait is invalid; must be between {low} and {high}")
+    return wait_ms / 1000
 
 
 def _policy_ms(policy: dict, name: str, default: int, low: int, high: int) -> int:
