@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -217,7 +218,8 @@ def test_unknown_job_is_404(runpod_api: RunpodAPI, method: str, operation: str) 
 
 
 def test_the_runpod_python_client_works_unchanged(runpod_api: RunpodAPI) -> None:
-    import runpod
+    root_handlers = logging.getLogger().handlers[:]
+    import runpod  # its import adds a handler to the root logger; restored below
 
     saved = runpod.endpoint_url_base
     runpod.endpoint_url_base = runpod_api.base_url.rsplit("/", 1)[0]
@@ -231,6 +233,7 @@ def test_the_runpod_python_client_works_unchanged(runpod_api: RunpodAPI) -> None
         assert endpoint.health()["workers"]["idle"] == 1
     finally:
         runpod.endpoint_url_base = saved
+        logging.getLogger().handlers[:] = root_handlers
 
 
 # --- queue rules, without a worker ----------------------------------------------------------------
@@ -302,8 +305,8 @@ def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
     emulator, worker = start_runpod_api(tmp_path / "worker.log", env)
     api = RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
     try:
-        text = "Speaker 1: This job runs next to a long one on the same worker, and it is the one that finishes."
-        other_input = {"text": text, "max_new_tokens": 160, "diffusion_steps": 3}
+        text = "Speaker 1: This job runs next to a long one on the same worker."
+        other_input = {"text": text, "max_new_tokens": 30, "diffusion_steps": 3}
         long_id = start_long_job(api)  # waits for its first progress update
         other_id = api.call("POST", "/run", {"input": other_input})[1]["id"]
         # Taken while the long job runs (the engine itself generates one chunk at a time).

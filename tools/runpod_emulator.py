@@ -60,6 +60,7 @@ import time
 import tomllib
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,7 @@ class RunpodEmulator:
         """The worker is shutting down: answer its held long-polls now and give it no more jobs."""
         self._call(self._release_worker, pod_id)
 
-    def _call(self, function, *args: object) -> Any:
+    def _call(self, function: Callable[..., Any], *args: object) -> Any:
         """Run `function` on the server's loop (state is only touched there) and return its result."""
         if self._loop is None:
             raise RuntimeError("the emulator is not running")
@@ -548,7 +549,9 @@ class RunpodEmulator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.done.wait(), seconds)
 
-    def _end(self, job: Job, status: str, output: Any = None, has_output: bool = False, error: str | None = None):
+    def _end(
+        self, job: Job, status: str, output: Any = None, has_output: bool = False, error: str | None = None
+    ) -> None:
         """Move a job to a final status; a running job is told to stop on its worker."""
         if job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT):
             worker = self._workers.get(job.worker_id or "")
