@@ -13,7 +13,9 @@ REF_STAMP := $(REF_VENV)/.installed
 # Every shell script in the repository (outside virtual environments and node_modules).
 SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
-.PHONY: venv run test lint lint-deploy parity parity-env format clean
+SERVE_PORT ?= 8000
+
+.PHONY: venv run serve test lint lint-deploy parity parity-env format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +41,10 @@ parity: $(STAMP) $(REF_STAMP)
 ## One real synthesis job through the RunPod SDK's local test mode; prints the audio file's path.
 run: $(STAMP)
 	$(PY) -m tools.run_job
+
+## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
+serve: $(STAMP)
+	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
 ## The whole test suite (CI runs this through .ci/run).
 test: $(STAMP) $(REF_STAMP)
