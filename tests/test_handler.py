@@ -89,13 +89,13 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
     (folder / "third.mp3").write_bytes(clone_url_mp3)
     worker = make_worker(voice_url_allowed_networks="127.0.0.0/8")
     seen: list[tuple] = []
-    generate = worker.engine.generate_chunk
+    prepare = worker.engine.prepare_inputs
 
-    def spy(chunk, voices, params, should_stop=None):
+    def spy(chunk, voices, with_voices):
         seen.append((chunk, {speaker: voices[speaker] for speaker in chunk.speakers}))
-        return generate(chunk, voices, params, should_stop)
+        return prepare(chunk, voices, with_voices)
 
-    worker.engine.generate_chunk = spy
+    worker.engine.prepare_inputs = spy
     try:
         script = (
             "Speaker 1: Welcome to the show.\nSpeaker 2: Thanks for having me here today.\n"
@@ -114,7 +114,7 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
         }
         item = only(run_job(job, worker=worker))
     finally:
-        worker.engine.generate_chunk = generate
+        worker.engine.prepare_inputs = prepare
 
     library = VoiceLibrary(settings.voices_dir)
     expected = {0: library.load("Alice"), 1: audio.decode(clone_wav), 2: audio.decode(clone_url_mp3)}
