@@ -289,20 +289,14 @@ class VibeVoiceEngine:
         )
 
     def pick_batch_size(self, requests: list[DecodeRequest]) -> int:
-        """BATCH_SIZE, or (0) the automatic size; never more than the chunks, never less than 1.
-
-        Automatic on CUDA: each sequence needs its positive and negative KV rows for its whole
-        length (prompt + frame cap), twice over while DynamicCache concatenates, plus
-        CODEC_STATE_BYTES; the batch is what fits in AUTO_BATCH_MEMORY_SHARE of the free memory,
-        at most MAX_AUTO_BATCH. On the CPU it is CPU_AUTO_BATCH.
-        """
+        """BATCH_SIZE, or (0) `auto_batch_size` on CUDA and CPU_AUTO_BATCH on the CPU; never more
+        than the chunks, never more than an out-of-memory error allowed, never less than 1."""
         wanted = self.batch_size
         if wanted == 0:
             if self.model.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.model.device)
                 longest = max(int(r.input_ids.numel()) + r.max_frames for r in requests)
-                per_sequence = 2 * 2 * self.kv_bytes_per_token() * longest + CODEC_STATE_BYTES
-                wanted = max(1, min(MAX_AUTO_BATCH, int(free * AUTO_BATCH_MEMORY_SHARE // per_sequence)))
+                wanted = auto_batch_size(free, self.kv_bytes_per_token(), longest)
             else:
                 wanted = CPU_AUTO_BATCH
         if self._oom_batch_limit is not None:
@@ -324,6 +318,16 @@ class VibeVoiceEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return smaller
+
+
+def auto_batch_size(free_bytes: int, kv_bytes_per_token: int, longest_tokens: int) -> int:
+    """The automatic CUDA batch size: what fits in AUTO_BATCH_MEMORY_SHARE of the free memory.
+
+    Per sequence: a positive and a negative KV row for its whole length (prompt + frame cap),
+    doubled because DynamicCache's concatenation briefly holds two copies, plus CODEC_STATE_BYTES.
+    """
+    per_sequence = 2 * 2 * kv_bytes_per_token * longest_tokens + CODEC_STATE_BYTES
+    return max(1, min(MAX_AUTO_BATCH, int(free_bytes * AUTO_BATCH_MEMORY_SHARE // per_sequence)))
 
 
 class _ChunkOrder:
