@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint format clean
+.PHONY: venv run test bench lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+## Speed, memory and start-up figures against baselines measured in the same run (not part of
+## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
+## The design's post-processing baseline needs the ffmpeg command: installed with apt-get if missing.
+bench: $(STAMP)
+	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
+		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
+	$(PY) -m bench.run
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

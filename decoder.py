@@ -161,7 +161,10 @@ class BatchDecoder:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         out = model.language_model(
-            inputs_embeds=prompt, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+            inputs_embeds=prompt,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            past_key_values=cache,
             use_cache=True,
         )
         positive_hidden = out.last_hidden_state[:, -1]
@@ -216,10 +219,12 @@ class BatchDecoder:
             rows = [row for row in range(n) if diffusing[row]]
             if rows:
                 index = torch.tensor(rows, device=device) if len(rows) < n else None
-                pick = (lambda t: t[index]) if index is not None else (lambda t: t)
-                condition = torch.cat([pick(positive_hidden), pick(negative_hidden)])
-                latent = self._sample_latent(condition, [sequences[r].generator for r in rows], guidance_scale,
-                                             diffusion_steps)  # fmt: skip
+                if index is None:
+                    condition = torch.cat([positive_hidden, negative_hidden])
+                else:
+                    condition = torch.cat([positive_hidden[index], negative_hidden[index]])
+                generators = [sequences[row].generator for row in rows]
+                latent = self._sample_latent(condition, generators, guidance_scale, diffusion_steps)
                 audio, acoustic_cache = self._run_codec(
                     self._acoustic_decode, self._scale_latent(latent), acoustic_cache, rows, n
                 )

@@ -189,7 +189,8 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) 
     # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
     time_scale = stretched.size / signal.size if signal.size else 1.0
     if plan.normalize:
-        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs)
+        # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
+        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
     else:
         report = audio.LoudnessReport(False, plan.target_lufs, reason="normalize is false")
     output = audio.resample(stretched, MODEL_SAMPLE_RATE, plan.sample_rate)

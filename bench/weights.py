@@ -113,7 +113,10 @@ class CallCounter:
             "acoustic_connector": inner.multi_modal_projector,
             "semantic_connector": inner.semantic_connector,
         }
-        self.row_modules = {"embedding_row": inner.language_model.embed_tokens, "token_head_row": engine.decoder.token_head}
+        self.row_modules = {
+            "embedding_row": inner.language_model.embed_tokens,
+            "token_head_row": engine.decoder.token_head,
+        }
         self.calls: dict[str, int] = {}
         self._handles = []
 
@@ -200,8 +203,8 @@ def measure(workspace) -> tuple[list[Row], dict]:
             stock / gigabytes, "GB", "<= 0.15"),
         Row("a", "bandwidth floor RTF on one H100, own loop at batch 1", single / H100_BYTES_PER_SECOND,
             stock / H100_BYTES_PER_SECOND, "RTF", None, "weight bytes / 3.35 TB/s; stock generate is the baseline"),
-        Row("a", f"bandwidth floor RTF on one H100, per chunk, {CHUNKS} chunks batched", batched / H100_BYTES_PER_SECOND,
-            stock / H100_BYTES_PER_SECOND, "RTF", None),
+        Row("a", f"bandwidth floor RTF on one H100, per chunk, {CHUNKS} chunks batched",
+            batched / H100_BYTES_PER_SECOND, stock / H100_BYTES_PER_SECOND, "RTF", None),
     ]  # fmt: skip
     detail = {
         "module_bytes_bf16": sizes,

@@ -112,7 +112,8 @@ def test_speech_start_end_and_end_of_text_follow_the_stock_loop(engine, voices, 
     """Speech-end pauses the frames, speech-start restarts the negative branch, end-of-text ends
     the sequence; sequences in one batch take those paths at different frames."""
     config = engine.model.config
-    frame, start, end, eos = config.audio_token_id, config.audio_bos_token_id, config.audio_eos_token_id, config.eos_token_id  # fmt: skip
+    frame, start, end = config.audio_token_id, config.audio_bos_token_id, config.audio_eos_token_id
+    eos = config.eos_token_id
     patterns = {
         0: [frame, frame, end, start, frame, frame, frame],
         1: [end, frame, frame, start, frame, eos],
