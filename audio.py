@@ -110,53 +110,134 @@ def _ffmpeg_reason(exc: Exception) -> str:
 # --- resampling, speed, loudness -------------------------------------------------------------
 
 
+RESAMPLE_WINDOW = ("kaiser", 8.0)
+
+
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Polyphase resampling with a Kaiser-windowed FIR low-pass (no linear interpolation)."""
     if from_rate == to_rate or samples.size == 0:
         return samples
     ratio = Fraction(to_rate, from_rate)
-    out = resample_poly(samples, ratio.numerator, ratio.denominator, window=("kaiser", 8.0))
+    out = resample_poly(samples, ratio.numerator, ratio.denominator, window=RESAMPLE_WINDOW)
     return out.astype(np.float32, copy=False)
 
 
-def change_speed(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
-    """Time-stretch by `speed` without changing pitch (FFmpeg's WSOLA `atempo` filter, chained).
+class StreamResampler:
+    """`resample`, fed piece by piece: the pieces it returns concatenate to `resample(whole)`.
 
-    The duration becomes duration / speed.
+    Each output sample is computed from a window of the input around it that is wide enough for
+    the whole filter (and starts at a multiple of the decimation factor, so the window's output
+    grid is the whole signal's), so it is the very value the whole-signal call computes. An output
+    is handed out once the input it depends on has arrived; `close()` hands out the rest.
     """
-    if speed == 1.0 or samples.size == 0:
-        return samples
+
+    def __init__(self, from_rate: int, to_rate: int):
+        ratio = Fraction(to_rate, from_rate)
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.passthrough = from_rate == to_rate
+        # resample_poly's filter reaches 10 * max(up, down) taps of the upsampled signal each side.
+        self.context = math.ceil(10 * max(self.up, self.down) / self.up) + 2
+        self._buffer = np.zeros(0, dtype=np.float32)  # input from absolute index self._start on
+        self._start = 0
+        self._received = 0
+        self._next = 0  # index of the next output sample
+
+    def write(self, samples: np.ndarray) -> np.ndarray:
+        if self.passthrough:
+            return samples
+        self._buffer = np.concatenate([self._buffer, samples.astype(np.float32, copy=False)])
+        self._received += samples.size
+        ready = (self._received - self.context) * self.up // self.down  # outputs with their input all here
+        return self._produce(ready) if ready > self._next else np.zeros(0, dtype=np.float32)
+
+    def close(self) -> np.ndarray:
+        if self.passthrough:
+            return np.zeros(0, dtype=np.float32)
+        total = -(-self._received * self.up // self.down)  # the whole signal's output length
+        return self._produce(total) if total > self._next else np.zeros(0, dtype=np.float32)
+
+    def _window_start(self, output: int) -> int:
+        first_input = max(0, output * self.down // self.up - self.context)
+        return first_input // self.down * self.down
+
+    def _produce(self, end: int) -> np.ndarray:
+        start = self._window_start(self._next)
+        window = self._buffer[start - self._start :]
+        resampled = resample_poly(window, self.up, self.down, window=RESAMPLE_WINDOW)
+        offset = start * self.up // self.down
+        out = resampled[self._next - offset : end - offset].astype(np.float32)
+        self._next = end
+        keep = self._window_start(self._next)
+        self._buffer = self._buffer[keep - self._start :]
+        self._start = keep
+        return out
+
+
+def _atempo_factors(speed: float) -> list[float]:
+    """One atempo instance covers 0.5..2.0 with the best quality; chain them beyond."""
     factors = []
     remaining = speed
-    while remaining > 2.0:  # one atempo instance covers 0.5..2.0 with the best quality
+    while remaining > 2.0:
         factors.append(2.0)
         remaining /= 2.0
     while remaining < 0.5:
         factors.append(0.5)
         remaining /= 0.5
     factors.append(remaining)
+    return factors
 
-    graph = av.filter.Graph()
-    nodes = [graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}")]
-    nodes += [graph.add("atempo", f"{factor:.6f}") for factor in factors]
-    nodes.append(graph.add("abuffersink"))
-    for left, right in itertools.pairwise(nodes):
-        left.link_to(right)
-    graph.configure()
 
-    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
-    frame.sample_rate = sample_rate
-    frame.pts = 0
-    frame.time_base = Fraction(1, sample_rate)
-    graph.push(frame)
-    graph.push(None)
-    pieces = []
-    while True:
-        try:
-            pieces.append(graph.pull().to_ndarray().reshape(-1))
-        except (av.error.EOFError, av.error.BlockingIOError):
-            break
-    return np.concatenate(pieces).astype(np.float32, copy=False) if pieces else samples[:0]
+class SpeedChanger:
+    """Time-stretch by `speed` without changing pitch (FFmpeg's WSOLA `atempo`), piece by piece.
+
+    The filter graph keeps its state between pieces; its output does not depend on how the input
+    is cut (the pieces concatenate to what one whole push gives).
+    """
+
+    def __init__(self, sample_rate: int, speed: float):
+        self.sample_rate = sample_rate
+        self._pts = 0
+        self._graph = av.filter.Graph()
+        nodes = [
+            self._graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}")
+        ]
+        nodes += [self._graph.add("atempo", f"{factor:.6f}") for factor in _atempo_factors(speed)]
+        nodes.append(self._graph.add("abuffersink"))
+        for left, right in itertools.pairwise(nodes):
+            left.link_to(right)
+        self._graph.configure()
+
+    def write(self, samples: np.ndarray) -> np.ndarray:
+        if samples.size:
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+            frame.sample_rate = self.sample_rate
+            frame.pts = self._pts
+            frame.time_base = Fraction(1, self.sample_rate)
+            self._pts += samples.size
+            self._graph.push(frame)
+        return self._pull()
+
+    def close(self) -> np.ndarray:
+        self._graph.push(None)
+        return self._pull()
+
+    def _pull(self) -> np.ndarray:
+        pieces = []
+        while True:
+            try:
+                pieces.append(self._graph.pull().to_ndarray().reshape(-1))
+            except (av.error.EOFError, av.error.BlockingIOError):
+                break
+        return np.concatenate(pieces).astype(np.float32, copy=False) if pieces else np.zeros(0, dtype=np.float32)
+
+
+def change_speed(samples: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
+    """Time-stretch by `speed` without changing pitch; the duration becomes duration / speed."""
+    if speed == 1.0 or samples.size == 0:
+        return samples
+    changer = SpeedChanger(sample_rate, speed)
+    out = changer.write(samples)
+    return np.concatenate([out, changer.close()])
 
 
 # Signals are measured and encoded in blocks of this many samples, so no step holds more than a
@@ -393,7 +474,8 @@ class Encoder:
         container_format, codec, _, _ = FORMATS[fmt]
         if codec is None:
             return
-        self._container = av.open(self._buffer, mode="w", format=container_format)
+        options = {"page_duration": "100000"} if streaming and container_format == "ogg" else {}
+        self._container = av.open(self._buffer, mode="w", format=container_format, options=options)
         self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
         if bitrate_kbps:
             self._stream.bit_rate = bitrate_kbps * 1000
