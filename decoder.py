@@ -129,6 +129,7 @@ class BatchDecoder:
         on_frame: Callable[[int, np.ndarray], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         force_tokens: Callable[[int, int], int | None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[DecodedSequence]:
         """Decode every request; results come back in request order.
 
@@ -136,6 +137,7 @@ class BatchDecoder:
         `should_stop()` is checked between frames; when true, every sequence ends there.
         `force_tokens(index, step)` may return a token to emit instead of the model's choice (tests
         use it to walk the speech-start/end paths with a checkpoint that never takes them).
+        `on_step(frames)` is called after every step with the number of frames it decoded.
         """
         if not requests:
             return []
@@ -240,6 +242,9 @@ class BatchDecoder:
                     sequences[row].frames.append(frames[k])
                     if on_frame is not None:
                         on_frame(sequences[row].request.index, host_frames[k])
+
+            if on_step is not None:
+                on_step(len(rows))
 
             # 4. Which sequences end here: end token, frame cap, or a stop request.
             stop_all = bool(should_stop and should_stop())

@@ -40,6 +40,9 @@ USER_ERRORS = (InputError, JobError, DeliveryError)
 # Encoded audio items waiting between the generation thread and the handler; when the consumer
 # falls behind, generation waits (at most this many items are held).
 STREAM_QUEUE_ITEMS = 8
+# Progress updates of a non-streamed job: one when its first audio is decoded, then at most one
+# per interval (the chunks of a batch finish together, so updates follow time, not chunks).
+PROGRESS_INTERVAL_SEC = 2.0
 
 
 class Worker:
@@ -89,15 +92,20 @@ class Worker:
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         stop = threading.Event()
 
-        def on_chunk(result: ChunkAudio, total: int) -> None:
-            # Never for the last chunk: an update sent just before the result can arrive after it.
-            if self.progress and result.index + 1 < total:
-                self.progress(job, f"chunk {result.index + 1} of {total}")
+        last_update: float | None = None
+
+        def on_progress(audio_seconds: float, chunks_done: int) -> None:
+            nonlocal last_update
+            now = time.monotonic()
+            if self.progress and (last_update is None or now - last_update >= PROGRESS_INTERVAL_SEC):
+                last_update = now
+                message = f"{audio_seconds:.1f} s of audio generated, {chunks_done} of {len(plan.chunks)} chunks done"
+                self.progress(job, message)
 
         generate_started = time.perf_counter()
         try:
             results = await asyncio.to_thread(
-                self.engine.synthesize, plan.chunks, plan.voices, plan.params, on_chunk, stop.is_set
+                self.engine.synthesize, plan.chunks, plan.voices, plan.params, None, stop.is_set, None, on_progress
             )
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame

@@ -76,6 +76,7 @@ CODEC_STATE_BYTES = 64 * 2**20  # per sequence: codec conv caches, frame activat
 
 AudioCallback = Callable[[int, np.ndarray], None]
 ChunkCallback = Callable[[ChunkAudio, int], None]
+ProgressCallback = Callable[[float, int], None]
 
 
 class _StopWhen(StoppingCriteria):
@@ -221,15 +222,25 @@ class VibeVoiceEngine:
         on_chunk: ChunkCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_audio: AudioCallback | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[ChunkAudio]:
         """Generate every chunk; results come back in chunk order.
 
         `on_audio(chunk_index, samples)` receives the audio as it is decoded, frame by frame and in
         chunk order (a later chunk of the same batch is held until the earlier ones are done);
-        `on_chunk(result, total)` is called for each finished chunk, also in chunk order.
+        `on_chunk(result, total)` is called for each finished chunk, also in chunk order;
+        `on_progress(audio_seconds, chunks_done)` after every decoding step.
         `should_stop()` is checked between frames (cancellation).
         """
         order = _ChunkOrder(chunks, on_audio, on_chunk)
+        decoded_frames = 0
+
+        def step(frames: int) -> None:
+            nonlocal decoded_frames
+            decoded_frames += frames
+            if on_progress is not None:
+                on_progress(decoded_frames * self.hop_length / self.sample_rate, len(order.done))
+
         if self.decode_loop == "stock":
             for chunk in chunks:
                 if should_stop and should_stop():
@@ -238,6 +249,7 @@ class VibeVoiceEngine:
                 if on_audio is not None:
                     order.audio(chunk.index, result.audio)
                 order.finished(result)
+                step(result.frames)
             return order.results()
 
         requests = [self._request(chunk, voices, params) for chunk in chunks]
@@ -255,6 +267,7 @@ class VibeVoiceEngine:
                         diffusion_steps=params.diffusion_steps,
                         on_frame=order.audio if on_audio is not None else None,
                         should_stop=should_stop,
+                        on_step=step,
                     )
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:

@@ -219,13 +219,20 @@ def test_captions(run_job) -> None:
     assert "captions" not in only(run_job(job))
 
 
-def test_progress_after_each_chunk_but_not_the_last(make_worker, run_job) -> None:
+def test_progress_when_audio_starts_then_by_time(make_worker, run_job) -> None:
+    """The first update comes with the first decoded frames (one per chunk of the batch); later
+    ones at most every PROGRESS_INTERVAL_SEC, so a short job sends just the one."""
     updates: list[str] = []
     worker = make_worker(progress=lambda job, message: updates.append(message))
-    item = only(run_job({"text": "One. " * 20 + "Two. " * 20, "max_chunk_chars": 40, **FAST}, worker=worker))
+    worker.engine.batch_size = 3
+    try:
+        item = only(run_job({"text": "One. " * 20 + "Two. " * 20, "max_chunk_chars": 40, **FAST}, worker=worker))
+    finally:
+        worker.engine.batch_size = 0
     total = item["chunks"]
-    assert total > 2
-    assert updates == [f"chunk {i} of {total}" for i in range(1, total)]
+    assert total > 3
+    assert updates[0] == f"0.4 s of audio generated, 0 of {total} chunks done"  # 3 frames of 133 ms
+    assert len(updates) <= 1 + item["timings"]["generate_sec"] / 2.0
 
 
 def test_disable_prefill_generates_without_voices(run_job) -> None:
