@@ -20,6 +20,15 @@ the same order as the stock loop consumes the global one (the sigma-VAE noise of
 during the prompt, then `randn(2, latent)` per frame of which the first row is used); the
 negative branch advances only on frames the sequence diffuses, and is reset on speech-start, as
 in the stock loop; the codec caches (acoustic decoder, semantic encoder) advance per sequence.
+
+One difference from `generate` is deliberate. Because `guidance_scale` is not 1, transformers'
+generic `_get_logits_processor` also adds its token-level classifier-free guidance
+(UnbatchedClassifierFreeGuidanceLogitsProcessor): a third language-model pass per frame, over the
+generated token ids without the prompt, that reweighs the choice between "next frame", "speech
+end" and "end of text". VibeVoice's own inference code applies guidance to the diffusion head only
+and picks tokens by argmax of the text branch, and so does this loop. The tiny test checkpoint
+allows only the frame token, so the audio is equal; with the real model the two loops can end
+speech at different frames, and their audio is equal up to there.
 """
 
 from __future__ import annotations
@@ -188,7 +197,6 @@ class BatchDecoder:
         negative_mask[:, -1] = 1
         mask = torch.cat([prompt_mask, negative_mask])
         acoustic_cache = semantic_cache = None
-        step = 0
 
         while sequences:
             # 1. Next token of every sequence (argmax among the allowed tokens).
@@ -293,7 +301,6 @@ class BatchDecoder:
             positive_hidden, negative_hidden = hidden[:n], hidden[n:]
             for seq in sequences:
                 seq.next_position += 1
-            step += 1
 
         for seq in sequences:
             finished.setdefault(seq.request.index, seq)
