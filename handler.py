@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import json
 import logging
 import os
@@ -173,21 +172,19 @@ class Worker:
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         renderer = StreamRenderer(plan, self.settings)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=STREAM_QUEUE_ITEMS)
+        queue: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(STREAM_QUEUE_ITEMS)  # bounds the queue: one slot per waiting item
         stop = threading.Event()
 
         def put(message: tuple) -> None:
             """From the generation thread: wait for room in the queue, unless the job has stopped."""
-            while not stop.is_set():
-                try:
-                    future = asyncio.run_coroutine_threadsafe(queue.put(message), loop)
-                except RuntimeError:  # the event loop is gone: nobody is listening any more
+            while not room.acquire(timeout=0.2):
+                if stop.is_set():
                     return
-                try:
-                    future.result(timeout=0.2)
-                    return
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, message)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                return
 
         finished_chunks = 0
 
@@ -220,6 +217,7 @@ class Worker:
         try:
             while True:
                 kind, value = await queue.get()
+                room.release()
                 if kind == "error":
                     raise value
                 if kind == "done":

@@ -54,7 +54,7 @@ class ChunkAudio:
     audio: np.ndarray  # 24 kHz mono float32
     frames: int
     reached_cap: bool
-    seconds: float  # wall time spent generating it
+    seconds: float  # wall time spent generating it (with batching: its whole batch)
 
 
 @dataclass
