@@ -139,6 +139,7 @@ class BatchDecoder:
         should_stop: Callable[[], bool] | None = None,
         force_tokens: Callable[[int, int], int | None] | None = None,
         on_step: Callable[[int], None] | None = None,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[DecodedSequence]:
         """Decode every request; results come back in request order.
 
@@ -146,7 +147,8 @@ class BatchDecoder:
         `should_stop()` is checked between frames; when true, every sequence ends there.
         `force_tokens(index, step)` may return a token to emit instead of the model's choice (tests
         use it to walk the speech-start/end paths with a checkpoint that never takes them).
-        `on_step(frames)` is called after every step with the number of frames it decoded.
+        `on_step(frames)` is called after every step with the number of frames it decoded, and
+        `on_done(index)` when a sequence has ended (before the others, when they are longer).
         """
         if not requests:
             return []
@@ -267,6 +269,8 @@ class BatchDecoder:
                 for row, seq in enumerate(sequences):
                     if row not in keep:
                         finished[seq.request.index] = seq
+                        if on_done is not None:
+                            on_done(seq.request.index)
                 if not keep:
                     break
                 keep_t = torch.tensor(keep, device=device)

@@ -39,8 +39,9 @@ USER_ERRORS = (InputError, JobError, DeliveryError)
 # Encoded audio items waiting between the generation thread and the handler; when the consumer
 # falls behind, generation waits (at most this many items are held).
 STREAM_QUEUE_ITEMS = 8
-# Progress updates of a non-streamed job: one when its first audio is decoded, then at most one
-# per interval (the chunks of a batch finish together, so updates follow time, not chunks).
+# Progress updates of a non-streamed job: one when its first audio is decoded, one when a chunk is
+# done, and in between at most one per interval (the chunks of a batch decode together, so a long
+# batch would otherwise be silent until its first chunk ends).
 PROGRESS_INTERVAL_SEC = 2.0
 
 
@@ -92,14 +93,24 @@ class Worker:
         stop = threading.Event()
 
         last_update: float | None = None
+        last_done = 0
 
         def on_progress(audio_seconds: float, chunks_done: int) -> None:
-            nonlocal last_update
+            nonlocal last_update, last_done
+            total = len(plan.chunks)
+            chunk_ended, last_done = chunks_done > last_done, chunks_done
+            # Never once the last chunk is done: an update sent just before the result can arrive after it.
+            if not self.progress or chunks_done >= total:
+                return
             now = time.monotonic()
-            if self.progress and (last_update is None or now - last_update >= PROGRESS_INTERVAL_SEC):
-                last_update = now
-                message = f"{audio_seconds:.1f} s of audio generated, {chunks_done} of {len(plan.chunks)} chunks done"
-                self.progress(job, message)
+            if chunk_ended:
+                message = f"chunk {chunks_done} of {total} done, {audio_seconds:.1f} s of audio generated"
+            elif last_update is None or now - last_update >= PROGRESS_INTERVAL_SEC:
+                message = f"{audio_seconds:.1f} s of audio generated, {chunks_done} of {total} chunks done"
+            else:
+                return
+            last_update = now
+            self.progress(job, message)
 
         generate_started = time.perf_counter()
         try:

@@ -229,17 +229,19 @@ class VibeVoiceEngine:
         `on_audio(chunk_index, samples)` receives the audio as it is decoded, frame by frame and in
         chunk order (a later chunk of the same batch is held until the earlier ones are done);
         `on_chunk(result, total)` is called for each finished chunk, also in chunk order;
-        `on_progress(audio_seconds, chunks_done)` after every decoding step.
+        `on_progress(audio_seconds, chunks_done)` after every decoding step (a chunk counts as done
+        when its sequence ends, even while the rest of its batch goes on).
         `should_stop()` is checked between frames (cancellation).
         """
         order = _ChunkOrder(chunks, on_audio, on_chunk)
         decoded_frames = 0
+        ended: set[int] = set()
 
         def step(frames: int) -> None:
             nonlocal decoded_frames
             decoded_frames += frames
             if on_progress is not None:
-                on_progress(decoded_frames * self.hop_length / self.sample_rate, len(order.done))
+                on_progress(decoded_frames * self.hop_length / self.sample_rate, len(ended))
 
         if self.decode_loop == "stock":
             for chunk in chunks:
@@ -249,6 +251,7 @@ class VibeVoiceEngine:
                 if on_audio is not None:
                     order.audio(chunk.index, result.audio)
                 order.finished(result)
+                ended.add(chunk.index)
                 step(result.frames)
             return order.results()
 
@@ -268,6 +271,7 @@ class VibeVoiceEngine:
                         on_frame=order.audio if on_audio is not None else None,
                         should_stop=should_stop,
                         on_step=step,
+                        on_done=ended.add,
                     )
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:

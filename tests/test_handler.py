@@ -219,6 +219,21 @@ def test_captions(run_job) -> None:
     assert "captions" not in only(run_job(job))
 
 
+def test_progress_after_each_chunk_but_never_the_last(make_worker, run_job) -> None:
+    """Two chunks of different lengths decode in one batch: the short one ends first ("chunk 1 of
+    2 done"), and nothing is sent once the last chunk is done (the result follows at once)."""
+    updates: list[str] = []
+    worker = make_worker(progress=lambda job, message: updates.append(message))
+    text = "Hi there, friend. This one is quite a bit longer, yes."  # frame caps 41 and 69
+    item = only(run_job({"text": text, "max_chunk_chars": 40, "diffusion_steps": 2}, worker=worker))
+    assert item["chunks"] == 2
+    assert updates[0] == "0.3 s of audio generated, 0 of 2 chunks done"  # the first frame of each chunk
+    finished = [update for update in updates if update.startswith("chunk ")]
+    # Reported at the step after it ended: 41 + 42 frames of 133 ms so far.
+    assert finished == ["chunk 1 of 2 done, 11.1 s of audio generated"]
+    assert not any("2 of 2" in update for update in updates)
+
+
 def test_progress_when_audio_starts_then_by_time(make_worker, run_job) -> None:
     """The first update comes with the first decoded frames (one per chunk of the batch); later
     ones at most every PROGRESS_INTERVAL_SEC, so a short job sends just the one."""
@@ -232,7 +247,9 @@ def test_progress_when_audio_starts_then_by_time(make_worker, run_job) -> None:
     total = item["chunks"]
     assert total > 3
     assert updates[0] == f"0.4 s of audio generated, 0 of {total} chunks done"  # 3 frames of 133 ms
-    assert len(updates) <= 1 + item["timings"]["generate_sec"] / 2.0
+    by_time = [update for update in updates if not update.startswith("chunk ")]
+    assert len(by_time) <= 1 + item["timings"]["generate_sec"] / 2.0
+    assert [update.split(",")[0] for update in updates if update.startswith("chunk ")] == ["chunk 3 of 5 done"]
 
 
 def test_disable_prefill_generates_without_voices(run_job) -> None:

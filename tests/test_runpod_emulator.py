@@ -29,7 +29,9 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 # Four chunks of 40 frames: seconds of work; a progress update comes with the first decoded frames.
 LONG_TEXT = " ".join(["This sentence is here to make a long job that runs for a while."] * 4)
 LONG = {"text": LONG_TEXT, "max_chunk_chars": 70, "max_new_tokens": 40, "diffusion_steps": 3}
-PROGRESS = re.compile(r"^\d+\.\d s of audio generated, \d+ of \d+ chunks done$")
+PROGRESS = re.compile(
+    r"^(\d+\.\d s of audio generated, \d+ of \d+ chunks done|chunk \d+ of \d+ done, \d+\.\d s of audio generated)$"
+)
 
 
 def check_audio(output: list) -> dict:
