@@ -24,6 +24,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import numpy as np
+
 import captions
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
@@ -354,6 +356,31 @@ def runpod_progress(job: dict, message: str) -> None:
     runpod.serverless.progress_update(job, message)
 
 
+def register_failed_load(runpod_module, reason: str) -> None:
+    """A start-up fitness check that fails with the load error (RunPod then marks the worker unhealthy)."""
+
+    def model_loaded() -> None:
+        raise RuntimeError(f"model failed to load: {reason}")
+
+    runpod_module.serverless.register_fitness_check(model_loaded)
+
+
+def register_warm_up(runpod_module, engine: VibeVoiceEngine) -> None:
+    """A start-up fitness check that generates one frame, so a worker whose GPU or kernels are
+    broken is reported unhealthy before it takes a job rather than failing every job."""
+
+    def model_generates() -> None:
+        from inference import GenerationParams
+        from text import Chunk, Turn
+
+        params = GenerationParams(cfg_scale=1.3, diffusion_steps=1, seed=0, max_new_tokens=1, use_voice_prompt=False)
+        result = engine.generate_chunk(Chunk(0, (Turn(0, "Hello."),)), {}, params)
+        if result.audio.size == 0 or not bool(np.isfinite(result.audio).all()):
+            raise RuntimeError("the model produced no usable audio in a one-frame warm-up")
+
+    runpod_module.serverless.register_fitness_check(model_generates)
+
+
 def _sdk_local_mode(argv: list[str]) -> bool:
     """True where the SDK runs the handler itself without iterating generators."""
     return "--test_input" in argv or "--rp_serve_api" in argv or not os.environ.get("RUNPOD_WEBHOOK_GET_JOB")
@@ -368,15 +395,22 @@ def main() -> None:
         raise SystemExit(2) from None
     setup_logging(settings)
     os.environ.setdefault("HF_HOME", str(settings.hf_home))
-    try:
-        engine = VibeVoiceEngine.load(settings)
-    except ModelLoadError as exc:
-        print(f"vibevoice worker: model failed to load: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-
     import runpod
 
     local = _sdk_local_mode(sys.argv)
+    try:
+        engine = VibeVoiceEngine.load(settings)
+    except ModelLoadError as exc:
+        line = f"vibevoice worker: model failed to load: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        if local:
+            raise SystemExit(1) from None
+        # On RunPod a failed fitness check reports the worker unhealthy, with this reason, and exits 1.
+        register_failed_load(runpod, str(exc))
+        engine = None
+    else:
+        if not local:
+            register_warm_up(runpod, engine)
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
     runpod.serverless.start(
         {

@@ -11,11 +11,12 @@ stock `generate` (`generate_chunk`) decodes one chunk at a time and stays as the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,7 +192,7 @@ class VibeVoiceEngine:
         inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
         cap = self.frame_cap(chunk, params)
         stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None
-        with self._lock, torch.inference_mode():
+        with self._exclusive(f"chunk {chunk.index} (stock generate)"), torch.inference_mode():
             torch.manual_seed(params.seed)
             output = self.model.generate(
                 **inputs,
@@ -213,6 +214,19 @@ class VibeVoiceEngine:
             reached_cap=reached_cap,
             seconds=time.perf_counter() - started,
         )
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """One generation at a time per process (jobs that run concurrently take turns).
+
+        Begin and end are logged at DEBUG, so a log shows that generations never overlap.
+        """
+        with self._lock:
+            log.debug("generation begins: %s", what)
+            try:
+                yield
+            finally:
+                log.debug("generation ends: %s", what)
 
     def synthesize(
         self,
@@ -258,7 +272,7 @@ class VibeVoiceEngine:
         requests = [self._request(chunk, voices, params) for chunk in chunks]
         pending = list(requests)
         batch_size = self.pick_batch_size(requests)
-        with self._lock:
+        with self._exclusive(f"{len(requests)} chunk(s) in batches of {batch_size}"):
             while pending and not (should_stop and should_stop()):
                 group = pending[:batch_size]
                 started = time.perf_counter()

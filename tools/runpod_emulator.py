@@ -161,6 +161,7 @@ class WorkerSeen:
     to_stop: dict[str, PendingStop] = field(default_factory=dict)
     stop_signal: asyncio.Event = field(default_factory=asyncio.Event)
     leaving: bool = False
+    unhealthy: str | None = None  # "check: reason" from a failed start-up fitness check
 
     def forget_stops(self, still_running: set[str] | None = None) -> None:
         """Drop the stop signals the worker no longer needs: all when it runs nothing (`None`), else
@@ -516,8 +517,9 @@ class RunpodEmulator:
             "inQueue": statuses.count(IN_QUEUE),
             "retried": self._counts["retried"],
         }
+        unhealthy = sum(1 for w in self._workers.values() if w.unhealthy)
         workers = {"idle": idle, "initializing": initializing, "ready": idle, "running": running,
-                   "throttled": 0, "unhealthy": 0}  # fmt: skip
+                   "throttled": 0, "unhealthy": unhealthy}  # fmt: skip
         return {"jobs": jobs, "workers": workers}, 200
 
     def _submit(self, body: Any, sync: bool) -> Job:
@@ -714,6 +716,11 @@ class RunpodEmulator:
         return web.json_response({})
 
     async def _ping(self, request: web.Request, worker: WorkerSeen) -> web.Response:
+        if request.query.get("status") == "unhealthy":  # a failed fitness check, just before the worker exits
+            worker.unhealthy = f"{request.query.get('check', '?')}: {request.query.get('reason', '')}"
+            worker.leaving = True
+            log.warning("worker %s is unhealthy (%s)", worker.id, worker.unhealthy)
+            return web.json_response({})
         # The heartbeat lists the jobs the worker holds ("id1,id2"), or nothing.
         running = request.query.get("job_id", "")
         worker.forget_stops({job_id for job_id in running.split(",") if job_id})
