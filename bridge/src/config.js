@@ -8,7 +8,7 @@
 export const VOICE_BYTES_CEILING = 7_000_000;
 
 const NUMBERS = {
-  JOB_TIMEOUT_SECONDS: { fallback: 300, min: 5, max: 3600 },
+  JOB_TIMEOUT_SECONDS: { fallback: 300, min: 1, max: 3600 },
   UPSTREAM_TIMEOUT_SECONDS: { fallback: 30, min: 1, max: 600 },
   RUNSYNC_WAIT_SECONDS: { fallback: 60, min: 1, max: 300 },
   POLL_INITIAL_MS: { fallback: 500, min: 10, max: 60_000 },

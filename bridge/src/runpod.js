@@ -229,7 +229,7 @@ export function workerError(error) {
     }
     const message = trimmed.slice(0, 1000) || "The worker failed without a message.";
     if (SERVER_FAULTS.some((pattern) => pattern.test(message))) return upstreamFailed(message, "worker_error");
-    const field = /'([A-Za-z_]+)(?:\[\d+\])?[.'\[]/.exec(message)?.[1];
+    const field = /'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?[.'\[]/.exec(message)?.[1];
     if (field && field in CLIENT_FIELDS) return invalid(message, CLIENT_FIELDS[field], "invalid_value");
     return upstreamFailed(`The worker rejected the job: ${message}`, "worker_error");
   }
