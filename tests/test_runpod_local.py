@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from audio_helpers import probe
+from audio_helpers import encode_file, probe, tone
 from conftest import ROOT, free_port
 
 from tools import run_job as run_job_tool
@@ -86,6 +86,46 @@ def test_run_then_status(sdk_server: str) -> None:
     reply = post(f"{sdk_server}/status/{job['id']}", {})
     assert reply["status"] == "COMPLETED"
     check_audio(reply["output"])
+
+
+CLONE = base64.b64encode(encode_file(tone(200, 1.0, 16000), 16000, "flac", "flac")).decode()
+CONTRACT = {
+    "multi-speaker script with a cloned voice": {
+        "text": "Speaker 1: Hello.\nSpeaker 2: Hi there.",
+        "speakers": ["Alice", {"audio_base64": CLONE}],
+        "output_format": "wav",
+    },
+    "single-speaker clone shorthand": {"text": "Cloned.", "voice_audio_base64": CLONE, "output_format": "mp3"},
+    "opus at 48 kHz": {"text": "Opus.", "output_format": "opus"},
+    "aac at 44.1 kHz": {"text": "AAC.", "output_format": "aac", "sample_rate": 44100, "bitrate_kbps": 96},
+    "flac at 16 kHz, slower, captions": {"text": "Slow.", "output_format": "flac", "sample_rate": 16000,
+                                         "speed": 0.5, "captions": "vtt"},
+    "raw pcm": {"text": "Raw.", "output_format": "pcm"},
+}  # fmt: skip
+CODECS = {"wav": "pcm_s16le", "mp3": "mp3float", "opus": "opus", "aac": "aac", "flac": "flac"}
+
+
+@pytest.mark.parametrize("feature", sorted(CONTRACT))
+def test_job_contract_through_the_sdk_server(sdk_server: str, feature: str) -> None:
+    reply = post(f"{sdk_server}/runsync", {"input": {**CONTRACT[feature], "seed": 11, **FAST}})
+    assert reply["status"] == "COMPLETED", reply
+    [item] = reply["output"]
+    data = base64.b64decode(item["audio_base64"])
+    if item["format"] == "pcm_16":
+        assert abs(len(data) / 2 / 24000 - item["duration_sec"]) < 1e-3
+        return
+    info = probe(data)
+    assert info.codec == CODECS[item["format"]] and info.sample_rate == item["sample_rate"] and info.channels == 1
+    assert abs(info.duration - item["duration_sec"]) < 0.1
+    if "captions" in CONTRACT[feature]:
+        assert item["captions"].startswith("WEBVTT")
+    if "speakers" in CONTRACT[feature]:
+        assert [s["speakers"] for s in item["segments"]] == [["Speaker 1", "Speaker 2"]]
+
+
+def test_list_voices_through_the_sdk_server(sdk_server: str) -> None:
+    reply = post(f"{sdk_server}/runsync", {"input": {"action": "list_voices"}})
+    assert [voice["name"] for voice in reply["output"][0]["voices"]] == ["en-Alice_woman", "en-Frank_man"]
 
 
 @pytest.mark.parametrize(
