@@ -6,7 +6,16 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint format clean
+# The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
+BRIDGE_STAMP := bridge/node_modules/.installed
+BRIDGE_PORT ?= 8787
+RUNPOD_URL ?= http://127.0.0.1:8000/v2/local
+# Quiet, offline runs of the Cloudflare tooling: no metrics, no request.cf lookups.
+export WRANGLER_SEND_METRICS := false
+export DO_NOT_TRACK := 1
+export CLOUDFLARE_CF_FETCH_ENABLED := false
+
+.PHONY: venv run test lint format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,13 +25,28 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
+$(BRIDGE_STAMP): bridge/package-lock.json
+	cd bridge && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+bridge-deps: $(BRIDGE_STAMP)
+
+## The OpenAI-compatible bridge in workerd on 127.0.0.1:$(BRIDGE_PORT), calling RUNPOD_URL (default: `make serve`).
+bridge: $(BRIDGE_STAMP)
+	cd bridge && BRIDGE_PORT=$(BRIDGE_PORT) RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
+
+## The bridge's own tests, inside workerd.
+bridge-test: $(BRIDGE_STAMP)
+	cd bridge && npx vitest run
+
 ## One real synthesis job through the RunPod SDK's local test mode; prints the audio file's path.
 run: $(STAMP)
 	$(PY) -m tools.run_job
 
 ## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP)
+test: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
+	cd bridge && npx vitest run
 	$(PY) -m pytest
 
 lint: $(STAMP)
@@ -34,4 +58,4 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .local
+	rm -rf $(VENV) .pytest_cache .ruff_cache .local bridge/node_modules
