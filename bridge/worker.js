@@ -5,7 +5,7 @@
 //   POST   /v1/audio/voices          store a reference clip as a new voice
 //   GET    /v1/audio/voices/{id}     one voice
 //   DELETE /v1/audio/voices/{id}     delete a created voice
-//   GET    /v1/models                the accepted model names
+//   GET    /v1/models                the accepted model names (and /v1/audio/models, as Open WebUI reads them)
 //   GET    /health                   whether the bridge is configured (no secrets, no auth)
 // Settings and deployment: README.md beside this file.
 
@@ -33,6 +33,7 @@ const ROUTES = [
   },
   { path: /^\/v1\/models\/?$/, methods: { GET: () => json({ object: "list", data: MODELS.map(model) }) } },
   { path: /^\/v1\/models\/([^/]+)\/?$/, methods: { GET: (c, id) => getModel(id) } },
+  { path: /^\/v1\/audio\/models\/?$/, methods: { GET: () => json({ models: MODELS.map(model), data: MODELS.map(model) }) } },
   { path: /^\/health\/?$/, public: true, methods: { GET: (c) => health(c.env, c.config) } },
 ];
 

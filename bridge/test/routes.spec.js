@@ -19,6 +19,12 @@ describe("GET /v1/models", () => {
     }
   });
 
+  it("lists them as {models} on /v1/audio/models, the shape Open WebUI reads", async () => {
+    const body = await (await call("/v1/audio/models")).json();
+    expect(body.models.map((model) => model.id)).toContain("tts-1");
+    expect(body.models[0]).toMatchObject({ object: "model", owned_by: "vibevoice" });
+  });
+
   it("retrieves one model, and answers 404 for others", async () => {
     expect(await (await call("/v1/models/tts-1-hd")).json()).toMatchObject({ id: "tts-1-hd", object: "model" });
     await expectError(await call("/v1/models/gpt-4o"), 404, { code: "model_not_found" });
