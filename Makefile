@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
 BRIDGE_PORT ?= 8787
-RUNPOD_URL ?= http://127.0.0.1:8000/v2/local
+RUNPOD_URL ?= http://127.0.0.1:$(or $(SERVE_PORT),8000)/v2/vibevoice-local
 # Quiet, offline runs of the Cloudflare tooling: no metrics, no request.cf lookups.
 export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1

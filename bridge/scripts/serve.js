@@ -3,7 +3,8 @@
 //
 //   BRIDGE_PORT   port on 127.0.0.1 (default 8787)
 //   RUNPOD_URL    the RunPod endpoint base (default: the local emulator of `make serve`)
-//   RUNPOD_API_KEY, AUTH_TOKEN (none: open), and any setting named in README.md
+//   RUNPOD_API_KEY  the key for RUNPOD_URL (default: SERVE_API_KEY, the key `make serve` accepts)
+//   AUTH_TOKEN (none: open), and any setting named in README.md
 // The R2 bucket is in memory, seeded with voices.example.json (or VOICES_JSON=path).
 
 import { readFileSync } from "node:fs";
@@ -23,10 +24,10 @@ const wrangler = JSON.parse(
   readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""),
 );
 const port = Number(process.env.BRIDGE_PORT || 8787);
-const runpodUrl = process.env.RUNPOD_URL || "http://127.0.0.1:8000/v2/local";
+const runpodUrl = process.env.RUNPOD_URL || `http://127.0.0.1:${process.env.SERVE_PORT || 8000}/v2/vibevoice-local`;
 const bindings = { ...wrangler.vars, RUNPOD_ENDPOINT_ID: "", RUNPOD_ENDPOINT_URL: runpodUrl };
 for (const name of SETTINGS) if (process.env[name]) bindings[name] = process.env[name];
-bindings.RUNPOD_API_KEY = process.env.RUNPOD_API_KEY || "local-key";
+bindings.RUNPOD_API_KEY = process.env.RUNPOD_API_KEY || process.env.SERVE_API_KEY || "";
 bindings.AUTH_TOKEN = process.env.AUTH_TOKEN || "";
 
 const miniflare = new Miniflare({
@@ -51,6 +52,10 @@ await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed,
 console.log(
   `bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${bindings.AUTH_TOKEN ? "on" : "off"}; voices from ${seed})`,
 );
+
+if (!bindings.RUNPOD_API_KEY) {
+  console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");
+}
 
 async function stop() {
   await miniflare.dispose().catch(() => {});
