@@ -49,13 +49,15 @@ test: $(STAMP) $(BRIDGE_STAMP)
 	cd bridge && npx vitest run
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	cd bridge && npx prettier --check .
 
-format: $(STAMP)
+format: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+	cd bridge && npx prettier --write .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .local bridge/node_modules

@@ -33,7 +33,10 @@ const ROUTES = [
   },
   { path: /^\/v1\/models\/?$/, methods: { GET: () => json({ object: "list", data: MODELS.map(model) }) } },
   { path: /^\/v1\/models\/([^/]+)\/?$/, methods: { GET: (c, id) => getModel(id) } },
-  { path: /^\/v1\/audio\/models\/?$/, methods: { GET: () => json({ models: MODELS.map(model), data: MODELS.map(model) }) } },
+  {
+    path: /^\/v1\/audio\/models\/?$/,
+    methods: { GET: () => json({ models: MODELS.map(model), data: MODELS.map(model) }) },
+  },
   { path: /^\/health\/?$/, public: true, methods: { GET: (c) => health(c.env, c.config) } },
 ];
 

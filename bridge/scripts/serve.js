@@ -14,15 +14,22 @@ import { Miniflare } from "miniflare";
 
 const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
 const SETTINGS = [
-  "JOB_TIMEOUT_SECONDS", "UPSTREAM_TIMEOUT_SECONDS", "RUNSYNC_WAIT_SECONDS", "POLL_INITIAL_MS", "POLL_MAX_MS",
-  "STREAM_POLL_INITIAL_MS", "STREAM_POLL_MAX_MS", "VOICES_CACHE_SECONDS", "MAX_VOICE_BYTES", "MAX_REQUEST_BYTES",
-  "CORS_ALLOW_ORIGIN", "STREAM_AUDIO",
+  "JOB_TIMEOUT_SECONDS",
+  "UPSTREAM_TIMEOUT_SECONDS",
+  "RUNSYNC_WAIT_SECONDS",
+  "POLL_INITIAL_MS",
+  "POLL_MAX_MS",
+  "STREAM_POLL_INITIAL_MS",
+  "STREAM_POLL_MAX_MS",
+  "VOICES_CACHE_SECONDS",
+  "MAX_VOICE_BYTES",
+  "MAX_REQUEST_BYTES",
+  "CORS_ALLOW_ORIGIN",
+  "STREAM_AUDIO",
 ];
 
 // wrangler.jsonc with its whole-line comments removed.
-const wrangler = JSON.parse(
-  readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""),
-);
+const wrangler = JSON.parse(readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""));
 const port = Number(process.env.BRIDGE_PORT || 8787);
 const runpodUrl = process.env.RUNPOD_URL || `http://127.0.0.1:${process.env.SERVE_PORT || 8000}/v2/vibevoice-local`;
 const bindings = { ...wrangler.vars, RUNPOD_ENDPOINT_ID: "", RUNPOD_ENDPOINT_URL: runpodUrl };
@@ -49,9 +56,8 @@ const url = await miniflare.ready;
 const bucket = await miniflare.getR2Bucket("VOICES");
 const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
 await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
-console.log(
-  `bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${bindings.AUTH_TOKEN ? "on" : "off"}; voices from ${seed})`,
-);
+const auth = bindings.AUTH_TOKEN ? "on" : "off";
+console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
 
 if (!bindings.RUNPOD_API_KEY) {
   console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");

@@ -24,17 +24,13 @@ function defaultType(status) {
   return "invalid_request_error";
 }
 
-export const invalid = (message, param = null, code = null) =>
-  new ApiError(400, message, { param, code });
+export const invalid = (message, param = null, code = null) => new ApiError(400, message, { param, code });
 
-export const notFound = (message, param = null, code = "not_found") =>
-  new ApiError(404, message, { param, code });
+export const notFound = (message, param = null, code = "not_found") => new ApiError(404, message, { param, code });
 
-export const tooLarge = (message, param = null) =>
-  new ApiError(413, message, { param, code: "request_too_large" });
+export const tooLarge = (message, param = null) => new ApiError(413, message, { param, code: "request_too_large" });
 
-export const upstreamFailed = (message, code = "upstream_error") =>
-  new ApiError(502, message, { code });
+export const upstreamFailed = (message, code = "upstream_error") => new ApiError(502, message, { code });
 
 // The job was cancelled after waiting this long; retrying would wait as long again.
 export const upstreamTimeout = (message) =>

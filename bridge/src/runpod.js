@@ -98,7 +98,9 @@ export class RunPod {
       if (TERMINAL.has(reply.status)) {
         if (reply.status !== "COMPLETED") {
           // /stream may not carry the error; /status does.
-          const job = reply.error ? reply : await this.call("GET", `/status/${encodeURIComponent(id)}`, undefined, deadline, 0, id);
+          const job = reply.error
+            ? reply
+            : await this.call("GET", `/status/${encodeURIComponent(id)}`, undefined, deadline, 0, id);
           settled({ ...job, status: reply.status });
         }
         return;
@@ -106,7 +108,9 @@ export class RunPod {
       if (!PENDING.has(reply.status) && reply.status !== undefined) {
         throw upstreamFailed(`RunPod reported an unknown job status for the stream.`);
       }
-      delay = entries.length ? this.config.STREAM_POLL_INITIAL_MS : Math.min(delay * 1.5, this.config.STREAM_POLL_MAX_MS);
+      delay = entries.length
+        ? this.config.STREAM_POLL_INITIAL_MS
+        : Math.min(delay * 1.5, this.config.STREAM_POLL_MAX_MS);
       if (Date.now() + delay >= deadline) {
         this.cancel(id);
         throw upstreamTimeout(`The job did not finish within ${this.config.JOB_TIMEOUT_SECONDS} s; it was cancelled.`);
@@ -177,7 +181,10 @@ export class RunPod {
       throw upstreamFailed(`RunPod could not be reached for /${operation} (network error).`);
     }
     if (response.status === 401 || response.status === 403) {
-      throw upstreamFailed(`RunPod refused the API key (HTTP ${response.status}); check RUNPOD_API_KEY.`, "upstream_auth");
+      throw upstreamFailed(
+        `RunPod refused the API key (HTTP ${response.status}); check RUNPOD_API_KEY.`,
+        "upstream_auth",
+      );
     }
     if (!response.ok) {
       throw upstreamFailed(`RunPod answered HTTP ${response.status} to /${operation}.`);
@@ -221,7 +228,8 @@ export function workerError(error) {
     if (trimmed.startsWith("{")) {
       try {
         const details = JSON.parse(trimmed);
-        const kind = typeof details.error_type === "string" ? details.error_type.replace(/^<class '|'>$/g, "") : "error";
+        const kind =
+          typeof details.error_type === "string" ? details.error_type.replace(/^<class '|'>$/g, "") : "error";
         return upstreamFailed(`The worker failed (${kind.slice(0, 80)}).`, "worker_error");
       } catch {
         // not JSON: a sentence after all

@@ -41,7 +41,11 @@ export async function createSpeech(request, env, ctx, config) {
   if (speech.instructions !== undefined) headers["x-vibevoice-ignored"] = "instructions";
   const usage = { characters: [...speech.input].length };
 
-  const streaming = format.streams && (speech.streamFormat === "sse" || speech.streamFormat === "audio" || (speech.streamFormat === undefined && config.streamAudio));
+  const streaming =
+    format.streams &&
+    (speech.streamFormat === "sse" ||
+      speech.streamFormat === "audio" ||
+      (speech.streamFormat === undefined && config.streamAudio));
   if (!streaming) {
     const deadline = runpod.deadline();
     const job = await runpod.runToCompletion(jobInput, deadline);
@@ -66,7 +70,8 @@ export async function createSpeech(request, env, ctx, config) {
     if (!(error instanceof ApiError) || error.status !== 400) runpod.cancel(id);
     throw error;
   }
-  if (first.done) throw new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
+  if (first.done)
+    throw new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
   const rest = prepend(first.value, pieces);
   if (speech.streamFormat === "sse") return sseResponse(rest, summary, usage, headers, ctx, runpod, id);
   return rawResponse(rest, headers, ctx, runpod, id);
@@ -77,27 +82,39 @@ export function parseSpeechRequest(body) {
   if (model === undefined || model === null || model === "") throw invalid("'model' is required.", "model");
   if (typeof model !== "string") throw invalid("'model' must be a string.", "model");
   if (!MODELS.includes(model)) {
-    throw invalid(`Model '${model.slice(0, 100)}' does not exist; use one of: ${MODELS.join(", ")}.`, "model", "model_not_found");
+    throw invalid(
+      `Model '${model.slice(0, 100)}' does not exist; use one of: ${MODELS.join(", ")}.`,
+      "model",
+      "model_not_found",
+    );
   }
   if (input === undefined || input === null) throw invalid("'input' is required: give the text to speak.", "input");
   if (typeof input !== "string") throw invalid("'input' must be a string.", "input");
   if (!input.trim()) throw invalid("'input' is empty; give the text to speak.", "input");
   const length = [...input].length;
   if (length > INPUT_MAX) {
-    throw invalid(`'input' is ${length} characters long; the limit is ${INPUT_MAX}.`, "input", "string_above_max_length");
+    throw invalid(
+      `'input' is ${length} characters long; the limit is ${INPUT_MAX}.`,
+      "input",
+      "string_above_max_length",
+    );
   }
   if (voice === undefined || voice === null) throw invalid("'voice' is required.", "voice");
   if (typeof voice === "string") {
-    if (!voice.trim() || voice.length > 200) throw invalid("'voice' must be a voice name of 1 to 200 characters.", "voice");
+    if (!voice.trim() || voice.length > 200)
+      throw invalid("'voice' must be a voice name of 1 to 200 characters.", "voice");
   } else if (!(typeof voice === "object" && !Array.isArray(voice) && typeof voice.id === "string" && voice.id)) {
-    throw invalid("'voice' must be a voice name or an object {\"id\": \"voice_...\"}.", "voice");
+    throw invalid('\'voice\' must be a voice name or an object {"id": "voice_..."}.', "voice");
   }
   if (instructions !== undefined && instructions !== null && typeof instructions !== "string") {
     throw invalid("'instructions' must be a string.", "instructions");
   }
   const responseFormat = response_format ?? "mp3";
   if (!FORMAT_NAMES.includes(responseFormat)) {
-    throw invalid(`'response_format' must be one of ${FORMAT_NAMES.join(", ")} (got ${shown(responseFormat)}).`, "response_format");
+    throw invalid(
+      `'response_format' must be one of ${FORMAT_NAMES.join(", ")} (got ${shown(responseFormat)}).`,
+      "response_format",
+    );
   }
   if (speed !== undefined && speed !== null) {
     if (typeof speed !== "number" || !Number.isFinite(speed) || speed < 0.25 || speed > 4) {
@@ -138,7 +155,8 @@ async function* audioPieces(runpod, items, format, deadline, summary) {
       }
       checkFormat(item, format);
       const bytes = fromBase64(item.audio_chunk);
-      if (!bytes) throw new ApiError(502, "The worker sent an audio chunk that is not base64.", { code: "upstream_bad_output" });
+      if (!bytes)
+        throw new ApiError(502, "The worker sent an audio chunk that is not base64.", { code: "upstream_bad_output" });
       if (bytes.byteLength) yield { bytes, base64: item.audio_chunk };
     } else if (item.audio_url || item.audio_base64) {
       // A whole file in the stream (a worker that does not stream this job).
@@ -189,13 +207,18 @@ function sseResponse(pieces, summary, usage, headers, ctx, runpod, id) {
       const outputTokens = Math.ceil((Number(summary.duration_sec) || 0) * FRAMES_PER_SECOND);
       await send({
         type: "speech.audio.done",
-        usage: { input_tokens: usage.characters, output_tokens: outputTokens, total_tokens: usage.characters + outputTokens },
+        usage: {
+          input_tokens: usage.characters,
+          output_tokens: outputTokens,
+          total_tokens: usage.characters + outputTokens,
+        },
       });
       await writer.close();
     } catch (error) {
       runpod.cancel(id);
       console.warn(`bridge: event stream of job ${id} ended early (${error?.code || error?.name || "error"})`);
-      const apiError = error instanceof ApiError ? error : new ApiError(502, "The stream failed.", { code: "stream_failed" });
+      const apiError =
+        error instanceof ApiError ? error : new ApiError(502, "The stream failed.", { code: "stream_failed" });
       try {
         await send({ type: "error", error: apiError.toJSON().error });
         await writer.close();

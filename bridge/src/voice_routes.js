@@ -29,7 +29,11 @@ export async function createVoice(request, env, config) {
   } else if (type.startsWith("application/json")) {
     fields = await jsonFields(request, config);
   } else {
-    throw invalid("Send the voice as multipart/form-data (name, audio_sample) or as JSON with base64 audio.", null, "unsupported_content_type");
+    throw invalid(
+      "Send the voice as multipart/form-data (name, audio_sample) or as JSON with base64 audio.",
+      null,
+      "unsupported_content_type",
+    );
   }
   if (fields.type !== undefined && fields.type !== "audio_sample") {
     throw invalid(
@@ -75,7 +79,8 @@ async function jsonFields(request, config) {
   } catch {
     throw invalid("The request body is not valid JSON.");
   }
-  if (!body || typeof body !== "object" || Array.isArray(body)) throw invalid("The request body must be a JSON object.");
+  if (!body || typeof body !== "object" || Array.isArray(body))
+    throw invalid("The request body must be a JSON object.");
   const encoded = body.audio_sample ?? body.audio_base64;
   let audio;
   if (encoded !== undefined && encoded !== null) {

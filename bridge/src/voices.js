@@ -18,10 +18,18 @@ const CLIP_KINDS = [
   { kind: "wav", contentType: "audio/wav", test: (b) => ascii(b, 0, 4) === "RIFF" && ascii(b, 8, 12) === "WAVE" },
   { kind: "flac", contentType: "audio/flac", test: (b) => ascii(b, 0, 4) === "fLaC" },
   { kind: "ogg", contentType: "audio/ogg", test: (b) => ascii(b, 0, 4) === "OggS" },
-  { kind: "mp3", contentType: "audio/mpeg", test: (b) => ascii(b, 0, 3) === "ID3" || (b[0] === 0xff && (b[1] & 0xe6) === 0xe2) },
+  {
+    kind: "mp3",
+    contentType: "audio/mpeg",
+    test: (b) => ascii(b, 0, 3) === "ID3" || (b[0] === 0xff && (b[1] & 0xe6) === 0xe2),
+  },
   { kind: "m4a", contentType: "audio/mp4", test: (b) => ascii(b, 4, 8) === "ftyp" },
   { kind: "aac", contentType: "audio/aac", test: (b) => b[0] === 0xff && (b[1] & 0xf6) === 0xf0 },
-  { kind: "webm", contentType: "audio/webm", test: (b) => b[0] === 0x1a && b[1] === 0x45 && b[2] === 0xdf && b[3] === 0xa3 },
+  {
+    kind: "webm",
+    contentType: "audio/webm",
+    test: (b) => b[0] === 0x1a && b[1] === 0x45 && b[2] === 0xdf && b[3] === 0xa3,
+  },
 ];
 
 // One cache per isolate; keyed by bucket so tests with separate buckets do not share it.
@@ -108,8 +116,10 @@ export class VoiceStore {
     if (!object) throw voiceNotFound(id);
     const bytes = new Uint8Array(await object.arrayBuffer());
     if (bytes.byteLength > this.config.MAX_VOICE_BYTES) {
+      const size = formatBytes(bytes.byteLength);
+      const limit = formatBytes(this.config.MAX_VOICE_BYTES);
       throw invalid(
-        `The clip of voice '${id}' is ${formatBytes(bytes.byteLength)}, over the ${formatBytes(this.config.MAX_VOICE_BYTES)} limit for reference audio.`,
+        `The clip of voice '${id}' is ${size}, over the ${limit} limit for reference audio.`,
         "voice",
         "voice_too_large",
       );
@@ -125,7 +135,12 @@ export class VoiceStore {
     const createdAt = Math.floor(Date.now() / 1000);
     await this.bucket.put(CLIP_PREFIX + id, audio, {
       httpMetadata: { contentType: kind.contentType },
-      customMetadata: { name: cleanName, created_at: String(createdAt), format: kind.kind, ...(consent ? { consent } : {}) },
+      customMetadata: {
+        name: cleanName,
+        created_at: String(createdAt),
+        format: kind.kind,
+        ...(consent ? { consent } : {}),
+      },
     });
     return { id, object: "audio.voice", name: cleanName, created_at: createdAt, type: "audio_sample" };
   }
@@ -179,7 +194,8 @@ function newVoiceId() {
 function checkName(name) {
   if (typeof name !== "string" || !name.trim()) throw invalid("'name' is required: give the voice a name.", "name");
   const clean = name.trim();
-  if (clean.length > NAME_MAX) throw invalid(`'name' is ${clean.length} characters long; the limit is ${NAME_MAX}.`, "name");
+  if (clean.length > NAME_MAX)
+    throw invalid(`'name' is ${clean.length} characters long; the limit is ${NAME_MAX}.`, "name");
   // eslint-disable-next-line no-control-regex
   if (/[\u0000-\u001f\u007f]/.test(clean)) throw invalid("'name' contains a control character.", "name");
   return clean;
@@ -190,14 +206,21 @@ function checkClip(audio, limit) {
     throw invalid("'audio_sample' is required: send the reference audio file.", "audio_sample");
   }
   if (audio.byteLength > limit) {
-    throw new ApiError(413, `'audio_sample' is ${formatBytes(audio.byteLength)}, over the ${formatBytes(limit)} limit.`, {
-      param: "audio_sample",
-      code: "voice_too_large",
-    });
+    throw new ApiError(
+      413,
+      `'audio_sample' is ${formatBytes(audio.byteLength)}, over the ${formatBytes(limit)} limit.`,
+      {
+        param: "audio_sample",
+        code: "voice_too_large",
+      },
+    );
   }
   const kind = CLIP_KINDS.find(({ test }) => test(audio));
   if (!kind) {
-    throw invalid("'audio_sample' must be WAV, MP3, FLAC, Ogg (Opus or Vorbis), M4A/AAC or WebM audio.", "audio_sample");
+    throw invalid(
+      "'audio_sample' must be WAV, MP3, FLAC, Ogg (Opus or Vorbis), M4A/AAC or WebM audio.",
+      "audio_sample",
+    );
   }
   return kind;
 }
@@ -219,7 +242,8 @@ export function parseVoicesJson(text, key = "voices.json") {
   const voices = new Map();
   for (const [id, value] of Object.entries(table)) {
     const entry = typeof value === "string" ? { preset: value } : value;
-    if (!entry || typeof entry !== "object" || Array.isArray(entry)) throw broken(`voice '${id}' must be a string or an object.`);
+    if (!entry || typeof entry !== "object" || Array.isArray(entry))
+      throw broken(`voice '${id}' must be a string or an object.`);
     const sources = ["preset", "clip", "url"].filter((field) => typeof entry[field] === "string" && entry[field]);
     if (sources.length !== 1) throw broken(`voice '${id}' needs exactly one of "preset", "clip" or "url".`);
     if (entry.url && !/^https?:\/\//i.test(entry.url)) throw broken(`voice '${id}' has a "url" that is not http(s).`);

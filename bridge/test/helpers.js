@@ -8,10 +8,18 @@ export const RUNPOD_KEY = env.RUNPOD_API_KEY;
 const STANDIN = new URL(env.RUNPOD_ENDPOINT_URL).origin;
 
 // Calls the bridge; `envOverrides` replaces bindings (undefined removes one).
-export async function call(path, { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true } = {}) {
+export async function call(
+  path,
+  { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true } = {},
+) {
   const init = { method, headers: { ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}), ...headers } };
   if (body !== undefined) {
-    if (typeof body === "string" || body instanceof Uint8Array || body instanceof FormData || body instanceof ReadableStream) {
+    if (
+      typeof body === "string" ||
+      body instanceof Uint8Array ||
+      body instanceof FormData ||
+      body instanceof ReadableStream
+    ) {
       init.body = body;
     } else {
       init.body = JSON.stringify(body);

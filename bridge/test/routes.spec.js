@@ -13,7 +13,13 @@ describe("GET /v1/models", () => {
   it("lists the accepted models in OpenAI's list shape", async () => {
     const body = await (await call("/v1/models")).json();
     expect(body.object).toBe("list");
-    expect(body.data.map((model) => model.id)).toEqual(["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15", "vibevoice-7b"]);
+    expect(body.data.map((model) => model.id)).toEqual([
+      "tts-1",
+      "tts-1-hd",
+      "gpt-4o-mini-tts",
+      "gpt-4o-mini-tts-2025-12-15",
+      "vibevoice-7b",
+    ]);
     for (const model of body.data) {
       expect(model).toEqual({ id: model.id, object: "model", created: expect.any(Number), owned_by: "vibevoice" });
     }
@@ -48,7 +54,12 @@ describe("GET /health", () => {
   });
 
   it("reports missing RunPod settings", async () => {
-    const bare = { RUNPOD_API_KEY: undefined, RUNPOD_ENDPOINT_URL: undefined, AUTH_TOKEN: undefined, VOICES: undefined };
+    const bare = {
+      RUNPOD_API_KEY: undefined,
+      RUNPOD_ENDPOINT_URL: undefined,
+      AUTH_TOKEN: undefined,
+      VOICES: undefined,
+    };
     const body = await (await call("/health", { auth: false, envOverrides: bare })).json();
     expect(body).toEqual({
       status: "ok",
@@ -56,7 +67,9 @@ describe("GET /health", () => {
       voices_bucket: false,
       auth_required: false,
     });
-    const byId = await (await call("/health", { envOverrides: { RUNPOD_ENDPOINT_URL: undefined, RUNPOD_ENDPOINT_ID: "abc123" } })).json();
+    const byId = await (
+      await call("/health", { envOverrides: { RUNPOD_ENDPOINT_URL: undefined, RUNPOD_ENDPOINT_ID: "abc123" } })
+    ).json();
     expect(byId.runpod.endpoint_configured).toBe(true);
   });
 });
@@ -93,7 +106,10 @@ describe("CORS", () => {
     const response = await call("/v1/audio/speech", {
       method: "OPTIONS",
       auth: false,
-      headers: { origin: "https://app.example", "access-control-request-headers": "authorization, content-type, x-stainless-os" },
+      headers: {
+        origin: "https://app.example",
+        "access-control-request-headers": "authorization, content-type, x-stainless-os",
+      },
     });
     expect(response.status).toBe(204);
     expect(response.headers.get("access-control-allow-origin")).toBe("*");
@@ -105,7 +121,10 @@ describe("CORS", () => {
     const ok = await call("/v1/models");
     expect(ok.headers.get("access-control-allow-origin")).toBe("*");
     expect(ok.headers.get("access-control-expose-headers")).toContain("x-runpod-job-id");
-    const denied = await call("/v1/models", { auth: false, envOverrides: { CORS_ALLOW_ORIGIN: "https://app.example" } });
+    const denied = await call("/v1/models", {
+      auth: false,
+      envOverrides: { CORS_ALLOW_ORIGIN: "https://app.example" },
+    });
     expect(denied.status).toBe(401);
     expect(denied.headers.get("access-control-allow-origin")).toBe("https://app.example");
     expect(denied.headers.get("vary")).toBe("Origin");
@@ -127,11 +146,16 @@ describe("routing and settings", () => {
     const response = await call("/v1/models", { envOverrides: { JOB_TIMEOUT_SECONDS: "soon" } });
     const error = await expectError(response, 500, { code: "bad_config", message: /JOB_TIMEOUT_SECONDS/ });
     expect(JSON.stringify(error)).not.toMatch(/at .*\.js/);
-    await expectError(await call("/health", { envOverrides: { RUNPOD_ENDPOINT_URL: "ftp://x" } }), 500, { code: "bad_config" });
+    await expectError(await call("/health", { envOverrides: { RUNPOD_ENDPOINT_URL: "ftp://x" } }), 500, {
+      code: "bad_config",
+    });
   });
 
   it("answers 500 without details when the bridge itself breaks", async () => {
-    const broken = { get: () => Promise.reject(new TypeError(`secret ${RUNPOD_KEY}`)), list: () => Promise.reject(new TypeError("x")) };
+    const broken = {
+      get: () => Promise.reject(new TypeError(`secret ${RUNPOD_KEY}`)),
+      list: () => Promise.reject(new TypeError("x")),
+    };
     const logged = vi.spyOn(console, "error").mockImplementation(() => {});
     const error = await expectError(await call("/v1/audio/voices", { envOverrides: { VOICES: broken } }), 500, {
       code: "internal_error",
@@ -149,7 +173,10 @@ describe("secrets", () => {
     }
     const seen = [];
     const record = async (response) => {
-      seen.push(JSON.stringify([...response.headers]), new TextDecoder().decode(await response.arrayBuffer().catch(() => new ArrayBuffer(0))));
+      seen.push(
+        JSON.stringify([...response.headers]),
+        new TextDecoder().decode(await response.arrayBuffer().catch(() => new ArrayBuffer(0))),
+      );
     };
     let text = uniqueText();
     await plan(text, { delivery: "url", http: { audio: 500 } });

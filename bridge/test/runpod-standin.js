@@ -71,7 +71,17 @@ export function startStandin() {
       if (req.method !== "POST") return send(405, { error: "method" });
       const input = JSON.parse(body).input;
       const plan = plans.get(input?.text) || {};
-      job = { id: `job-${++counter}`, input, plan, op, polls: 0, streamCalls: 0, sent: 0, cancelled: false, wait: url.searchParams.get("wait") };
+      job = {
+        id: `job-${++counter}`,
+        input,
+        plan,
+        op,
+        polls: 0,
+        streamCalls: 0,
+        sent: 0,
+        cancelled: false,
+        wait: url.searchParams.get("wait"),
+      };
       jobs.set(job.id, job);
     } else {
       job = jobs.get(id);
@@ -154,11 +164,15 @@ export function startStandin() {
     }
     if (job.sent < chunks.length) return { status: "IN_PROGRESS", stream: items };
     if (plan.fail) {
-      return plan.streamError ? { status: "FAILED", stream: items } : { status: "FAILED", error: plan.fail, stream: items };
+      return plan.streamError
+        ? { status: "FAILED", stream: items }
+        : { status: "FAILED", error: plan.fail, stream: items };
     }
     if (!job.finished) {
       job.finished = true;
-      items.push({ output: { status: "complete", format: job.input.output_format, duration_sec: 2.0, chunks: chunks.length } });
+      items.push({
+        output: { status: "complete", format: job.input.output_format, duration_sec: 2.0, chunks: chunks.length },
+      });
     }
     return { status: "COMPLETED", stream: items };
   }
@@ -168,7 +182,16 @@ export function startStandin() {
   }
 
   function publicJob(job) {
-    return { id: job.id, input: job.input, op: job.op, calls: job.calls, polls: job.polls, cancelled: job.cancelled, wait: job.wait, sent: job.sent };
+    return {
+      id: job.id,
+      input: job.input,
+      op: job.op,
+      calls: job.calls,
+      polls: job.polls,
+      cancelled: job.cancelled,
+      wait: job.wait,
+      sent: job.sent,
+    };
   }
 
   return new Promise((resolve) => {

@@ -60,7 +60,11 @@ describe("request validation", () => {
   });
 
   it("accepts 4096 characters, the OpenAI names and the project's model, and speed at both ends", async () => {
-    for (const [model, speed] of [["tts-1-hd", 0.25], ["gpt-4o-mini-tts", 4.0], ["vibevoice-7b", 1]]) {
+    for (const [model, speed] of [
+      ["tts-1-hd", 0.25],
+      ["gpt-4o-mini-tts", 4.0],
+      ["vibevoice-7b", 1],
+    ]) {
       const text = uniqueText().padEnd(4096, "a");
       const response = await speech({ model, input: text, speed, response_format: "flac" });
       expect(response.status).toBe(200);
@@ -137,7 +141,15 @@ describe("whole files", () => {
   it("passes VibeVoice's extra fields to the worker and never sends instructions", async () => {
     const text = uniqueText();
     const response = await speech(
-      { input: text, instructions: "Speak like a pirate.", seed: 7, cfg_scale: 1.5, diffusion_steps: 3, max_new_tokens: 4, unknown_field: 1 },
+      {
+        input: text,
+        instructions: "Speak like a pirate.",
+        seed: 7,
+        cfg_scale: 1.5,
+        diffusion_steps: 3,
+        max_new_tokens: 4,
+        unknown_field: 1,
+      },
       WHOLE,
     );
     expect(response.status).toBe(200);
@@ -172,14 +184,21 @@ describe("worker and RunPod failures", () => {
 
   it("keeps a raised exception's traceback out of the answer", async () => {
     const text = uniqueText();
-    const raised = JSON.stringify({ error_type: "<class 'ValueError'>", error_message: "boom", error_traceback: "Traceback (most recent call last): secret path" });
+    const raised = JSON.stringify({
+      error_type: "<class 'ValueError'>",
+      error_message: "boom",
+      error_traceback: "Traceback (most recent call last): secret path",
+    });
     await plan(text, { fail: raised });
     const error = await expectError(await speech({ input: text }, WHOLE), 502, { code: "worker_error" });
     expect(error.message).toBe("The worker failed (ValueError).");
   });
 
   it("maps CANCELLED to 502 and TIMED_OUT to 504", async () => {
-    for (const [status, code] of [["CANCELLED", 502], ["TIMED_OUT", 504]]) {
+    for (const [status, code] of [
+      ["CANCELLED", 502],
+      ["TIMED_OUT", 504],
+    ]) {
       const text = uniqueText();
       await plan(text, { status });
       await expectError(await speech({ input: text }, WHOLE), code);
@@ -192,12 +211,18 @@ describe("worker and RunPod failures", () => {
     await expectError(await speech({ input: text }, WHOLE), 502, { message: /HTTP 500/ });
 
     text = uniqueText();
-    const refused = await speech({ input: text }, { envOverrides: { STREAM_AUDIO: "false", RUNPOD_API_KEY: "wrong-key" } });
+    const refused = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", RUNPOD_API_KEY: "wrong-key" } },
+    );
     const error = await expectError(refused, 502, { code: "upstream_auth" });
     expect(error.message).not.toContain("wrong-key");
 
     text = uniqueText();
-    const closed = await speech({ input: text }, { envOverrides: { STREAM_AUDIO: "false", RUNPOD_ENDPOINT_URL: "http://127.0.0.1:9/v2/x" } });
+    const closed = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", RUNPOD_ENDPOINT_URL: "http://127.0.0.1:9/v2/x" } },
+    );
     await expectError(closed, 502, { message: /could not be reached/ });
 
     text = uniqueText();
@@ -206,7 +231,9 @@ describe("worker and RunPod failures", () => {
 
     text = uniqueText();
     await plan(text, { format: "wav" });
-    await expectError(await speech({ input: text, response_format: "mp3" }, WHOLE), 502, { message: /wav audio instead of mp3/ });
+    await expectError(await speech({ input: text, response_format: "mp3" }, WHOLE), 502, {
+      message: /wav audio instead of mp3/,
+    });
   });
 
   it("answers 503 when the RunPod settings are missing", async () => {
@@ -218,7 +245,10 @@ describe("worker and RunPod failures", () => {
   it("gives up at the job deadline with 504 and cancels the job", async () => {
     const text = uniqueText();
     await plan(text, { never: true });
-    const response = await speech({ input: text }, { envOverrides: { STREAM_AUDIO: "false", JOB_TIMEOUT_SECONDS: "1" } });
+    const response = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", JOB_TIMEOUT_SECONDS: "1" } },
+    );
     await expectError(response, 504, { code: "upstream_timeout" });
     expect(response.headers.get("x-should-retry")).toBe("false");
     await response.settled();

@@ -76,7 +76,11 @@ describe("stream_format audio", () => {
     await expectError(await speech({ input: text, stream_format: "audio" }), 400, { param: "voice" });
 
     text = uniqueText();
-    await plan(text, { chunks: [], fail: "internal error while generating audio (RuntimeError); the job was not completed.", streamError: true });
+    await plan(text, {
+      chunks: [],
+      fail: "internal error while generating audio (RuntimeError); the job was not completed.",
+      streamError: true,
+    });
     const error = await expectError(await speech({ input: text, stream_format: "audio" }), 502);
     expect(error.message).toMatch(/internal error/); // read from /status: the /stream reply had none
     const [job] = await jobs(text);
@@ -89,7 +93,10 @@ describe("stream_format audio", () => {
 
   it("breaks the transfer when the job fails after audio was sent", async () => {
     const text = uniqueText();
-    await plan(text, { chunks: ["good "], fail: "internal error while generating audio (RuntimeError); the job was not completed." });
+    await plan(text, {
+      chunks: ["good "],
+      fail: "internal error while generating audio (RuntimeError); the job was not completed.",
+    });
     const response = await speech({ input: text, stream_format: "audio" });
     expect(response.status).toBe(200);
     await expect(response.arrayBuffer()).rejects.toThrow();
@@ -111,7 +118,10 @@ describe("stream_format audio", () => {
   it("gives up at the job deadline with 504 and cancels the job", async () => {
     const text = uniqueText();
     await plan(text, { never: true });
-    const response = await speech({ input: text, stream_format: "audio" }, { envOverrides: { JOB_TIMEOUT_SECONDS: "1" } });
+    const response = await speech(
+      { input: text, stream_format: "audio" },
+      { envOverrides: { JOB_TIMEOUT_SECONDS: "1" } },
+    );
     await expectError(response, 504, { code: "upstream_timeout" });
     await response.settled();
     const [job] = await jobs(text);
@@ -127,7 +137,11 @@ describe("stream_format sse", () => {
     expect(response.status).toBe(200);
     expect(response.headers.get("content-type")).toBe("text/event-stream");
     const events = parseSse(await response.text());
-    expect(events.map((event) => event.type)).toEqual(["speech.audio.delta", "speech.audio.delta", "speech.audio.done"]);
+    expect(events.map((event) => event.type)).toEqual([
+      "speech.audio.delta",
+      "speech.audio.delta",
+      "speech.audio.done",
+    ]);
     expect(events.slice(0, 2).map((event) => atob(event.audio))).toEqual(["abc", "defg"]);
     // usage: input characters, and 7.5 speech frames per second of the 2.0 s the worker reported
     expect(events[2].usage).toEqual({ input_tokens: text.length, output_tokens: 15, total_tokens: text.length + 15 });
@@ -144,7 +158,10 @@ describe("stream_format sse", () => {
 
   it("ends with an error event when the job fails after audio was sent", async () => {
     const text = uniqueText();
-    await plan(text, { chunks: ["abc"], fail: "internal error while generating audio (RuntimeError); the job was not completed." });
+    await plan(text, {
+      chunks: ["abc"],
+      fail: "internal error while generating audio (RuntimeError); the job was not completed.",
+    });
     const events = parseSse(await (await speech({ input: text, stream_format: "sse" })).text());
     expect(events[0].type).toBe("speech.audio.delta");
     expect(events.at(-1).type).toBe("error");

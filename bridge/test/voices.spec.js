@@ -70,7 +70,10 @@ describe("GET /v1/audio/voices", () => {
     const response = await speech({ input: text, voice: { id: "newcomer" } }, cached);
     expect(response.status).toBe(200);
     expect((await jobs(text))[0].input.speaker).toBe("Frank");
-    expect((await (await call("/v1/audio/voices", cached)).json()).voices.map((v) => v.id)).toEqual(["alloy", "newcomer"]);
+    expect((await (await call("/v1/audio/voices", cached)).json()).voices.map((v) => v.id)).toEqual([
+      "alloy",
+      "newcomer",
+    ]);
   });
 
   it("works without a bucket: nothing listed, creating refused", async () => {
@@ -112,7 +115,9 @@ describe("voices in speech requests", () => {
       param: "voice",
       code: "voice_not_found",
     });
-    await expectError(await speech({ input: uniqueText(), voice: "voice_0123456789abcdef01234567" }), 404, { param: "voice" });
+    await expectError(await speech({ input: uniqueText(), voice: "voice_0123456789abcdef01234567" }), 404, {
+      param: "voice",
+    });
     await expectError(await speech({ input: uniqueText(), voice: { id: "nobody" } }), 404, { param: "voice" });
     await env.VOICES.delete("clips/narrator.wav");
     await expectError(await speech({ input: uniqueText(), voice: "narrator" }), 404, { param: "voice" });
@@ -187,23 +192,31 @@ describe("POST /v1/audio/voices", () => {
       message: /WAV, MP3, FLAC/,
     });
     await expectError(await createVoice({ name: "Bad base64", audio_sample: "***" }), 400, { param: "audio_sample" });
-    await expectError(await createVoice({ name: "Designed", type: "prompt", prompt: "a deep voice" }), 400, { param: "type" });
+    await expectError(await createVoice({ name: "Designed", type: "prompt", prompt: "a deep voice" }), 400, {
+      param: "type",
+    });
     await expectError(await createVoice("name=x", { headers: { "content-type": "text/plain" } }), 400, {
       code: "unsupported_content_type",
     });
     const capped = { envOverrides: { MAX_VOICE_BYTES: "2000" } };
     await expectError(await createVoice(wavForm("Too long", tinyWav(1500)), capped), 413, { param: "audio_sample" });
-    await expectError(await createVoice(wavForm("Way too long", tinyWav(60_000)), capped), 413, { code: "request_too_large" });
+    await expectError(await createVoice(wavForm("Way too long", tinyWav(60_000)), capped), 413, {
+      code: "request_too_large",
+    });
     expect((await (await call("/v1/audio/voices")).json()).voices).toHaveLength(4); // nothing stored
   });
 
   it("refuses a stored clip over the size cap when it is used", async () => {
     const text = uniqueText();
     await env.VOICES.put("clips/narrator.wav", tinyWav(5000));
-    await expectError(await speech({ input: text, voice: "narrator" }, { envOverrides: { MAX_VOICE_BYTES: "2000" } }), 400, {
-      param: "voice",
-      code: "voice_too_large",
-    });
+    await expectError(
+      await speech({ input: text, voice: "narrator" }, { envOverrides: { MAX_VOICE_BYTES: "2000" } }),
+      400,
+      {
+        param: "voice",
+        code: "voice_too_large",
+      },
+    );
   });
 });
 
@@ -214,7 +227,9 @@ describe("DELETE /v1/audio/voices/{id}", () => {
     expect(await response.json()).toEqual({ id: voice.id, object: "audio.voice.deleted", deleted: true });
     expect(await env.VOICES.head(`clips/${voice.id}`)).toBeNull();
     await expectError(await speech({ input: uniqueText(), voice: { id: voice.id } }), 404, { param: "voice" });
-    await expectError(await call(`/v1/audio/voices/${voice.id}`, { method: "DELETE" }), 404, { code: "voice_not_found" });
+    await expectError(await call(`/v1/audio/voices/${voice.id}`, { method: "DELETE" }), 404, {
+      code: "voice_not_found",
+    });
     await expectError(await call(`/v1/audio/voices/${voice.id}`), 404, { code: "voice_not_found" });
   });
 
