@@ -5,17 +5,18 @@ PY := $(VENV)/bin/python
 # CPU build for development and CI; production installs torch 2.8.0 for CUDA 12.8 (Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+SERVE_PORT ?= 8000
 
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
 BRIDGE_PORT ?= 8787
-RUNPOD_URL ?= http://127.0.0.1:$(or $(SERVE_PORT),8000)/v2/vibevoice-local
+RUNPOD_URL ?= http://127.0.0.1:$(SERVE_PORT)/v2/vibevoice-local
 # Quiet, offline runs of the Cloudflare tooling: no metrics, no request.cf lookups.
 export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run test lint format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve test lint format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,10 @@ bridge-test: $(BRIDGE_STAMP)
 ## One real synthesis job through the RunPod SDK's local test mode; prints the audio file's path.
 run: $(STAMP)
 	$(PY) -m tools.run_job
+
+## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
+serve: $(STAMP)
+	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
 ## The whole test suite (CI runs this through .ci/run).
 test: $(STAMP) $(BRIDGE_STAMP)

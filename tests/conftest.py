@@ -1,19 +1,23 @@
 """Shared fixtures: the tiny checkpoint (built once per session), voices, settings, engine, servers.
 
 Mocked here: nothing. The model is the real VibeVoice code path with a tiny random-weight
-checkpoint (no GPU and no real weights on test machines); S3 is moto's server on 127.0.0.1.
+checkpoint (no GPU and no real weights on test machines); S3 is moto's server on 127.0.0.1;
+RunPod's public API is tools/runpod_emulator.py on 127.0.0.1 feeding the SDK's real worker loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,3 +213,71 @@ def http_files(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
     server.shutdown()
     server.server_close()
+
+
+@dataclass
+class RunpodAPI:
+    """A RunPod API emulator on 127.0.0.1 with a live worker (`python handler.py`, the SDK's real loop)."""
+
+    base_url: str  # like https://api.runpod.ai/v2/{endpoint_id}
+    api_key: str
+    emulator: object  # tools.runpod_emulator.RunpodEmulator
+    worker: object  # tools.runpod_emulator.WorkerProcess
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+
+    def call(self, method: str, path: str, body: dict | None = None, key: str | None = None, timeout: float = 120):
+        """One request to `base_url + path`; returns (HTTP status, JSON body)."""
+        headers = dict(self.headers)
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}" if key else ""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def wait_for(self, job_id: str, statuses: set[str], timeout: float = 120, interval: float = 0.1) -> dict:
+        """Poll /status until the job's status is one of `statuses` (bounded in time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, reply = self.call("GET", f"/status/{job_id}")
+            assert status == 200, reply
+            if reply["status"] in statuses:
+                return reply
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {reply['status']} after {timeout} s")
+            time.sleep(interval)
+
+
+def start_runpod_api(log_path: Path, worker_env: dict[str, str], **emulator_options: object):
+    """Start an emulator and a worker; returns (emulator, worker) once the worker polls for jobs."""
+    from tools.runpod_emulator import RunpodEmulator
+
+    emulator = RunpodEmulator("test-key-" + os.urandom(6).hex(), **emulator_options).start()
+    worker = emulator.start_worker(worker_env, log_path=log_path)
+    try:
+        worker.wait_until_polling(timeout=180)
+    except BaseException:
+        worker.stop()
+        emulator.stop()
+        raise
+    return emulator, worker
+
+
+@pytest.fixture(scope="session")
+def runpod_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunpodAPI]:
+    """RunPod's public API on 127.0.0.1 (tools/runpod_emulator.py) fed by one live worker process
+    running the SDK's production loop with the tiny checkpoint. Jobs queue as on RunPod."""
+    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
+    log_path = tmp_path_factory.mktemp("runpod-worker") / "worker.log"
+    emulator, worker = start_runpod_api(log_path, env)
+    try:
+        yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
+    finally:
+        worker.stop()
+        emulator.stop()

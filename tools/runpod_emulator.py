@@ -6,7 +6,7 @@ the end, yielded errors count as success). This module serves the public endpoin
 api.runpod.ai does, on 127.0.0.1 only, under the real path shape `/v2/{endpoint_id}/...`:
 
     POST /run               queue a job: {"id", "status": "IN_QUEUE"}
-    POST /runsync?wait=ms   queue a job and wait for it (90 s by default, 1000-300000 ms)
+    POST /runsync?wait=ms   queue a job and wait for it (90 s by default; 1000-300000 ms, else 400)
     GET  /status/{id}       the job: id, status, delayTime, executionTime, workerId, output | error
     GET  /status-sync/{id}?wait=ms   /status that waits like /runsync
     GET  /stream/{id}       the items streamed since the previous call: {"status", "stream": [{"output"}]}
@@ -60,6 +60,7 @@ import time
 import tomllib
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,7 @@ class RunpodEmulator:
     ):
         self.api_key = api_key or "rp-local-" + secrets.token_hex(12)
         self.worker_key = "rp-worker-" + secrets.token_hex(12)
+        self._control_keys = _worker_keys(self.worker_key)
         self.endpoint_id = endpoint_id
         self.requested_port = port
         self.run_retention_s = run_retention_s
@@ -348,7 +350,7 @@ class RunpodEmulator:
         """The worker is shutting down: answer its held long-polls now and give it no more jobs."""
         self._call(self._release_worker, pod_id)
 
-    def _call(self, function, *args: object) -> Any:
+    def _call(self, function: Callable[..., Any], *args: object) -> Any:
         """Run `function` on the server's loop (state is only touched there) and return its result."""
         if self._loop is None:
             raise RuntimeError("the emulator is not running")
@@ -427,7 +429,7 @@ class RunpodEmulator:
 
     def _control(self, handler):
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            if not _key_matches(request, _worker_keys(self.worker_key)):
+            if not _key_matches(request, self._control_keys):
                 return web.json_response({"error": "Unauthorized"}, status=401)
             if request.match_info["endpoint_id"] != self.endpoint_id:
                 return web.json_response({"error": "endpoint not found"}, status=404)
@@ -486,6 +488,7 @@ class RunpodEmulator:
         job.output, job.has_output, job.error, job.progress = None, False, None, None
         job.stream, job.stream_read, job.done = [], 0, asyncio.Event()
         job.submitted = time.monotonic()
+        job.timers.append(self._loop.call_later(job.ttl_s, self._time_out, job, "ttl"))
         self._counts["retried"] += 1
         self._enqueue(job)
         return {"id": job.id, "status": job.status}, 200
@@ -546,7 +549,9 @@ class RunpodEmulator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(job.done.wait(), seconds)
 
-    def _end(self, job: Job, status: str, output: Any = None, has_output: bool = False, error: str | None = None):
+    def _end(
+        self, job: Job, status: str, output: Any = None, has_output: bool = False, error: str | None = None
+    ) -> None:
         """Move a job to a final status; a running job is told to stop on its worker."""
         if job.status == IN_PROGRESS and status in (CANCELLED, TIMED_OUT):
             worker = self._workers.get(job.worker_id or "")
@@ -672,9 +677,10 @@ class RunpodEmulator:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            wait = remaining if next_resend is None else max(0.01, min(remaining, next_resend))
             worker.stop_signal.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(worker.stop_signal.wait(), min(remaining, next_resend or remaining))
+                await asyncio.wait_for(worker.stop_signal.wait(), wait)
         return web.Response(status=204)
 
     async def _job_done(self, request: web.Request, worker: WorkerSeen) -> web.Response:
@@ -826,12 +832,14 @@ def _wait_seconds(request: web.Request) -> float:
     raw = request.query.get("wait")
     if raw is None:
         return RUNSYNC_DEFAULT_WAIT_MS / 1000
+    low, high = RUNSYNC_WAIT_BOUNDS_MS
     try:
         wait_ms = int(raw)
     except ValueError:
-        raise RequestError(400, "'wait' must be a number of milliseconds from 1000 to 300000.") from None
-    low, high = RUNSYNC_WAIT_BOUNDS_MS
-    return min(max(wait_ms, low), high) / 1000
+        wait_ms = -1
+    if not low <= wait_ms <= high:  # the service's own answer to an out-of-range wait
+        raise RequestError(400, f"wait is invalid; must be between {low} and {high}")
+    return wait_ms / 1000
 
 
 def _policy_ms(policy: dict, name: str, default: int, low: int, high: int) -> int:

@@ -1,0 +1,322 @@
+"""RunPod's public API as clients see it: tools/runpod_emulator.py on 127.0.0.1 feeding the SDK's
+real worker loop (`python handler.py` in production mode, the tiny checkpoint).
+
+Nothing is mocked: jobs go through the emulator's queue, the SDK's job-take / job-stream /
+job-done / job-stop calls and the real handler. Only the GPU and the real weights are absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from audio_helpers import probe
+from conftest import RunpodAPI, start_runpod_api
+
+from tools.runpod_emulator import RunpodEmulator
+
+pytestmark = pytest.mark.slow
+FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+# Four chunks of 40 frames: seconds of work, with a progress update after each of the first three.
+LONG_TEXT = " ".join(["This sentence is here to make a long job that runs for a while."] * 4)
+LONG = {"text": LONG_TEXT, "max_chunk_chars": 70, "max_new_tokens": 40, "diffusion_steps": 3}
+
+
+def check_audio(output: list) -> dict:
+    assert isinstance(output, list) and len(output) == 1
+    item = output[0]
+    info = probe(base64.b64decode(item["audio_base64"]))
+    assert info.codec == {"mp3": "mp3float", "wav": "pcm_s16le"}[item["format"]]
+    assert abs(info.duration - item["duration_sec"]) < 0.08
+    return item
+
+
+def start_long_job(api: RunpodAPI, **extra: object) -> str:
+    """Queue a long job and return its id once the handler is generating (its first progress update)."""
+    status, job = api.call("POST", "/run", {"input": LONG, **extra})
+    assert status == 200 and job["status"] == "IN_QUEUE"
+    deadline = time.monotonic() + 60
+    while (reply := api.call("GET", f"/status/{job['id']}")[1]).get("output") != "chunk 1 of 4":
+        assert reply["status"] in ("IN_QUEUE", "IN_PROGRESS") and time.monotonic() < deadline, reply
+        time.sleep(0.03)
+    return job["id"]
+
+
+def wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
+    """The worker's log gets `text` within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in the worker log"
+        time.sleep(0.1)
+
+
+# --- the operations, with the live worker -------------------------------------------------------
+
+
+def test_run_then_status_completes_with_audio(runpod_api: RunpodAPI) -> None:
+    status, job = runpod_api.call("POST", "/run", {"input": {"text": "Queued job.", "output_format": "wav", **FAST}})
+    assert status == 200
+    assert job == {"id": job["id"], "status": "IN_QUEUE"}
+    reply = runpod_api.wait_for(job["id"], FINAL)
+    assert reply["status"] == "COMPLETED", reply
+    assert reply["id"] == job["id"] and reply["workerId"] == runpod_api.worker.pod_id
+    assert isinstance(reply["delayTime"], int) and reply["executionTime"] > 0
+    item = check_audio(reply["output"])
+    assert item["duration_sec"] == pytest.approx(4 * 3200 / 24000, abs=1e-3)
+    # A finished job stays readable (30 minutes after /run).
+    assert runpod_api.call("GET", f"/status/{job['id']}") == (200, reply)
+
+
+def test_runsync_returns_the_result(runpod_api: RunpodAPI) -> None:
+    status, reply = runpod_api.call("POST", "/runsync", {"input": {"text": "Right away.", **FAST}})
+    assert status == 200
+    assert reply["status"] == "COMPLETED" and reply["id"].startswith("sync-")
+    check_audio(reply["output"])
+
+
+def test_runsync_shorter_wait_than_the_job_answers_in_progress(runpod_api: RunpodAPI) -> None:
+    job_input = {"text": "Speaker 1: A job that needs more time than the request waits for it.", "max_new_tokens": 150,
+                 "diffusion_steps": 3}  # fmt: skip
+    started = time.monotonic()
+    status, reply = runpod_api.call("POST", "/runsync?wait=2000", {"input": job_input})
+    waited = time.monotonic() - started
+    assert status == 200
+    assert reply["status"] == "IN_PROGRESS", reply
+    assert "output" not in reply and 1.9 < waited < 10
+    final = runpod_api.wait_for(reply["id"], FINAL)
+    assert final["status"] == "COMPLETED"
+    check_audio(final["output"])
+    assert final["executionTime"] > 1000
+
+
+def test_bad_input_fails_with_one_sentence_and_the_next_job_succeeds(runpod_api: RunpodAPI) -> None:
+    status, reply = runpod_api.call("POST", "/runsync", {"input": {"text": "hi", "cfg_scale": 0}})
+    assert status == 200
+    assert reply["status"] == "FAILED"
+    assert reply["error"] == "'cfg_scale' must be greater than 0 and at most 10 (got 0)."
+    assert "output" not in reply
+    # The error item is not a stream item.
+    assert runpod_api.call("GET", f"/stream/{reply['id']}") == (200, {"status": "FAILED", "stream": []})
+    status, reply = runpod_api.call("POST", "/runsync", {"input": {"text": "Still serving.", **FAST}})
+    assert reply["status"] == "COMPLETED"
+
+
+def test_progress_updates_show_in_status_while_running(runpod_api: RunpodAPI) -> None:
+    text = "The first sentence is here. The second one follows it. And a third one ends it."
+    job_input = {"text": text, "max_chunk_chars": 40, "max_new_tokens": 25, "diffusion_steps": 3}
+    _, job = runpod_api.call("POST", "/run", {"input": job_input})
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        _, reply = runpod_api.call("GET", f"/status/{job['id']}")
+        if reply["status"] in FINAL:
+            break
+        if "output" in reply and (not seen or seen[-1] != reply["output"]):
+            seen.append(reply["output"])
+        time.sleep(0.03)
+    assert reply["status"] == "COMPLETED"
+    assert reply["output"][0]["chunks"] == 3
+    assert seen and seen[0] == "chunk 1 of 3", seen
+    assert seen in (["chunk 1 of 3"], ["chunk 1 of 3", "chunk 2 of 3"])
+
+
+def test_stream_hands_out_each_item_once(runpod_api: RunpodAPI) -> None:
+    status, job = runpod_api.call("POST", "/run", {"input": {"text": "One streamed item.", **FAST}})
+    items: list = []
+    deadline = time.monotonic() + 120
+    while True:
+        status, reply = runpod_api.call("GET", f"/stream/{job['id']}")
+        assert status == 200 and set(reply) == {"status", "stream"}
+        items += [entry["output"] for entry in reply["stream"]]
+        if reply["status"] in FINAL or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert reply["status"] == "COMPLETED"
+    assert len(items) == 1
+    assert items == runpod_api.call("GET", f"/status/{job['id']}")[1]["output"]
+    assert runpod_api.call("GET", f"/stream/{job['id']}") == (200, {"status": "COMPLETED", "stream": []})
+
+
+def test_cancel_stops_the_running_job_and_the_worker_takes_the_next(runpod_api: RunpodAPI) -> None:
+    job_id = start_long_job(runpod_api)
+    assert runpod_api.call("POST", f"/cancel/{job_id}") == (200, {"id": job_id, "status": "CANCELLED"})
+    _, reply = runpod_api.call("POST", "/runsync", {"input": {"text": "Next job.", **FAST}})
+    assert reply["status"] == "COMPLETED"
+    # The handler saw CancelledError through the SDK's job-stop channel, and no late result overwrote the status.
+    wait_for_log(runpod_api.worker.log_path, f"job {job_id} cancelled")
+    cancelled = runpod_api.call("GET", f"/status/{job_id}")[1]
+    assert cancelled["status"] == "CANCELLED" and "output" not in cancelled
+    # Cancelling a finished job changes nothing.
+    assert runpod_api.call("POST", f"/cancel/{reply['id']}") == (200, {"id": reply["id"], "status": "COMPLETED"})
+
+
+def test_execution_timeout_ends_the_job_timed_out(runpod_api: RunpodAPI) -> None:
+    emulator: RunpodEmulator = runpod_api.emulator  # type: ignore[assignment]
+    emulator.min_execution_timeout_ms = 100  # RunPod's floor is 5000 ms; lowered to keep the test short
+    try:
+        _, job = runpod_api.call("POST", "/run", {"input": LONG, "policy": {"executionTimeout": 1500}})
+    finally:
+        emulator.min_execution_timeout_ms = 5000
+    reply = runpod_api.wait_for(job["id"], FINAL, timeout=60)
+    assert reply["status"] == "TIMED_OUT"
+    assert 1400 <= reply["executionTime"] < 5000
+    _, reply = runpod_api.call("POST", "/runsync", {"input": {"text": "After the timeout.", **FAST}})
+    assert reply["status"] == "COMPLETED"
+    wait_for_log(runpod_api.worker.log_path, f"job {job['id']} cancelled")
+
+
+def test_health_counts_jobs_and_workers(runpod_api: RunpodAPI) -> None:
+    status, before = runpod_api.call("GET", "/health")
+    assert status == 200
+    assert set(before["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}
+    assert before["workers"]["idle"] == 1 and before["workers"]["running"] == 0
+    job_id = start_long_job(runpod_api)
+    busy = runpod_api.call("GET", "/health")[1]
+    assert busy["jobs"]["inProgress"] == 1
+    assert busy["workers"]["running"] == 1 and busy["workers"]["idle"] == 0
+    runpod_api.call("POST", f"/cancel/{job_id}")
+    runpod_api.call("POST", "/runsync", {"input": {"text": "Counted.", **FAST}})
+    runpod_api.call("POST", "/runsync", {"input": {"text": ""}})
+    after = runpod_api.call("GET", "/health")[1]
+    assert after["jobs"]["completed"] == before["jobs"]["completed"] + 1
+    assert after["jobs"]["failed"] == before["jobs"]["failed"] + 1
+    assert after["jobs"]["inProgress"] == 0 and after["workers"]["running"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/run"), ("POST", "/runsync"), ("GET", "/status/x"), ("GET", "/stream/x"), ("POST", "/cancel/x"),
+     ("GET", "/health"), ("POST", "/purge-queue")],
+)  # fmt: skip
+@pytest.mark.parametrize("key", ["", "wrong-key"])
+def test_requests_without_the_key_get_401(runpod_api: RunpodAPI, method: str, path: str, key: str) -> None:
+    body = {"input": {"text": "hi"}} if method == "POST" else None
+    assert runpod_api.call(method, path, body, key=key) == (401, {"error": "Unauthorized"})
+
+
+def test_key_forms_and_the_control_plane_key(runpod_api: RunpodAPI) -> None:
+    # RunPod's docs send the key bare as well as after "Bearer".
+    request = urllib.request.Request(runpod_api.base_url + "/health", headers={"Authorization": runpod_api.api_key})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    # The clients' key does not open the worker's control plane.
+    status, _ = runpod_api.call("GET", "/job-take/intruder?gpu=cpu")
+    assert status == 401
+
+
+@pytest.mark.parametrize(("method", "operation"), [("GET", "status"), ("GET", "stream"), ("POST", "cancel")])
+def test_unknown_job_is_404(runpod_api: RunpodAPI, method: str, operation: str) -> None:
+    assert runpod_api.call(method, f"/{operation}/no-such-job") == (404, {"error": "request does not exist"})
+
+
+def test_the_runpod_python_client_works_unchanged(runpod_api: RunpodAPI) -> None:
+    root_handlers = logging.getLogger().handlers[:]
+    import runpod  # its import adds a handler to the root logger; restored below
+
+    saved = runpod.endpoint_url_base
+    runpod.endpoint_url_base = runpod_api.base_url.rsplit("/", 1)[0]
+    try:
+        endpoint = runpod.Endpoint(runpod_api.emulator.endpoint_id, api_key=runpod_api.api_key)
+        output = endpoint.run_sync({"input": {"text": "Through the SDK client.", **FAST}}, timeout=120)
+        check_audio(output)
+        job = endpoint.run({"input": {"text": "Streamed through the SDK client.", **FAST}})
+        streamed = list(job.stream())  # the SDK polls /stream until a final status
+        assert streamed == job.output(timeout=60)
+        assert endpoint.health()["workers"]["idle"] == 1
+    finally:
+        runpod.endpoint_url_base = saved
+        logging.getLogger().handlers[:] = root_handlers
+
+
+# --- queue rules, without a worker ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def bare_api() -> Iterator[RunpodAPI]:
+    """An emulator with no worker (jobs stay queued) and short retention times."""
+    emulator = RunpodEmulator("bare-key", run_retention_s=0.5, runsync_retention_s=0.5).start()
+    yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, None)
+    emulator.stop()
+
+
+def test_jobs_wait_in_the_queue_until_cancelled_or_purged(bare_api: RunpodAPI) -> None:
+    status, first = bare_api.call("POST", "/run", {"input": {"text": "a"}})
+    _, second = bare_api.call("POST", "/run", {"input": {"text": "b"}})
+    assert bare_api.call("GET", f"/status/{first['id']}") == (200, {"id": first["id"], "status": "IN_QUEUE"})
+    started = time.monotonic()
+    _, waited = bare_api.call("POST", "/runsync?wait=1000", {"input": {"text": "c"}})
+    assert waited == {"id": waited["id"], "status": "IN_QUEUE"} and 0.9 < time.monotonic() - started < 5
+    assert bare_api.call("GET", "/health")[1]["jobs"]["inQueue"] == 3
+    assert bare_api.call("POST", f"/cancel/{first['id']}") == (200, {"id": first["id"], "status": "CANCELLED"})
+    assert bare_api.call("POST", "/purge-queue") == (200, {"removed": 2, "status": "completed"})
+    assert bare_api.call("GET", f"/status/{second['id']}")[1]["status"] == "CANCELLED"
+    status, reply = bare_api.call("POST", f"/retry/{second['id']}")
+    assert status == 400 and "only FAILED or TIMED_OUT" in reply["error"]
+    time.sleep(0.7)  # past the (shortened) retention time
+    assert bare_api.call("GET", f"/status/{first['id']}") == (404, {"error": "request does not exist"})
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "'input' field"),
+        ([1, 2], "'input' field"),
+        ({"input": {"text": "hi"}, "policy": {"executionTimeout": 1000}}, "'policy.executionTimeout'"),
+        ({"input": {"text": "hi"}, "policy": {"ttl": 5}}, "'policy.ttl'"),
+        ({"input": {"text": "hi"}, "policy": "fast"}, "'policy' must be an object"),
+    ],
+)
+def test_malformed_requests_get_400(bare_api: RunpodAPI, body: object, fragment: str) -> None:
+    status, reply = bare_api.call("POST", "/run", body)  # type: ignore[arg-type]
+    assert status == 400 and fragment in reply["error"]
+
+
+@pytest.mark.parametrize("wait", ["999", "300001", "soon"])
+def test_runsync_wait_outside_the_documented_range_gets_400(bare_api: RunpodAPI, wait: str) -> None:
+    reply = bare_api.call("POST", f"/runsync?wait={wait}", {"input": {"text": "hi"}})
+    assert reply == (400, {"error": "wait is invalid; must be between 1000 and 300000"})
+    assert bare_api.call("GET", "/health")[1]["jobs"]["inQueue"] == 0
+
+
+def test_invalid_json_and_unknown_endpoint(bare_api: RunpodAPI) -> None:
+    request = urllib.request.Request(bare_api.base_url + "/run", data=b"{not json", headers=bare_api.headers)
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 400 and "not valid JSON" in json.loads(error.value.read())["error"]
+    other = RunpodAPI(bare_api.emulator.url + "/v2/other-endpoint", bare_api.api_key, None, None)
+    assert other.call("GET", "/health")[0] == 404
+
+
+# --- a worker with concurrency 2 (job-take-batch) ------------------------------------------------
+
+
+def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
+    tiny_model_dir: Path, volume: Path, tmp_path: Path
+) -> None:
+    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu", "MAX_CONCURRENCY": "2"}
+    emulator, worker = start_runpod_api(tmp_path / "worker.log", env)
+    api = RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
+    try:
+        text = "Speaker 1: This job runs next to a long one on the same worker."
+        other_input = {"text": text, "max_new_tokens": 30, "diffusion_steps": 3}
+        long_id = start_long_job(api)  # waits for its first progress update
+        other_id = api.call("POST", "/run", {"input": other_input})[1]["id"]
+        # Taken while the long job runs (the engine itself generates one chunk at a time).
+        api.wait_for(other_id, {"IN_PROGRESS"}, timeout=30, interval=0.02)
+        assert api.call("GET", f"/status/{long_id}")[1]["status"] == "IN_PROGRESS"
+        api.call("POST", f"/cancel/{long_id}")
+        assert api.wait_for(other_id, FINAL)["status"] == "COMPLETED"
+        assert api.call("GET", f"/status/{long_id}")[1]["status"] == "CANCELLED"
+        wait_for_log(worker.log_path, f"job {long_id} cancelled")
+        assert f"job {other_id} cancelled" not in worker.log_path.read_text()
+    finally:
+        worker.stop()
+        emulator.stop()
