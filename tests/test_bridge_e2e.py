@@ -25,7 +25,7 @@ import numpy as np
 import openai
 import pytest
 from audio_helpers import probe
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_runpod_api
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,6 @@ def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: s
 @pytest.fixture(scope="module")
 def bridge(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
     """The whole chain: emulator + worker (with S3) + bridge; AUTH_TOKEN on, whole files by default."""
-    from tools.runpod_emulator import RunpodEmulator
-
     logs = tmp_path_factory.mktemp("bridge-e2e")
     worker_env = {
         "MODEL_PATH": str(tiny_model_dir),
@@ -108,11 +106,9 @@ def bridge(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pyte
         "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
         "S3_BUCKET_NAME": s3_server.bucket,
     }
-    emulator = RunpodEmulator("e2e-key-" + os.urandom(6).hex()).start()
-    worker = emulator.start_worker(worker_env, log_path=logs / "worker.log")
+    emulator, worker = start_runpod_api(logs / "worker.log", worker_env)
     process = None
     try:
-        worker.wait_until_polling(timeout=180)
         token = "e2e-token-" + os.urandom(8).hex()
         process, origin = start_bridge(
             emulator.base_url,
