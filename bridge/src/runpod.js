@@ -33,6 +33,8 @@ const CLIENT_FIELDS = {
 
 // Worker failures caused by the deployment (storage, bugs), whatever fields they quote.
 const SERVER_FAULTS = [/^internal error/i, /^S3 upload failed/i, /^the encoded audio is/i];
+// A streamed job that fails after sending audio says so first; the cause follows.
+const AFTER_ITEMS = /^streaming stopped after \d+ item\(s\): /i;
 
 export class RunPod {
   constructor(config, ctx) {
@@ -236,8 +238,9 @@ export function workerError(error) {
       }
     }
     const message = trimmed.slice(0, 1000) || "The worker failed without a message.";
-    if (SERVER_FAULTS.some((pattern) => pattern.test(message))) return upstreamFailed(message, "worker_error");
-    const field = /'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?[.'\[]/.exec(message)?.[1];
+    const cause = message.replace(AFTER_ITEMS, "");
+    if (SERVER_FAULTS.some((pattern) => pattern.test(cause))) return upstreamFailed(message, "worker_error");
+    const field = /'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?[.'\[]/.exec(cause)?.[1];
     if (field && field in CLIENT_FIELDS) return invalid(message, CLIENT_FIELDS[field], "invalid_value");
     return upstreamFailed(`The worker rejected the job: ${message}`, "worker_error");
   }

@@ -172,6 +172,8 @@ describe("worker and RunPod failures", () => {
     ["Unknown field 'stream'; allowed fields are: action, text.", 502, null],
     ["internal error while generating audio (RuntimeError); the job was not completed.", 502, null],
     ["S3 upload failed: NoSuchBucket (The specified bucket does not exist).", 502, null],
+    ["streaming stopped after 2 item(s): internal error while generating audio (RuntimeError).", 502, null],
+    ["streaming stopped after 1 item(s): 'speed' must be a number from 0.25 to 4.0 (got 9).", 400, "speed"],
   ];
   for (const [message, status, param] of failures) {
     it(`"${message.slice(0, 50)}" -> ${status}${param ? ` param ${param}` : ""}`, async () => {
