@@ -29,6 +29,7 @@ const CLIENT_FIELDS = {
   cfg_scale: "cfg_scale",
   diffusion_steps: "diffusion_steps",
   max_new_tokens: "max_new_tokens",
+  stream_chunk_ms: "stream_chunk_ms",
 };
 
 // Worker failures caused by the deployment (storage, bugs), whatever fields they quote.

@@ -18,6 +18,8 @@ const INPUT_MAX = 4096;
 const FRAMES_PER_SECOND = 7.5;
 // VibeVoice knobs a client may add to OpenAI's fields (extra_body in the SDKs); the worker checks them.
 const WORKER_EXTRAS = ["seed", "cfg_scale", "diffusion_steps", "max_new_tokens"];
+// Sent only on streamed jobs (the worker refuses it otherwise): milliseconds of audio per stream item.
+const STREAM_EXTRAS = ["stream_chunk_ms"];
 
 export async function createSpeech(request, env, ctx, config) {
   const body = await readJsonObject(request, config.MAX_REQUEST_BYTES);
@@ -59,7 +61,7 @@ export async function createSpeech(request, env, ctx, config) {
   }
 
   const deadline = runpod.deadline();
-  const id = await runpod.submit({ ...jobInput, stream: true }, deadline);
+  const id = await runpod.submit({ ...jobInput, ...speech.streamExtras, stream: true }, deadline);
   headers["x-runpod-job-id"] = id;
   const summary = {};
   const pieces = audioPieces(runpod, runpod.streamItems(id, deadline), format, deadline, summary);
@@ -127,6 +129,10 @@ export function parseSpeechRequest(body) {
   }
   const extras = {};
   for (const name of WORKER_EXTRAS) if (body[name] !== undefined && body[name] !== null) extras[name] = body[name];
+  const streamExtras = {};
+  for (const name of STREAM_EXTRAS) {
+    if (body[name] !== undefined && body[name] !== null) streamExtras[name] = body[name];
+  }
   return {
     model,
     input,
@@ -136,6 +142,7 @@ export function parseSpeechRequest(body) {
     speed: speed ?? undefined,
     streamFormat,
     extras,
+    streamExtras,
   };
 }
 

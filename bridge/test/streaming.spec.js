@@ -38,6 +38,15 @@ describe("stream_format audio", () => {
     expect(response.headers.get("x-runpod-job-id")).toBe(job.id);
   });
 
+  it("sends stream_chunk_ms on streamed jobs only", async () => {
+    let text = uniqueText();
+    await speech({ input: text, stream_format: "audio", stream_chunk_ms: 250 }).then((r) => r.arrayBuffer());
+    expect((await jobs(text))[0].input.stream_chunk_ms).toBe(250);
+    text = uniqueText();
+    await speech({ input: text, response_format: "flac", stream_chunk_ms: 250 }).then((r) => r.arrayBuffer());
+    expect((await jobs(text))[0].input).not.toHaveProperty("stream_chunk_ms");
+  });
+
   it("streams by default (no stream_format) for formats the worker streams", async () => {
     for (const format of ["mp3", "opus", "wav", "pcm"]) {
       const text = uniqueText(format);
