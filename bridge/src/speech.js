@@ -211,7 +211,7 @@ function sseResponse(pieces, summary, usage, headers, ctx, runpod, id) {
       for await (const piece of pieces) {
         await send({ type: "speech.audio.delta", audio: piece.base64 ?? toBase64(piece.bytes) });
       }
-      const outputTokens = Math.ceil((Number(summary.duration_sec) || 0) * FRAMES_PER_SECOND);
+      const outputTokens = Math.ceil((Number(summary.duration_sec) || 0) * FRAMES_PER_SECOND - 1e-6);
       await send({
         type: "speech.audio.done",
         usage: {
