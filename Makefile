@@ -5,6 +5,14 @@ PY := $(VENV)/bin/python
 # CPU build for development and CI; production installs torch 2.8.0 for CUDA 12.8 (Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The community reference implementation (vibevoice 0.0.1 on transformers 4.51.3) for `make parity`.
+REF_VENV := .venv-reference
+REF_PY := $(REF_VENV)/bin/python
+REF_STAMP := $(REF_VENV)/.installed
+
+# Every shell script in the repository (outside virtual environments and node_modules).
+SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
+
 SERVE_PORT ?= 8000
 
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
@@ -16,7 +24,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test lint format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve test lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +48,19 @@ bridge: $(BRIDGE_STAMP)
 bridge-test: $(BRIDGE_STAMP)
 	cd bridge && npx vitest run
 
+$(REF_STAMP): requirements-reference.txt
+	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check -r requirements-reference.txt
+	$(REF_PY) -m pip install --quiet --disable-pip-version-check --no-deps vibevoice==0.0.1
+	touch $@
+
+parity-env: $(REF_STAMP)
+
+## The worker against the community reference implementation on the same tiny weights; prints the differences.
+parity: $(STAMP) $(REF_STAMP)
+	$(PY) -m pytest -q -s tests/test_parity.py
+
 ## One real synthesis job through the RunPod SDK's local test mode; prints the audio file's path.
 run: $(STAMP)
 	$(PY) -m tools.run_job
@@ -49,14 +70,21 @@ serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
 ## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP) $(BRIDGE_STAMP)
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
+	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
 	$(PY) -m pytest
+
+## shellcheck on every shell script, hadolint on the Dockerfile.
+lint-deploy: $(STAMP)
+	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
+	$(VENV)/bin/hadolint Dockerfile
 
 lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx prettier --check .
 
 format: $(STAMP) $(BRIDGE_STAMP)
@@ -65,4 +93,4 @@ format: $(STAMP) $(BRIDGE_STAMP)
 	cd bridge && npx prettier --write .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .local bridge/node_modules
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache .local bridge/node_modules

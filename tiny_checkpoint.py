@@ -7,11 +7,14 @@ config, safetensors, processor, tokenizer, chat template), the real 3200x codec 
 per second at 24 kHz), a byte-level BPE tokenizer with the Qwen special tokens VibeVoice uses, and
 non-degenerate random weights. Its audio is noise.
 
+`build_community` writes the same model (same weights for the same seed) in the original community
+layout of `vibevoice/VibeVoice-7B`, for the converter and the comparison with the reference package.
+
 Random weights never choose to emit speech on their own (argmax keeps picking speech-start), so
 the generation config suppresses the start/end/eos tokens: every step then produces one frame and
 the engine's per-chunk frame cap decides the length, exactly as it would stop a runaway real model.
 
-    python tiny_checkpoint.py OUT_DIR [--seed N]
+    python tiny_checkpoint.py OUT_DIR [--seed N] [--community]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +39,8 @@ from transformers import (
     VibeVoiceProcessor,
 )
 from transformers.models.vibevoice.configuration_vibevoice import VibeVoiceDiffusionHeadConfig
+
+from convert_checkpoint import CHAT_TEMPLATE
 
 # Qwen2's pre-tokenizer split (byte-level BPE runs on these pieces).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -53,41 +59,6 @@ QWEN_SPECIAL_TOKENS = (
 
 LM_VOCAB_SIZE = 512
 CODEC_RATIOS = [2, 2, 4, 5, 5, 8]  # product 3200: 7.5 frames per second at 24 kHz, as in the real model
-
-# VibeVoice's prompt template, the same text the community processor builds by hand.
-CHAT_TEMPLATE = """{%- set system_prompt = system_prompt | default(" Transform the text provided by various speakers into speech output, utilizing the distinct voice of each respective speaker.\\n") -%}
-{{ system_prompt -}}
-{%- set audio_bos_token = audio_bos_token | default("<|vision_start|>") %}
-{%- set audio_eos_token = audio_eos_token | default("<|vision_end|>") %}
-{%- set audio_token = audio_token | default("<|vision_pad|>") %}
-{%- set ns = namespace(speakers_with_audio="") %}
-{%- for message in messages %}
-    {%- set role = message['role'] %}
-    {%- set content = message['content'] %}
-    {%- set has_audio = content | selectattr('type', 'equalto', 'audio') | list | length > 0 %}
-    {%- if has_audio and role not in ns.speakers_with_audio %}
-        {%- set ns.speakers_with_audio = ns.speakers_with_audio + role + "," %}
-    {%- endif %}
-{%- endfor %}
-
-{%- if ns.speakers_with_audio %}
-{{ " Voice input:\\n" }}
-{%- for speaker in ns.speakers_with_audio.rstrip(',').split(',') %}
-{%- if speaker %}
- Speaker {{ speaker }}:{{ audio_bos_token }}{{ audio_token }}{{ audio_eos_token }}{{ "\\n" }}
-{%- endif %}
-{%- endfor %}
-{%- endif %}
- Text input:{{ "\\n" }}
-
-{%- for message in messages %}
-    {%- set role = message['role'] %}
-    {%- set text_items = message['content'] | selectattr('type', 'equalto', 'text') | list %}
-    {%- for item in text_items %}
- Speaker {{ role }}: {{ item['text'] }}{{ "\\n" }}
-    {%- endfor %}
-{%- endfor %}
- Speech output:{{ "\\n" }}{{ audio_bos_token }}"""
 
 # A small fixed corpus for the BPE merges: the prompt's own words plus ordinary English.
 _CORPUS = """
@@ -226,13 +197,170 @@ def build_native(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+# --- the community layout ------------------------------------------------------------------------
+
+# Native tensor name -> community tensor name (the inverse of convert_checkpoint.native_name, written
+# from the community package's module tree so that the two can check each other).
+_COMMUNITY_NAMES = [
+    (r"model\.latent_(scaling|bias)_factor", r"model.speech_\1_factor"),
+    (r"model\.audio_tower\.(encoder|decoder)\.(.*)", r"model.acoustic_tokenizer.\1.\2"),
+    (r"model\.semantic_tokenizer_encoder\.(.*)", r"model.semantic_tokenizer.encoder.\1"),
+    (r"model\.multi_modal_projector\.(.*)", r"model.acoustic_connector.\1"),
+    (r"(.*_connector)\.linear_1\.(.*)", r"\1.fc1.\2"),
+    (r"(.*_connector)\.act\.(.*)", r"\1.norm.\2"),
+    (r"(.*_connector)\.linear_2\.(.*)", r"\1.fc2.\2"),
+    (r"model\.diffusion_head\.timestep_proj\.fc1\.(.*)", r"model.prediction_head.t_embedder.mlp.0.\1"),
+    (r"model\.diffusion_head\.timestep_proj\.fc2\.(.*)", r"model.prediction_head.t_embedder.mlp.2.\1"),
+    (r"model\.diffusion_head\.layers\.(\d+)\.linear\.(.*)", r"model.prediction_head.layers.\1.adaLN_modulation.1.\2"),
+    (r"model\.diffusion_head\.final_layer\.linear_1\.(.*)", r"model.prediction_head.final_layer.adaLN_modulation.1.\1"),
+    (r"model\.diffusion_head\.final_layer\.linear_2\.(.*)", r"model.prediction_head.final_layer.linear.\1"),
+    (r"model\.diffusion_head\.(.*)", r"model.prediction_head.\1"),
+    # Codec stems are layer 0 of the community down/upsampling lists and stages; later layers shift by one.
+    (r"(.*coder)\.stem\.conv\.conv\.(.*)", r"\1.STEM_CONV.\2"),
+    (r"(.*coder)\.stem\.stage\.(.*)", r"\1.stages.0.\2"),
+    (r"(.*coder)\.head\.conv\.(.*)", r"\1.head.conv.conv.\2"),
+    (r"(.*)\.mixer\.conv\.(.*)", r"\1.mixer.conv.conv.conv.\2"),
+]  # fmt: skip
+
+
+def community_name(native: str) -> str:
+    """The community package's name for a native tensor name."""
+    name = native
+    for pattern, replacement in _COMMUNITY_NAMES:
+        name = re.sub(f"^{pattern}$", replacement, name)
+    part = "downsample_layers" if ".encoder." in name else "upsample_layers"
+    name = name.replace("STEM_CONV", f"{part}.0.0.conv.conv")
+
+    def shifted(match: re.Match) -> str:
+        index = int(match[2]) + 1
+        if match[3] == "stage":
+            return f"{match[1]}.stages.{index}."
+        return f"{match[1]}.{part}.{index}.0.{match[3]}."
+
+    return re.sub(r"(.*coder)\.conv_layers\.(\d+)\.(stage|conv|convtr)\.", shifted, name)
+
+
+def _community_codec(config, vae_dim: int, fix_std: float, dist: str) -> dict:
+    values = {
+        "causal": True, "channels": config.channels, "conv_bias": True, "conv_norm": "none", "corpus_normalize": 0.0,
+        "disable_last_norm": True, "encoder_depths": "-".join(str(d) for d in config.depths),
+        "encoder_n_filters": config.num_filters, "encoder_ratios": list(reversed(config.downsampling_ratios)),
+        "fix_std": fix_std, "layer_scale_init_value": config.layer_scale_init_value, "layernorm": "RMSNorm",
+        "layernorm_elementwise_affine": True, "layernorm_eps": config.rms_norm_eps, "mixer_layer": "depthwise_conv",
+        "pad_mode": "constant", "std_dist_type": dist, "vae_dim": vae_dim, "weight_init_value": config.initializer_range,
+    }  # fmt: skip
+    return values
+
+
+def community_config(config: VibeVoiceConfig, generation_config: GenerationConfig) -> dict:
+    """The community config.json of the same model (fields as in vibevoice/VibeVoice-7B)."""
+    text, head = config.text_config, config.diffusion_head_config
+    acoustic = _community_codec(config.audio_config, config.audio_config.hidden_size, 0.5, "gaussian")
+    acoustic["fix_std"] = config.audio_config.vae_std * 0.8  # the native vae_std is fix_std / 0.8
+    acoustic.update(model_type="vibevoice_acoustic_tokenizer", decoder_depths=None,
+                    decoder_n_filters=config.audio_config.num_filters, decoder_ratios=acoustic["encoder_ratios"])  # fmt: skip
+    semantic = _community_codec(config.semantic_model_config, config.semantic_model_config.hidden_size, 0, "none")
+    semantic["model_type"] = "vibevoice_semantic_tokenizer"
+    scheduler = generation_config.noise_scheduler_config
+    return {
+        "acoustic_tokenizer_config": acoustic,
+        "acoustic_vae_dim": config.audio_config.hidden_size,
+        "architectures": ["VibeVoiceForConditionalGeneration"],
+        "decoder_config": {
+            "attention_dropout": text.attention_dropout, "hidden_act": text.hidden_act, "hidden_size": text.hidden_size,
+            "initializer_range": text.initializer_range, "intermediate_size": text.intermediate_size,
+            "max_position_embeddings": text.max_position_embeddings, "max_window_layers": text.max_window_layers,
+            "model_type": "qwen2", "num_attention_heads": text.num_attention_heads,
+            "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": text.num_key_value_heads,
+            "rms_norm_eps": text.rms_norm_eps, "rope_scaling": None, "rope_theta": text.rope_parameters["rope_theta"],
+            "sliding_window": text.sliding_window, "tie_word_embeddings": text.tie_word_embeddings,
+            "use_cache": True, "use_sliding_window": text.use_sliding_window, "vocab_size": text.vocab_size,
+        },
+        "diffusion_head_config": {
+            "ddpm_batch_mul": 4, "ddpm_beta_schedule": "cosine",
+            "ddpm_num_inference_steps": generation_config.num_diffusion_steps,
+            "ddpm_num_steps": scheduler["num_train_timesteps"], "diffusion_type": "ddpm",
+            "head_ffn_ratio": head.intermediate_size / head.hidden_size, "head_layers": head.num_hidden_layers,
+            "hidden_size": head.hidden_size, "latent_size": head.latent_size, "model_type": "vibevoice_diffusion_head",
+            "prediction_type": scheduler["prediction_type"], "rms_norm_eps": head.rms_norm_eps,
+            "speech_vae_dim": head.latent_size,
+        },
+        "model_type": "vibevoice",
+        "semantic_tokenizer_config": semantic,
+        "semantic_vae_dim": config.semantic_model_config.hidden_size,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }  # fmt: skip
+
+
+def build_community(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model in the original community layout (as `vibevoice/VibeVoice-7B` has it).
+
+    The weights equal `build_native`'s for the same seed. Like the real repository it has no tokenizer:
+    preprocessor_config.json names one (here a local folder whose name contains "qwen", which the
+    community processor requires). The tensors are split over two shards with an index, as in the real
+    repository. generation_config.json only carries the suppressed tokens that random weights need.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer)
+    torch.manual_seed(seed)
+    model = VibeVoiceForConditionalGeneration(config)
+    randomize_weights(model, seed)
+    generation_config = build_generation_config(config)
+
+    tensors = {community_name(name): tensor.contiguous() for name, tensor in model.state_dict().items()}
+    shards: dict[str, dict[str, torch.Tensor]] = {
+        "model-00001-of-00002.safetensors": {},
+        "model-00002-of-00002.safetensors": {},
+    }
+    for name, tensor in tensors.items():
+        shard = (
+            "model-00001-of-00002.safetensors"
+            if name.startswith("model.language_model.")
+            else "model-00002-of-00002.safetensors"
+        )
+        shards[shard][name] = tensor
+    weight_map = {}
+    for shard, part in shards.items():
+        save_file(part, str(out / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(community_config(config, generation_config), indent=2) + "\n")
+    suppress = {"pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
+                "suppress_tokens": generation_config.suppress_tokens}  # fmt: skip
+    (out / "generation_config.json").write_text(json.dumps(suppress, indent=2) + "\n")
+
+    tokenizer_dir = (out / "tokenizer-qwen2.5-tiny").resolve()
+    tokenizer.save_pretrained(tokenizer_dir)
+    preprocessor = {
+        "processor_class": "VibeVoiceProcessor",
+        "speech_tok_compress_ratio": config.audio_config.hop_length,
+        "db_normalize": True,
+        "audio_processor": {"feature_extractor_type": "VibeVoiceTokenizerProcessor", "sampling_rate": 24000,
+                            "normalize_audio": True, "target_dB_FS": -25, "eps": 1e-6},
+        "language_model_pretrained_name": str(tokenizer_dir),
+    }  # fmt: skip
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (out / "tiny_checkpoint.json").write_text(
+        json.dumps({"seed": seed, "layout": "community", "note": "random weights: the audio is noise"}, indent=2) + "\n"
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--community", action="store_true", help="write the original community layout")
     args = parser.parse_args()
-    path = build_native(args.out_dir, seed=args.seed)
-    print(path)
+    build = build_community if args.community else build_native
+    print(build(args.out_dir, seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+# VibeVoice RunPod serverless worker. Two images from one file (see the README's deployment section):
+#
+#   docker build -t vibevoice-worker .                       # network-volume mode (default target)
+#   docker build --target self-contained -t vibevoice-worker:full .
+#   docker build --target self-contained --build-arg BAKE_MODEL=vibevoice/VibeVoice-7B \
+#       --secret id=hf_token,env=HF_TOKEN -t vibevoice-worker:baked .
+#
+# Network-volume mode: the image holds Python and the code only; bootstrap.sh builds the venv and the
+# model cache on /runpod-volume on the first boot. Self-contained: the dependencies are installed at
+# build time (VIBEVOICE_PYTHON), the model comes from RunPod's cached models, the volume, or is baked in.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+
+FROM ${CUDA_IMAGE} AS base
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    APP_DIR=/app
+# Ubuntu 24.04's python3 is 3.12. Versions come from the pinned base image's release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        python3 python3-venv python3-dev libsndfile1 git ca-certificates util-linux \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+
+# --- self-contained: dependencies (and optionally the model) inside the image ---------------------------
+FROM base AS self-contained
+ARG TORCH_SPEC=torch==2.8.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG FLASH_ATTN_SPEC=https://github.com/Dao-AILab/flash-attention/releases/download/v2.8.3/flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl
+COPY requirements.txt /app/requirements.txt
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC" \
+    && if [ -n "$FLASH_ATTN_SPEC" ]; then /opt/venv/bin/pip install --no-cache-dir "$FLASH_ATTN_SPEC"; fi \
+    && /opt/venv/bin/pip install --no-cache-dir -r /app/requirements.txt
+# BAKE_MODEL=<hub id> downloads the model at build time (converted when it is in the community layout).
+ARG BAKE_MODEL=""
+COPY convert_checkpoint.py /app/convert_checkpoint.py
+RUN --mount=type=secret,id=hf_token,required=false \
+    if [ -n "$BAKE_MODEL" ]; then \
+        HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
+        /opt/venv/bin/python -c "import os, sys; from huggingface_hub import snapshot_download; \
+snapshot_download(sys.argv[1], local_dir='/opt/model-src', token=os.environ.get('HF_TOKEN') or None)" "$BAKE_MODEL" \
+        && if grep -q '"decoder_config"' /opt/model-src/config.json; then \
+            /opt/venv/bin/python /app/convert_checkpoint.py /opt/model-src /opt/vibevoice-model && rm -rf /opt/model-src; \
+        else mv /opt/model-src /opt/vibevoice-model; fi \
+        && rm -rf /root/.cache/huggingface; \
+    fi
+ENV VIBEVOICE_PYTHON=/opt/venv/bin/python
+COPY . /app
+CMD ["bash", "/app/bootstrap.sh"]
+
+# --- network-volume mode (the default target) -------------------------------------------------------------
+FROM base AS volume
+COPY . /app
+CMD ["bash", "/app/bootstrap.sh"]
