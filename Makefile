@@ -24,7 +24,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,14 @@ test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
 lint-deploy: $(STAMP)
 	$(VENV)/bin/shellcheck $(SHELL_SCRIPTS)
 	$(VENV)/bin/hadolint Dockerfile
+
+## Speed, memory and start-up figures against baselines measured in the same run (not part of
+## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
+## The design's post-processing baseline needs the ffmpeg command: installed with apt-get if missing.
+bench: $(STAMP)
+	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
+		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
+	$(PY) -m bench.run
 
 lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .

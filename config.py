@@ -78,6 +78,11 @@ class Settings(BaseSettings):
     # (e.g. "127.0.0.0/8" for a local test server). Empty: only public addresses.
     voice_url_allowed_networks: str = ""
 
+    # --- decoding and streaming ----------------------------------------------------------------
+    decode_loop: Literal["own", "stock"] = "own"  # "stock": transformers' generate, one chunk at a time
+    batch_size: int = Field(0, ge=0, le=64)  # chunks decoded together; 0 = automatic (see inference.py)
+    stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
+
     # --- worker ------------------------------------------------------------------------------
     max_concurrency: int = Field(1, ge=1, le=64)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -4,14 +4,17 @@
     python handler.py --test_input '{"input": {...}}'   # one local job, then exit
     python handler.py --rp_serve_api               # the SDK's local HTTP server
 
-The handler is an async generator (concurrency and cancellation need `async`); a job yields one
-result, or one `{"error": ...}` item, which fails the job. The SDK's local modes do not iterate
-generators, so there the same handler runs behind `collect`, which returns what it yielded.
+The handler is an async generator (concurrency and cancellation need `async`). A job yields one
+result, or one `{"error": ...}` item, which fails the job. A `stream: true` job yields audio items
+as frames are decoded, then one `{"status": "complete", ...}` summary (or an error item, which
+fails the job). The SDK's local modes do not iterate generators, so there the same handler runs
+behind `collect`, which returns what it yielded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -21,10 +24,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import captions
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
-from jobs import JobError, plan_job, render
-from schema import InputError, parse_job_input
+from jobs import JobError, StreamRenderer, build_segments, chunk_spans, plan_job, render
+from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
 from voices import VoiceLibrary, VoiceLimits
 
@@ -32,6 +36,12 @@ log = logging.getLogger("vibevoice.handler")
 
 # Errors whose message is written for the user (one sentence naming the field).
 USER_ERRORS = (InputError, JobError, DeliveryError)
+# Encoded audio items waiting between the generation thread and the handler; when the consumer
+# falls behind, generation waits (at most this many items are held).
+STREAM_QUEUE_ITEMS = 8
+# Progress updates of a non-streamed job: one when its first audio is decoded, then at most one
+# per interval (the chunks of a batch finish together, so updates follow time, not chunks).
+PROGRESS_INTERVAL_SEC = 2.0
 
 
 class Worker:
@@ -52,37 +62,49 @@ class Worker:
         self.progress = progress
 
     async def handle(self, job: dict) -> AsyncIterator[dict]:
-        """The RunPod handler: yields the job's result, or one error item."""
+        """The RunPod handler: yields the job's result (or its streamed items), or one error item."""
+        started = time.perf_counter()
+        streamed = 0
         try:
-            yield await self.run(job)
+            job_input = parse_job_input(job.get("input"), self.settings)
+            if job_input.action == "synthesize" and job_input.stream:
+                async for item in self.stream(job, job_input, started):
+                    yield item
+                    streamed += 1
+            else:
+                yield await self.run(job, job_input, started)
         except USER_ERRORS as exc:
             log.info("job %s failed: %s", job.get("id"), exc)
-            yield {"error": str(exc)}
+            yield {"error": _after_items(str(exc), streamed)}
         except asyncio.CancelledError:
             log.info("job %s cancelled", job.get("id"))
             raise
         except Exception as exc:  # a bug or a fault: log the traceback, tell the user one sentence
             log.exception("job %s failed unexpectedly", job.get("id"))
-            yield {"error": f"internal error while generating audio ({type(exc).__name__}); the job was not completed."}
+            message = f"internal error while generating audio ({type(exc).__name__}); the job was not completed."
+            yield {"error": _after_items(message, streamed)}
 
-    async def run(self, job: dict) -> dict:
-        job_input = parse_job_input(job.get("input"), self.settings)
+    async def run(self, job: dict, job_input: JobInput, started: float) -> dict:
         if job_input.action == "list_voices":
             return {"voices": self.library.describe()}
 
-        started = time.perf_counter()
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         stop = threading.Event()
 
-        def on_chunk(result: ChunkAudio, total: int) -> None:
-            # Never for the last chunk: an update sent just before the result can arrive after it.
-            if self.progress and result.index + 1 < total:
-                self.progress(job, f"chunk {result.index + 1} of {total}")
+        last_update: float | None = None
+
+        def on_progress(audio_seconds: float, chunks_done: int) -> None:
+            nonlocal last_update
+            now = time.monotonic()
+            if self.progress and (last_update is None or now - last_update >= PROGRESS_INTERVAL_SEC):
+                last_update = now
+                message = f"{audio_seconds:.1f} s of audio generated, {chunks_done} of {len(plan.chunks)} chunks done"
+                self.progress(job, message)
 
         generate_started = time.perf_counter()
         try:
             results = await asyncio.to_thread(
-                self.engine.synthesize, plan.chunks, plan.voices, plan.params, on_chunk, stop.is_set
+                self.engine.synthesize, plan.chunks, plan.voices, plan.params, None, stop.is_set, None, on_progress
             )
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame
@@ -140,6 +162,123 @@ class Worker:
         )  # fmt: skip
         return output
 
+    async def stream(self, job: dict, job_input: JobInput, started: float) -> AsyncIterator[dict]:
+        """A streamed job: audio items while the engine decodes, then the summary item.
+
+        The engine runs in a worker thread and hands encoded pieces over through a bounded queue.
+        Leaving this generator early (the job is cancelled, or the consumer stops) sets the stop
+        event: the engine ends at its next frame and releases itself for the next job.
+        """
+        plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
+        renderer = StreamRenderer(plan, self.settings)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(STREAM_QUEUE_ITEMS)  # bounds the queue: one slot per waiting item
+        stop = threading.Event()
+
+        def put(message: tuple) -> None:
+            """From the generation thread: wait for room in the queue, unless the job has stopped."""
+            while not room.acquire(timeout=0.2):
+                if stop.is_set():
+                    return
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, message)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                return
+
+        finished_chunks = 0
+
+        def on_audio(index: int, samples) -> None:
+            for piece in renderer.audio(samples):
+                put(("audio", piece))
+
+        def on_chunk(result: ChunkAudio, total: int) -> None:
+            nonlocal finished_chunks
+            finished_chunks += 1
+            if finished_chunks < total:
+                for piece in renderer.chunk_done():
+                    put(("audio", piece))
+
+        def generate() -> None:
+            try:
+                results = self.engine.synthesize(plan.chunks, plan.voices, plan.params, on_chunk, stop.is_set, on_audio)
+                if not stop.is_set():
+                    tail = renderer.finish()
+                    if tail:
+                        put(("audio", tail))
+                put(("done", results))
+            except BaseException as exc:  # handed to the handler, which turns it into the job's error
+                put(("error", exc))
+
+        generate_started = time.perf_counter()
+        worker = loop.run_in_executor(None, generate)
+        first_audio: float | None = None
+        sequence = 0
+        try:
+            while True:
+                kind, value = await queue.get()
+                room.release()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    results = value
+                    break
+                if first_audio is None:
+                    first_audio = time.perf_counter() - started
+                yield {
+                    "status": "streaming",
+                    "seq": sequence,
+                    "format": plan.output_format,
+                    "sample_rate": plan.sample_rate,
+                    "audio_chunk": base64.b64encode(value).decode("ascii"),
+                }
+                sequence += 1
+        finally:
+            stop.set()  # a no-op after a normal end; otherwise the engine stops at its next frame
+        await worker
+        generate_seconds = time.perf_counter() - generate_started
+        yield self._stream_summary(job, plan, renderer, results, sequence, started, first_audio, generate_seconds)
+
+    def _stream_summary(self, job, plan, renderer, results, items, started, first_audio, generate_seconds) -> dict:
+        generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
+        segments = build_segments(plan, results, chunk_spans(results, renderer.gap_samples), renderer.time_scale)
+        warnings = list(plan.warnings)
+        capped = [result.index for result in results if result.reached_cap]
+        if capped:
+            warnings.append(f"chunk(s) {', '.join(map(str, capped))} reached the frame cap and may be cut short.")
+        summary = {
+            "status": "complete",
+            "format": plan.output_format,
+            "content_type": renderer.encoder.content_type,
+            "sample_rate": plan.sample_rate,
+            "duration_sec": round(renderer.output_samples / plan.sample_rate, 3),
+            "delivery": "stream",
+            "items": items,
+            "seed": plan.params.seed,
+            "chunks": len(results),
+            "segments": segments,
+            "loudness": renderer.loudness_report(),
+            "timings": {
+                "model_load_sec": round(self.engine.info.load_seconds, 3),
+                "time_to_first_audio_sec": round(first_audio, 3) if first_audio is not None else None,
+                "generate_sec": round(generate_seconds, 3),
+                "encode_sec": round(renderer.encode_seconds, 3),
+                "total_sec": round(time.perf_counter() - started, 3),
+                "real_time_factor": round(generate_seconds / generated_seconds, 4) if generated_seconds else None,
+            },
+        }
+        if plan.bitrate_kbps:
+            summary["bitrate_kbps"] = plan.bitrate_kbps
+        if plan.captions:
+            summary["captions"] = captions.build(segments, plan.captions)
+        if warnings:
+            summary["warnings"] = warnings
+        log.info(
+            "job %s: streamed %d items, %.2f s audio, first audio after %s s",
+            job.get("id"), items, summary["duration_sec"], summary["timings"]["time_to_first_audio_sec"],
+        )  # fmt: skip
+        return summary
+
     async def collect(self, job: dict) -> list | dict:
         """`handle` for the SDK's local modes: the yielded items as a list, or the error.
 
@@ -152,6 +291,13 @@ class Worker:
         if os.environ.get("VIBEVOICE_TEST_OUTPUT"):
             Path(os.environ["VIBEVOICE_TEST_OUTPUT"]).write_text(json.dumps(result))
         return result
+
+
+def _after_items(message: str, items: int) -> str:
+    """An error after streamed audio says so: the job fails, it was not merely cut short."""
+    if not items:
+        return message
+    return f"streaming stopped after {items} item(s): {message[0].lower()}{message[1:]}"
 
 
 def voice_limits(settings: Settings) -> VoiceLimits:

@@ -1,8 +1,12 @@
-"""The VibeVoice engine: one model per process, loaded once, generating chunk by chunk.
+"""The VibeVoice engine: one model per process, loaded once, turning a job's chunks into audio.
 
 It drives transformers' native VibeVoice classes (`VibeVoiceForConditionalGeneration`,
 `VibeVoiceProcessor`). Each chunk's prompt is VibeVoice's script prompt with the reference voice
 of every speaker in that chunk, so a speaker sounds the same in every chunk.
+
+Two decode loops produce the same audio per chunk: `decoder.BatchDecoder` (the default) decodes
+the chunks of a job together in batches, with both guidance branches in one pass; transformers'
+stock `generate` (`generate_chunk`) decodes one chunk at a time and stays as the reference.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, VibeVoiceForConditionalGeneration
 
 from config import MODEL_SAMPLE_RATE, Settings
+from decoder import BatchDecoder, DecodeRequest
 from text import Chunk, max_frames_for
 
 log = logging.getLogger("vibevoice.engine")
@@ -49,7 +54,7 @@ class ChunkAudio:
     audio: np.ndarray  # 24 kHz mono float32
     frames: int
     reached_cap: bool
-    seconds: float  # wall time spent generating it
+    seconds: float  # wall time spent generating it (with batching: its whole batch)
 
 
 @dataclass
@@ -60,6 +65,18 @@ class EngineInfo:
     attention: str
     load_seconds: float
     notes: list[str] = field(default_factory=list)
+
+
+# Automatic batch size on CUDA (BATCH_SIZE=0): the largest batch whose KV cache and codec state
+# fit in half of the free memory, at most MAX_AUTO_BATCH; on the CPU, CPU_AUTO_BATCH.
+MAX_AUTO_BATCH = 16
+CPU_AUTO_BATCH = 8
+AUTO_BATCH_MEMORY_SHARE = 0.5
+CODEC_STATE_BYTES = 64 * 2**20  # per sequence: codec conv caches, frame activations, the frames kept
+
+AudioCallback = Callable[[int, np.ndarray], None]
+ChunkCallback = Callable[[ChunkAudio, int], None]
+ProgressCallback = Callable[[float, int], None]
 
 
 class _StopWhen(StoppingCriteria):
@@ -77,14 +94,25 @@ class VibeVoiceEngine:
 
     sample_rate = MODEL_SAMPLE_RATE
 
-    def __init__(self, model: VibeVoiceForConditionalGeneration, processor, info: EngineInfo):
+    def __init__(
+        self,
+        model: VibeVoiceForConditionalGeneration,
+        processor,
+        info: EngineInfo,
+        batch_size: int = 0,
+        decode_loop: str = "own",
+    ):
         self.model = model
         self.processor = processor
         self.info = info
         self.processor.tokenizer.padding_side = "left"  # batched prompts must be left-padded
         self.hop_length = int(model.config.audio_config.hop_length)
         self.frame_rate = self.sample_rate / self.hop_length  # 7.5 frames per second
+        self.batch_size = batch_size  # 0: automatic
+        self.decode_loop = decode_loop
+        self.decoder = BatchDecoder(model)
         self._lock = threading.Lock()  # one generation at a time per process
+        self._oom_batch_limit: int | None = None  # lowered after an out-of-memory error
 
     # --- loading ------------------------------------------------------------------------
 
@@ -111,7 +139,7 @@ class VibeVoiceEngine:
             "model loaded from %s on %s (%s, %s attention) in %.1f s",
             source, device, info.dtype, attention, info.load_seconds,
         )  # fmt: skip
-        return cls(model, processor, info)
+        return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop)
 
     # --- prompts --------------------------------------------------------------------------
 
@@ -191,19 +219,187 @@ class VibeVoiceEngine:
         chunks: list[Chunk],
         voices: dict[int, np.ndarray],
         params: GenerationParams,
-        on_chunk: Callable[[ChunkAudio, int], None] | None = None,
+        on_chunk: ChunkCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_audio: AudioCallback | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[ChunkAudio]:
-        """Generate every chunk in order; `on_chunk(result, total)` is called after each one."""
-        results = []
-        for chunk in chunks:
-            if should_stop and should_stop():
-                break
-            result = self.generate_chunk(chunk, voices, params, should_stop)
-            results.append(result)
-            if on_chunk:
-                on_chunk(result, len(chunks))
-        return results
+        """Generate every chunk; results come back in chunk order.
+
+        `on_audio(chunk_index, samples)` receives the audio as it is decoded, frame by frame and in
+        chunk order (a later chunk of the same batch is held until the earlier ones are done);
+        `on_chunk(result, total)` is called for each finished chunk, also in chunk order;
+        `on_progress(audio_seconds, chunks_done)` after every decoding step.
+        `should_stop()` is checked between frames (cancellation).
+        """
+        order = _ChunkOrder(chunks, on_audio, on_chunk)
+        decoded_frames = 0
+
+        def step(frames: int) -> None:
+            nonlocal decoded_frames
+            decoded_frames += frames
+            if on_progress is not None:
+                on_progress(decoded_frames * self.hop_length / self.sample_rate, len(order.done))
+
+        if self.decode_loop == "stock":
+            for chunk in chunks:
+                if should_stop and should_stop():
+                    break
+                result = self.generate_chunk(chunk, voices, params, should_stop)
+                if on_audio is not None:
+                    order.audio(chunk.index, result.audio)
+                order.finished(result)
+                step(result.frames)
+            return order.results()
+
+        requests = [self._request(chunk, voices, params) for chunk in chunks]
+        pending = list(requests)
+        batch_size = self.pick_batch_size(requests)
+        with self._lock:
+            while pending and not (should_stop and should_stop()):
+                group = pending[:batch_size]
+                started = time.perf_counter()
+                order.start_attempt([request.index for request in group])
+                try:
+                    decoded = self.decoder.decode(
+                        group,
+                        guidance_scale=params.cfg_scale,
+                        diffusion_steps=params.diffusion_steps,
+                        on_frame=order.audio if on_audio is not None else None,
+                        should_stop=should_stop,
+                        on_step=step,
+                    )
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    decoded = None
+                if decoded is None:  # outside the except block, so the failed batch's tensors are freed
+                    batch_size = self._after_out_of_memory(batch_size)
+                    continue
+                seconds = time.perf_counter() - started
+                for sequence in decoded:
+                    order.finished(
+                        ChunkAudio(
+                            index=sequence.index,
+                            audio=sequence.audio,
+                            frames=sequence.frames,
+                            reached_cap=sequence.reached_cap,
+                            seconds=seconds,
+                        )
+                    )
+                pending = pending[len(group) :]
+        return order.results()
+
+    def _request(self, chunk: Chunk, voices: dict[int, np.ndarray], params: GenerationParams) -> DecodeRequest:
+        inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
+        return DecodeRequest(
+            index=chunk.index,
+            input_ids=inputs["input_ids"][0],
+            max_frames=self.frame_cap(chunk, params),
+            seed=params.seed,
+            input_values=inputs.get("input_values"),
+            padding_mask=inputs.get("padding_mask"),
+        )
+
+    def pick_batch_size(self, requests: list[DecodeRequest]) -> int:
+        """BATCH_SIZE, or (0) `auto_batch_size` on CUDA and CPU_AUTO_BATCH on the CPU; never more
+        than the chunks, never more than an out-of-memory error allowed, never less than 1."""
+        wanted = self.batch_size
+        if wanted == 0:
+            if self.model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.model.device)
+                longest = max(int(r.input_ids.numel()) + r.max_frames for r in requests)
+                wanted = auto_batch_size(free, self.kv_bytes_per_token(), longest)
+            else:
+                wanted = CPU_AUTO_BATCH
+        if self._oom_batch_limit is not None:
+            wanted = min(wanted, self._oom_batch_limit)
+        return max(1, min(wanted, len(requests)))
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token adds to one row of the language model's cache."""
+        text = self.model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        element = torch.finfo(self.model.dtype).bits // 8
+        return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
+
+    def _after_out_of_memory(self, batch_size: int) -> int:
+        smaller = max(1, batch_size // 2)
+        if self._oom_batch_limit is None or smaller < self._oom_batch_limit:
+            log.warning("out of GPU memory at batch size %d; retrying with %d from now on", batch_size, smaller)
+        self._oom_batch_limit = smaller
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return smaller
+
+
+def auto_batch_size(free_bytes: int, kv_bytes_per_token: int, longest_tokens: int) -> int:
+    """The automatic CUDA batch size: what fits in AUTO_BATCH_MEMORY_SHARE of the free memory.
+
+    Per sequence: a positive and a negative KV row for its whole length (prompt + frame cap),
+    doubled because DynamicCache's concatenation briefly holds two copies, plus CODEC_STATE_BYTES.
+    """
+    per_sequence = 2 * 2 * kv_bytes_per_token * longest_tokens + CODEC_STATE_BYTES
+    return max(1, min(MAX_AUTO_BATCH, int(free_bytes * AUTO_BATCH_MEMORY_SHARE // per_sequence)))
+
+
+class _ChunkOrder:
+    """Hands out audio and finished chunks in chunk order, though a batch decodes them together.
+
+    The current chunk's frames pass straight through; a later chunk's frames wait until every
+    earlier chunk is done. When a batch is retried (after running out of memory), the audio
+    already handed out is not handed out again: the retry regenerates the same audio (each chunk
+    has its own seeded generator), and only what lies beyond it is new.
+    """
+
+    def __init__(self, chunks: list[Chunk], on_audio: AudioCallback | None, on_chunk: ChunkCallback | None):
+        self.order = [chunk.index for chunk in chunks]
+        self.on_audio = on_audio
+        self.on_chunk = on_chunk
+        self.position = 0  # index into `order` of the chunk whose audio flows now
+        self.sent: dict[int, int] = dict.fromkeys(self.order, 0)  # samples handed out per chunk
+        self.received: dict[int, int] = dict.fromkeys(self.order, 0)  # samples seen in this attempt
+        self.held: dict[int, list[np.ndarray]] = {index: [] for index in self.order}
+        self.done: dict[int, ChunkAudio] = {}
+
+    def start_attempt(self, indices: list[int]) -> None:
+        for index in indices:
+            self.received[index] = 0
+            self.held[index] = []
+
+    def audio(self, index: int, samples: np.ndarray) -> None:
+        start = self.received[index]
+        self.received[index] += samples.size
+        new = samples[max(0, self.sent[index] - start) :]
+        if not new.size:
+            return
+        if self._current() == index:
+            self._send(index, new)
+        else:
+            self.held[index].append(new)
+
+    def finished(self, result: ChunkAudio) -> None:
+        self.done[result.index] = result
+        while (index := self._current()) is not None and index in self.done:
+            if self.on_chunk:
+                self.on_chunk(self.done[index], len(self.order))
+            self.position += 1
+            following = self._current()
+            if following is not None and self.held[following]:
+                held, self.held[following] = self.held[following], []
+                for piece in held:
+                    self._send(following, piece)
+
+    def results(self) -> list[ChunkAudio]:
+        return [self.done[index] for index in self.order if index in self.done]
+
+    def _current(self) -> int | None:
+        return self.order[self.position] if self.position < len(self.order) else None
+
+    def _send(self, index: int, samples: np.ndarray) -> None:
+        self.sent[index] += samples.size
+        if self.on_audio is not None:
+            self.on_audio(index, samples)
 
 
 # --- model location and loading -----------------------------------------------------------------

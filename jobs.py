@@ -1,14 +1,17 @@
 """A synthesis job from validated input to encoded audio, as pure steps the handler calls in order.
 
-plan_job  -> which chunks, which reference voice per speaker, which settings
-(engine)  -> audio per chunk
-render    -> joined, speed-changed, loudness-normalised, resampled, encoded audio + segments
+plan_job        -> which chunks, which reference voice per speaker, which settings
+(engine)        -> audio per chunk
+render          -> joined, speed-changed, loudness-normalised, resampled, encoded audio + segments
+StreamRenderer  -> the same, piece by piece as frames arrive (no loudness normalisation: it needs
+                   the whole signal), for streamed jobs
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +44,8 @@ class JobPlan:
     target_lufs: float
     captions: str | None
     return_mode: str
+    stream: bool = False
+    stream_chunk_ms: int = 400
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -90,6 +95,8 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         target_lufs=job.target_lufs if job.target_lufs is not None else settings.target_lufs,
         captions=job.captions,
         return_mode=job.return_mode,
+        stream=job.stream,
+        stream_chunk_ms=job.stream_chunk_ms or settings.stream_chunk_ms,
         warnings=warnings,
     )
 
@@ -163,21 +170,28 @@ class Rendered:
     encode_seconds: float
 
 
+def chunk_spans(results: list[ChunkAudio], gap_samples: int) -> list[tuple[int, int]]:
+    """Each chunk's sample span in the joined signal (chunks in order, silent gaps between)."""
+    spans = []
+    position = 0
+    for number, result in enumerate(results):
+        if number:
+            position += gap_samples
+        spans.append((position, position + result.audio.size))
+        position += result.audio.size
+    return spans
+
+
 def join_chunks(results: list[ChunkAudio], gap_samples: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Concatenate chunk audio with silent gaps; return the signal and each chunk's sample span."""
-    pieces: list[np.ndarray] = []
-    spans: list[tuple[int, int]] = []
-    position = 0
     gap = np.zeros(gap_samples, dtype=np.float32)
+    pieces: list[np.ndarray] = []
     for number, result in enumerate(results):
         if number:
             pieces.append(gap)
-            position += gap_samples
         pieces.append(result.audio)
-        spans.append((position, position + result.audio.size))
-        position += result.audio.size
     signal = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    return signal.astype(np.float32, copy=False), spans
+    return signal.astype(np.float32, copy=False), chunk_spans(results, gap_samples)
 
 
 def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) -> Rendered:
@@ -189,7 +203,8 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) 
     # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
     time_scale = stretched.size / signal.size if signal.size else 1.0
     if plan.normalize:
-        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs)
+        # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
+        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
     else:
         report = audio.LoudnessReport(False, plan.target_lufs, reason="normalize is false")
     output = audio.resample(stretched, MODEL_SAMPLE_RATE, plan.sample_rate)
@@ -213,6 +228,103 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) 
         postprocess_seconds=postprocess_seconds,
         encode_seconds=encode_seconds,
     )
+
+
+STREAM_LOUDNESS_REASON = (
+    "streaming: loudness normalisation needs the whole signal, so streamed audio keeps the model's level"
+)
+
+
+class StreamRenderer:
+    """`render` for streamed jobs: model audio in, encoded bytes out, piece by piece.
+
+    Audio arrives in chunk order (`audio()`), with `chunk_done()` between chunks for the silent
+    gap. It passes through the same steps as `render` in the same order, each kept stateful
+    across pieces (speed, resample, encode), and leaves in pieces of at least `stream_chunk_ms`
+    of audio, so the bytes handed out concatenate to one valid file whose pcm_16/wav samples
+    equal `render`'s with normalize off. Loudness is not normalised (it needs the whole signal);
+    it is measured on the way out and reported.
+    """
+
+    def __init__(self, plan: JobPlan, settings: Settings):
+        self.plan = plan
+        self.gap_samples = round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
+        self.piece_samples = max(1, round(plan.stream_chunk_ms * MODEL_SAMPLE_RATE / 1000))
+        self.speed = audio.SpeedChanger(MODEL_SAMPLE_RATE, plan.speed) if plan.speed != 1.0 else None
+        self.resampler = audio.StreamResampler(MODEL_SAMPLE_RATE, plan.sample_rate)
+        self.encoder = audio.Encoder(plan.output_format, plan.sample_rate, plan.bitrate_kbps, streaming=True)
+        self.loudness = audio.LoudnessMeter(plan.sample_rate)
+        self.peak = audio.TruePeakMeter()
+        self.joined_samples = 0  # model-rate samples in, gaps included
+        self.stretched_samples = 0  # model-rate samples after the speed change
+        self.output_samples = 0  # samples at the output rate
+        self.encode_seconds = 0.0
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
+
+    def audio(self, samples: np.ndarray) -> list[bytes]:
+        """Take decoded audio; return the encoded pieces now complete (possibly none)."""
+        self._pending.append(samples)
+        self._pending_samples += samples.size
+        pieces = []
+        while self._pending_samples >= self.piece_samples:
+            joined = np.concatenate(self._pending)
+            pieces.append(self._encode(joined[: self.piece_samples]))
+            rest = joined[self.piece_samples :]
+            self._pending, self._pending_samples = ([rest] if rest.size else []), rest.size
+        return [piece for piece in pieces if piece]
+
+    def chunk_done(self) -> list[bytes]:
+        """Between two chunks: the silent gap `render` puts there."""
+        return self.audio(np.zeros(self.gap_samples, dtype=np.float32))
+
+    def finish(self) -> bytes:
+        """The last piece: what is pending, then everything the stateful steps still hold."""
+        started = time.perf_counter()
+        data = self._encode(np.concatenate(self._pending)) if self._pending else b""
+        self._pending, self._pending_samples = [], 0
+        tail = np.zeros(0, dtype=np.float32)
+        if self.speed is not None:
+            stretched = self.speed.close()
+            self.stretched_samples += stretched.size
+            tail = self.resampler.write(stretched)
+        tail = np.concatenate([tail, self.resampler.close()])
+        self._measure(tail)
+        data += self.encoder.write(tail) + self.encoder.close()
+        self.encode_seconds += time.perf_counter() - started
+        return data
+
+    def _encode(self, samples: np.ndarray) -> bytes:
+        started = time.perf_counter()
+        self.joined_samples += samples.size
+        if self.speed is not None:
+            samples = self.speed.write(samples)
+        self.stretched_samples += samples.size
+        out = self.resampler.write(samples)
+        self._measure(out)
+        data = self.encoder.write(out)
+        self.encode_seconds += time.perf_counter() - started
+        return data
+
+    def _measure(self, samples: np.ndarray) -> None:
+        self.output_samples += samples.size
+        self.loudness.add(samples)
+        self.peak.add(samples)
+
+    @property
+    def time_scale(self) -> float:
+        return self.stretched_samples / self.joined_samples if self.joined_samples else 1.0
+
+    def loudness_report(self) -> dict:
+        reason = STREAM_LOUDNESS_REASON if self.plan.normalize else "normalize is false"
+        report = audio.LoudnessReport(
+            applied=False,
+            target_lufs=self.plan.target_lufs,
+            measured_lufs=self.loudness.integrated(),
+            true_peak_dbtp=self.peak.dbtp(),
+            reason=reason,
+        )
+        return report.as_dict()
 
 
 def build_segments(

@@ -40,7 +40,10 @@ RANGES = {
     "max_chunk_chars": "an integer from 40 to 5000",
     "max_new_tokens": "an integer from 1 to 4500 (frames of 133 ms)",
     "bitrate_kbps": "an integer number of kbit/s",
+    "stream_chunk_ms": "an integer from 100 to 5000 (milliseconds of audio per streamed item)",
 }
+# Formats that can be sent as they are encoded (a stream of bytes that concatenates to one file).
+STREAM_FORMATS = ("pcm_16", "wav", "mp3", "opus")
 
 
 class VoiceSource(BaseModel):
@@ -94,6 +97,10 @@ class JobInput(BaseModel):
     return_mode: Literal["auto", "url", "base64"] = Field(
         "auto", validation_alias=AliasChoices("return", "return_mode")
     )
+
+    # Streaming: audio items as frames are decoded, then a summary item.
+    stream: bool = False
+    stream_chunk_ms: int | None = Field(None, ge=100, le=5000)
 
     @model_validator(mode="before")
     @classmethod
@@ -156,6 +163,13 @@ class JobInput(BaseModel):
             raise ValueError(f"give voices either in 'speakers' or in {shorthand[0]!r}, not both")
         settings: Settings = info.context["settings"]
         fmt = self.resolved_format(settings)
+        if self.stream and fmt not in STREAM_FORMATS:
+            allowed = ", ".join(STREAM_FORMATS[:-1]) + " or " + STREAM_FORMATS[-1]
+            raise ValueError(f"'output_format' {fmt} cannot be streamed; with 'stream': true use {allowed}")
+        if self.stream and self.return_mode == "url":
+            raise ValueError("'return' url cannot be combined with 'stream': true; streamed audio arrives in the items")
+        if self.stream_chunk_ms is not None and not self.stream:
+            raise ValueError("'stream_chunk_ms' applies only with 'stream': true")
         if fmt == "opus" and self.sample_rate not in (None, 48000):
             raise ValueError("'sample_rate' for opus must be 48000: Opus always decodes at 48 kHz")
         rate = self.resolved_sample_rate(settings)

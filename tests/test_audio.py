@@ -142,3 +142,32 @@ def test_speed_scales_duration_and_keeps_pitch(speed: float) -> None:
     assert abs(out.size / signal.size - 1 / speed) <= 0.03 / speed
     middle = out[out.size // 4 : 3 * out.size // 4]
     assert abs(dominant_frequency(middle, 24000) - 220) < 6
+
+
+@pytest.mark.parametrize("rate", [24000, 44100])
+def test_loudness_meter_fed_in_pieces_equals_pyloudnorm(rate: int) -> None:
+    import pyloudnorm
+
+    rng = np.random.default_rng(7)
+    samples = 0.1 * rng.standard_normal(rate * 5 + 123) * (0.5 + 0.5 * np.sin(np.arange(rate * 5 + 123) / 2000))
+    samples = samples.astype(np.float32)
+    samples[rate : rate * 2] = 0  # a pause, so the gates matter
+    expected = pyloudnorm.Meter(rate).integrated_loudness(samples.astype(np.float64))
+    meter = audio.LoudnessMeter(rate)
+    for start in range(0, samples.size, 3001):
+        meter.add(samples[start : start + 3001])
+    assert abs(meter.integrated() - expected) < 1e-9
+    assert abs(audio.integrated_loudness(samples, rate) - expected) < 1e-9
+
+
+def test_true_peak_meter_fed_in_pieces_equals_whole_signal_oversampling() -> None:
+    from scipy.signal import resample_poly
+
+    samples = _speech_like(2.0)
+    samples[24000] = 0.9  # an inter-sample peak candidate in the middle of a piece
+    expected = 20 * math.log10(np.max(np.abs(resample_poly(samples.astype(np.float64), 4, 1))))
+    meter = audio.TruePeakMeter()
+    for start in range(0, samples.size, 777):
+        meter.add(samples[start : start + 777])
+    assert meter.dbtp() == pytest.approx(expected, abs=1e-12)
+    assert audio.true_peak_dbtp(samples, 24000) == pytest.approx(expected, abs=1e-12)

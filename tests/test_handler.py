@@ -89,13 +89,13 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
     (folder / "third.mp3").write_bytes(clone_url_mp3)
     worker = make_worker(voice_url_allowed_networks="127.0.0.0/8")
     seen: list[tuple] = []
-    generate = worker.engine.generate_chunk
+    prepare = worker.engine.prepare_inputs
 
-    def spy(chunk, voices, params, should_stop=None):
+    def spy(chunk, voices, with_voices):
         seen.append((chunk, {speaker: voices[speaker] for speaker in chunk.speakers}))
-        return generate(chunk, voices, params, should_stop)
+        return prepare(chunk, voices, with_voices)
 
-    worker.engine.generate_chunk = spy
+    worker.engine.prepare_inputs = spy
     try:
         script = (
             "Speaker 1: Welcome to the show.\nSpeaker 2: Thanks for having me here today.\n"
@@ -114,7 +114,7 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
         }
         item = only(run_job(job, worker=worker))
     finally:
-        worker.engine.generate_chunk = generate
+        worker.engine.prepare_inputs = prepare
 
     library = VoiceLibrary(settings.voices_dir)
     expected = {0: library.load("Alice"), 1: audio.decode(clone_wav), 2: audio.decode(clone_url_mp3)}
@@ -219,13 +219,20 @@ def test_captions(run_job) -> None:
     assert "captions" not in only(run_job(job))
 
 
-def test_progress_after_each_chunk_but_not_the_last(make_worker, run_job) -> None:
+def test_progress_when_audio_starts_then_by_time(make_worker, run_job) -> None:
+    """The first update comes with the first decoded frames (one per chunk of the batch); later
+    ones at most every PROGRESS_INTERVAL_SEC, so a short job sends just the one."""
     updates: list[str] = []
     worker = make_worker(progress=lambda job, message: updates.append(message))
-    item = only(run_job({"text": "One. " * 20 + "Two. " * 20, "max_chunk_chars": 40, **FAST}, worker=worker))
+    worker.engine.batch_size = 3
+    try:
+        item = only(run_job({"text": "One. " * 20 + "Two. " * 20, "max_chunk_chars": 40, **FAST}, worker=worker))
+    finally:
+        worker.engine.batch_size = 0
     total = item["chunks"]
-    assert total > 2
-    assert updates == [f"chunk {i} of {total}" for i in range(1, total)]
+    assert total > 3
+    assert updates[0] == f"0.4 s of audio generated, 0 of {total} chunks done"  # 3 frames of 133 ms
+    assert len(updates) <= 1 + item["timings"]["generate_sec"] / 2.0
 
 
 def test_disable_prefill_generates_without_voices(run_job) -> None:

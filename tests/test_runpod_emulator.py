@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +26,10 @@ from tools.runpod_emulator import RunpodEmulator
 pytestmark = pytest.mark.slow
 FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-# Four chunks of 40 frames: seconds of work, with a progress update after each of the first three.
+# Four chunks of 40 frames: seconds of work; a progress update comes with the first decoded frames.
 LONG_TEXT = " ".join(["This sentence is here to make a long job that runs for a while."] * 4)
 LONG = {"text": LONG_TEXT, "max_chunk_chars": 70, "max_new_tokens": 40, "diffusion_steps": 3}
+PROGRESS = re.compile(r"^\d+\.\d s of audio generated, \d+ of \d+ chunks done$")
 
 
 def check_audio(output: list) -> dict:
@@ -40,11 +42,11 @@ def check_audio(output: list) -> dict:
 
 
 def start_long_job(api: RunpodAPI, **extra: object) -> str:
-    """Queue a long job and return its id once the handler is generating (its first progress update)."""
+    """Queue a long job and return its id once the engine is generating (its first progress update)."""
     status, job = api.call("POST", "/run", {"input": LONG, **extra})
     assert status == 200 and job["status"] == "IN_QUEUE"
     deadline = time.monotonic() + 60
-    while (reply := api.call("GET", f"/status/{job['id']}")[1]).get("output") != "chunk 1 of 4":
+    while not PROGRESS.match(str((reply := api.call("GET", f"/status/{job['id']}")[1]).get("output"))):
         assert reply["status"] in ("IN_QUEUE", "IN_PROGRESS") and time.monotonic() < deadline, reply
         time.sleep(0.03)
     return job["id"]
@@ -83,14 +85,15 @@ def test_runsync_returns_the_result(runpod_api: RunpodAPI) -> None:
 
 
 def test_runsync_shorter_wait_than_the_job_answers_in_progress(runpod_api: RunpodAPI) -> None:
-    job_input = {"text": "Speaker 1: A job that needs more time than the request waits for it.", "max_new_tokens": 150,
-                 "diffusion_steps": 3}  # fmt: skip
+    text = "Speaker 1: A job that needs more time than the request waits for it. " * 4  # a frame cap above 300
+    job_input = {"text": text, "max_new_tokens": 300, "diffusion_steps": 3}
     started = time.monotonic()
     status, reply = runpod_api.call("POST", "/runsync?wait=2000", {"input": job_input})
     waited = time.monotonic() - started
     assert status == 200
     assert reply["status"] == "IN_PROGRESS", reply
-    assert "output" not in reply and 1.9 < waited < 10
+    assert PROGRESS.match(reply.get("output", "0.0 s of audio generated, 0 of 1 chunks done")), reply  # no result
+    assert 1.9 < waited < 10
     final = runpod_api.wait_for(reply["id"], FINAL)
     assert final["status"] == "COMPLETED"
     check_audio(final["output"])
@@ -124,8 +127,9 @@ def test_progress_updates_show_in_status_while_running(runpod_api: RunpodAPI) ->
         time.sleep(0.03)
     assert reply["status"] == "COMPLETED"
     assert reply["output"][0]["chunks"] == 3
-    assert seen and seen[0] == "chunk 1 of 3", seen
-    assert seen in (["chunk 1 of 3"], ["chunk 1 of 3", "chunk 2 of 3"])
+    # The first update comes with the first frames of the batch (one per chunk), while running.
+    assert seen and seen[0] == "0.4 s of audio generated, 0 of 3 chunks done", seen
+    assert all(PROGRESS.match(update) for update in seen)
 
 
 def test_stream_hands_out_each_item_once(runpod_api: RunpodAPI) -> None:
@@ -309,7 +313,7 @@ def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
         other_input = {"text": text, "max_new_tokens": 30, "diffusion_steps": 3}
         long_id = start_long_job(api)  # waits for its first progress update
         other_id = api.call("POST", "/run", {"input": other_input})[1]["id"]
-        # Taken while the long job runs (the engine itself generates one chunk at a time).
+        # Taken while the long job runs (the engine itself generates for one job at a time).
         api.wait_for(other_id, {"IN_PROGRESS"}, timeout=30, interval=0.02)
         assert api.call("GET", f"/status/{long_id}")[1]["status"] == "IN_PROGRESS"
         api.call("POST", f"/cancel/{long_id}")

@@ -1,0 +1,215 @@
+"""Figure a: weight bytes read per second of generated audio, for the real VibeVoice-7B on a GPU.
+
+Decoding is memory-bandwidth bound: every module call reads that module's weights once, whatever
+the batch. So the figure counts, with forward hooks on the tiny checkpoint, which modules run how
+many times, and weighs each call by that module's parameter bytes in the real 7B in bf16 (built
+from its configuration on the meta device: no weights needed). An embedding lookup reads only the
+rows it gathers, and so does the decode loop's token head (the lm_head rows of VibeVoice's four
+tokens). KV-cache and activation traffic is not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import Row
+
+FRAMES_PER_CHUNK = 150  # a 300-character chunk is about 20 s of speech: 150 frames of 133 ms
+CHUNKS = 8
+DIFFUSION_STEPS = 10  # the default
+H100_BYTES_PER_SECOND = 3.35e12  # HBM3 bandwidth of an H100 SXM
+
+
+def real_7b_config():
+    """VibeVoice-7B's architecture: Qwen2.5-7B, the sigma-VAE codecs, a 4-layer diffusion head."""
+    from transformers import (
+        Qwen2Config,
+        VibeVoiceAcousticTokenizerConfig,
+        VibeVoiceAcousticTokenizerEncoderConfig,
+        VibeVoiceConfig,
+    )
+    from transformers.models.vibevoice.configuration_vibevoice import VibeVoiceDiffusionHeadConfig
+
+    text = Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )
+    return VibeVoiceConfig(
+        text_config=text,
+        audio_config=VibeVoiceAcousticTokenizerConfig(),  # defaults: 32 filters, depths 3-3-3-3-3-3-8
+        semantic_model_config=VibeVoiceAcousticTokenizerEncoderConfig(hidden_size=128),
+        diffusion_head_config=VibeVoiceDiffusionHeadConfig(num_hidden_layers=4, intermediate_size=3 * 3584),
+    )
+
+
+def module_bytes(model) -> dict[str, int]:
+    """Parameter bytes (bf16) of each module the loops call; '*_row' entries are per gathered row."""
+
+    def size(module) -> int:
+        return sum(p.numel() for p in module.parameters()) * 2
+
+    inner = model.model
+    hidden = model.config.text_config.hidden_size
+    return {
+        "language_model": size(inner.language_model) - size(inner.language_model.embed_tokens),
+        "embedding_row": hidden * 2,
+        "lm_head": size(model.lm_head),
+        "token_head_row": hidden * 2,
+        "diffusion_head": size(inner.diffusion_head),
+        "acoustic_encoder": size(inner.audio_tower.encoder),
+        "acoustic_decoder": size(inner.audio_tower.decoder),
+        "semantic_encoder": size(inner.semantic_tokenizer_encoder),
+        "acoustic_connector": size(inner.multi_modal_projector),
+        "semantic_connector": size(inner.semantic_connector),
+    }
+
+
+def real_module_bytes() -> dict[str, int]:
+    from transformers import VibeVoiceForConditionalGeneration
+
+    with torch.device("meta"):
+        model = VibeVoiceForConditionalGeneration(real_7b_config())
+    return module_bytes(model)
+
+
+class TokenGuidanceCounter:
+    """Counts the extra LM passes of transformers' generic token-level CFG processor."""
+
+    def __enter__(self) -> TokenGuidanceCounter:
+        from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor as cfg
+
+        self.calls = 0
+        self._cls, self._original = cfg, cfg.get_unconditional_logits
+
+        def counted(processor, input_ids):
+            self.calls += 1
+            return self._original(processor, input_ids)
+
+        cfg.get_unconditional_logits = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cls.get_unconditional_logits = self._original
+
+
+class CallCounter:
+    """Counts module calls on the tiny model (a batched call counts once) and gathered rows."""
+
+    def __init__(self, engine):
+        inner = engine.model.model
+        self.modules = {
+            "language_model": inner.language_model,
+            "lm_head": engine.model.lm_head,
+            "diffusion_head": inner.diffusion_head,
+            "acoustic_encoder": inner.audio_tower.encoder,
+            "acoustic_decoder": inner.audio_tower.decoder,
+            "semantic_encoder": inner.semantic_tokenizer_encoder,
+            "acoustic_connector": inner.multi_modal_projector,
+            "semantic_connector": inner.semantic_connector,
+        }
+        self.row_modules = {
+            "embedding_row": inner.language_model.embed_tokens,
+            "token_head_row": engine.decoder.token_head,
+        }
+        self.calls: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self) -> CallCounter:
+        self.calls = dict.fromkeys([*self.modules, *self.row_modules], 0)
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._count(name)))
+        self._handles.append(self.row_modules["embedding_row"].register_forward_hook(self._rows_embedded))
+        self._handles.append(self.row_modules["token_head_row"].register_forward_hook(self._rows_of_head))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _count(self, name: str):
+        def hook(module, args, output) -> None:
+            self.calls[name] += 1
+
+        return hook
+
+    def _rows_embedded(self, module, args, output) -> None:
+        self.calls["embedding_row"] += int(args[0].numel())
+
+    def _rows_of_head(self, module, args, output) -> None:
+        self.calls["token_head_row"] += int(module.out_features)
+
+    def weighted_bytes(self, sizes: dict[str, int]) -> int:
+        return sum(count * sizes[name] for name, count in self.calls.items())
+
+
+def chunk_text(number: int) -> str:
+    """About 250 characters, so the text's frame cap does not cut the chunk short."""
+    return (
+        f"Part {number}. The committee met again on Thursday to review the budget, the schedule and the "
+        "list of open questions. Everyone agreed that the second phase should start in spring, once the "
+        "survey results are in and the new team has settled."
+    )
+
+
+def measure(workspace) -> tuple[list[Row], dict]:
+    from inference import GenerationParams
+    from text import Chunk, Turn
+
+    engine = workspace.engine()
+    voices = workspace.voices()
+    sizes = real_module_bytes()
+    params = GenerationParams(1.3, DIFFUSION_STEPS, seed=7, max_new_tokens=FRAMES_PER_CHUNK)
+    chunks = [Chunk(i, (Turn(i % 2, chunk_text(i)),)) for i in range(CHUNKS)]
+    runs = {}
+    for name, run in (
+        ("stock generate, 1 chunk", lambda: [engine.generate_chunk(chunks[0], voices, params)]),
+        ("own loop, batch 1", lambda: engine.synthesize(chunks[:1], voices, params)),
+        (f"own loop, {CHUNKS} chunks as one batch", lambda: engine.synthesize(chunks, voices, params)),
+    ):
+        engine.batch_size = CHUNKS
+        with CallCounter(engine) as counter, TokenGuidanceCounter() as token_guidance:
+            results = run()
+        audio_seconds = sum(r.audio.size for r in results) / engine.sample_rate
+        assert all(r.frames == FRAMES_PER_CHUNK for r in results), "every chunk must reach the frame count"
+        runs[name] = {
+            "calls": dict(counter.calls),
+            "audio_seconds": audio_seconds,
+            "bytes_per_audio_second": counter.weighted_bytes(sizes) / audio_seconds,
+            "token_guidance_passes": token_guidance.calls,
+            "token_guidance_bytes_per_audio_second": token_guidance.calls
+            * (sizes["language_model"] + sizes["lm_head"])
+            / audio_seconds,
+        }
+    engine.batch_size = 0
+    stock, single, batched = (runs[name]["bytes_per_audio_second"] for name in runs)
+    # transformers' generate also applies its generic token-level CFG (UnbatchedClassifierFree-
+    # GuidanceLogitsProcessor, added because guidance_scale != 1): a third LM pass per frame that
+    # VibeVoice's own inference code does not run. The second row compares against stock without it.
+    stock_two_passes = stock - runs["stock generate, 1 chunk"]["token_guidance_bytes_per_audio_second"]
+    gigabytes = 1e9
+    rows = [
+        Row("a", "weight reads per audio second, own loop at batch 1 (GB/s of audio)", single / gigabytes,
+            stock / gigabytes, "GB", "<= 0.7", "7B bf16 module sizes x calls counted on the tiny model"),
+        Row("a", "same, against stock without its token-level CFG pass (two LM passes per frame)",
+            single / gigabytes, stock_two_passes / gigabytes, "GB", "<= 0.7"),
+        Row("a", f"weight reads per audio second, per chunk, {CHUNKS} chunks batched (GB)", batched / gigabytes,
+            stock / gigabytes, "GB", "<= 0.15"),
+        Row("a", "bandwidth floor RTF on one H100, own loop at batch 1", single / H100_BYTES_PER_SECOND,
+            stock / H100_BYTES_PER_SECOND, "RTF", None, "weight bytes / 3.35 TB/s; stock generate is the baseline"),
+        Row("a", f"bandwidth floor RTF on one H100, per chunk, {CHUNKS} chunks batched",
+            batched / H100_BYTES_PER_SECOND, stock / H100_BYTES_PER_SECOND, "RTF", None),
+    ]  # fmt: skip
+    detail = {
+        "module_bytes_bf16": sizes,
+        "frames_per_chunk": FRAMES_PER_CHUNK,
+        "diffusion_steps": DIFFUSION_STEPS,
+        "runs": runs,
+    }
+    return rows, detail
