@@ -10,7 +10,9 @@ on test machines), so the audio is noise of the right codec, rate and length.
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -93,9 +95,15 @@ def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: s
         time.sleep(0.2)
 
 
+@dataclass
+class Chain:
+    emulator: object  # tools.runpod_emulator.RunpodEmulator
+    logs: Path
+
+
 @pytest.fixture(scope="module")
-def bridge(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bridge]:
-    """The whole chain: emulator + worker (with S3) + bridge; AUTH_TOKEN on, whole files by default."""
+def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    """The RunPod emulator and one worker (the SDK's real loop) that delivers through S3."""
     logs = tmp_path_factory.mktemp("bridge-e2e")
     worker_env = {
         "MODEL_PATH": str(tiny_model_dir),
@@ -107,28 +115,45 @@ def bridge(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pyte
         "S3_BUCKET_NAME": s3_server.bucket,
     }
     emulator, worker = start_runpod_api(logs / "worker.log", worker_env)
-    process = None
     try:
-        token = "e2e-token-" + os.urandom(8).hex()
-        process, origin = start_bridge(
-            emulator.base_url,
-            emulator.api_key,
-            logs / "bridge.log",
-            AUTH_TOKEN=token,
-            STREAM_AUDIO="false",
-            POLL_INITIAL_MS="100",
-            POLL_MAX_MS="500",
-            STREAM_POLL_INITIAL_MS="50",
-            STREAM_POLL_MAX_MS="200",
-            JOB_TIMEOUT_SECONDS="240",
-        )
-        yield Bridge(f"{origin}/v1", token, emulator, logs / "bridge.log")
+        yield Chain(emulator, logs)
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=20)
         worker.stop()
         emulator.stop()
+
+
+def running_bridge(chain: Chain, name: str, **settings: str) -> Iterator[Bridge]:
+    token = "e2e-token-" + os.urandom(8).hex()
+    log_path = chain.logs / f"{name}.log"
+    process, origin = start_bridge(
+        chain.emulator.base_url,
+        chain.emulator.api_key,
+        log_path,
+        AUTH_TOKEN=token,
+        POLL_INITIAL_MS="100",
+        POLL_MAX_MS="500",
+        STREAM_POLL_INITIAL_MS="50",
+        STREAM_POLL_MAX_MS="200",
+        JOB_TIMEOUT_SECONDS="240",
+        **settings,
+    )
+    try:
+        yield Bridge(f"{origin}/v1", token, chain.emulator, log_path)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def bridge(chain: Chain) -> Iterator[Bridge]:
+    """The bridge as deployed by default (streams the formats the worker streams); AUTH_TOKEN on."""
+    yield from running_bridge(chain, "bridge")
+
+
+@pytest.fixture(scope="module")
+def whole_file_bridge(chain: Chain) -> Iterator[Bridge]:
+    """The bridge with STREAM_AUDIO=false: whole files through /runsync unless a stream is asked for."""
+    yield from running_bridge(chain, "whole-file-bridge", STREAM_AUDIO="false")
 
 
 CODECS = {
@@ -140,10 +165,16 @@ CODECS = {
 }
 
 
+@pytest.mark.parametrize("delivery", ["streamed", "whole file"])
 @pytest.mark.parametrize("fmt", list(CODECS))
-def test_every_format_decodes_to_the_claimed_codec(bridge: Bridge, fmt: str) -> None:
+def test_every_format_decodes_to_the_claimed_codec(
+    bridge: Bridge, whole_file_bridge: Bridge, fmt: str, delivery
+) -> None:
+    """Streamed: mp3, opus and wav come from /run + /stream (aac and flac are always whole files);
+    whole file: /runsync, the audio downloaded from S3 through the worker's presigned URL."""
     codec, rate, content_type = CODECS[fmt]
-    response = bridge.client().audio.speech.with_raw_response.create(
+    server = bridge if delivery == "streamed" else whole_file_bridge
+    response = server.client().audio.speech.with_raw_response.create(
         model="tts-1", voice="alloy", input="Hello from the bridge.", response_format=fmt, extra_body=TINY
     )
     assert response.status_code == 200
@@ -151,7 +182,7 @@ def test_every_format_decodes_to_the_claimed_codec(bridge: Bridge, fmt: str) -> 
     assert response.headers["x-runpod-job-id"]
     info = probe(response.content)
     assert (info.codec, info.sample_rate, info.channels) == (codec, rate, 1)
-    assert 0.2 < info.duration < 5  # 4 frames of 133 ms, plus codec padding
+    assert 0.4 < info.duration < 1.0  # 4 frames of 133 ms, plus codec padding
 
 
 def test_pcm_is_raw_24khz_s16le_mono(bridge: Bridge) -> None:
@@ -168,6 +199,58 @@ def test_pcm_is_raw_24khz_s16le_mono(bridge: Bridge) -> None:
     assert reference.sample_rate == 24000
     assert samples.size == reference.samples.size
     np.testing.assert_allclose(samples, reference.samples, atol=1 / 32768)
+
+
+def test_streaming_response_receives_bytes_before_the_job_completes(bridge: Bridge) -> None:
+    client = bridge.client()
+    frames = 60
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1",
+        voice="alloy",
+        input="Streaming through the bridge, piece by piece.",
+        response_format="pcm",
+        extra_body={**TINY, "max_new_tokens": frames, "stream_chunk_ms": 100},
+    ) as response:
+        assert response.headers["content-type"] == "audio/pcm"
+        job_id = response.headers["x-runpod-job-id"]
+        pieces = response.iter_bytes()
+        first = next(pieces)
+        status_at_first_bytes = bridge.job_status(job_id)
+        audio = first + b"".join(pieces)
+    assert first
+    assert status_at_first_bytes == "IN_PROGRESS"
+    assert bridge.job_status(job_id) == "COMPLETED"
+    assert len(audio) == frames * 3200 * 2  # 3200 samples (133 ms at 24 kHz) per frame, 16-bit
+
+
+def test_sse_stream_parses(bridge: Bridge) -> None:
+    text = "Server-sent events."
+    deltas, done = [], None
+    with bridge.client().audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts",
+        voice="nova",
+        input=text,
+        response_format="mp3",
+        stream_format="sse",
+        extra_body={**TINY, "max_new_tokens": 12, "stream_chunk_ms": 200},
+    ) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if event["type"] == "speech.audio.delta":
+                deltas.append(base64.b64decode(event["audio"]))
+            else:
+                assert done is None and event["type"] == "speech.audio.done"
+                done = event
+    assert len(deltas) > 1 and done is not None
+    info = probe(b"".join(deltas))
+    assert (info.codec, info.sample_rate) == ("mp3float", 24000)
+    duration = 12 * 3200 / 24000
+    assert done["usage"]["input_tokens"] == len(text)
+    assert done["usage"]["output_tokens"] == math.ceil(duration * 7.5)
+    assert done["usage"]["total_tokens"] == len(text) + done["usage"]["output_tokens"]
 
 
 def test_speed_changes_the_duration(bridge: Bridge) -> None:
