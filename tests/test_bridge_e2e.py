@@ -2,7 +2,8 @@
 
 official `openai` SDK -> bridge in workerd (bridge/scripts/serve.js, Miniflare) -> RunPod API
 emulator (tools/runpod_emulator.py) -> the SDK's real worker loop (`python handler.py`, tiny
-checkpoint) -> moto's S3 server -> presigned URL -> bridge -> audio back. All on 127.0.0.1.
+checkpoint) -> audio back: streamed items through /stream, or whole files through moto's S3
+server and a presigned URL. All on 127.0.0.1.
 
 Nothing is mocked here; the model is the tiny random-weight checkpoint (no GPU and no real weights
 on test machines), so the audio is noise of the right codec, rate and length.
