@@ -15,7 +15,16 @@ SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name 
 
 SERVE_PORT ?= 8000
 
-.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean
+# The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
+BRIDGE_STAMP := bridge/node_modules/.installed
+BRIDGE_PORT ?= 8787
+RUNPOD_URL ?= http://127.0.0.1:$(SERVE_PORT)/v2/vibevoice-local
+# Quiet, offline runs of the Cloudflare tooling: no metrics, no request.cf lookups.
+export WRANGLER_SEND_METRICS := false
+export DO_NOT_TRACK := 1
+export CLOUDFLARE_CF_FETCH_ENABLED := false
+
+.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +33,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 venv: $(STAMP)
+
+$(BRIDGE_STAMP): bridge/package-lock.json
+	cd bridge && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+bridge-deps: $(BRIDGE_STAMP)
+
+## The OpenAI-compatible bridge in workerd on 127.0.0.1:$(BRIDGE_PORT), calling RUNPOD_URL (default: `make serve`).
+bridge: $(BRIDGE_STAMP)
+	cd bridge && BRIDGE_PORT=$(BRIDGE_PORT) RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
+
+## The bridge's own tests, inside workerd.
+bridge-test: $(BRIDGE_STAMP)
+	cd bridge && npx vitest run
 
 $(REF_STAMP): requirements-reference.txt
 	test -x $(REF_PY) || $(PYTHON) -m venv $(REF_VENV)
@@ -47,9 +70,10 @@ serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
 ## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP) $(REF_STAMP)
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
+	cd bridge && npx vitest run
 	$(PY) -m pytest
 
 ## shellcheck on every shell script, hadolint on the Dockerfile.
@@ -65,14 +89,16 @@ bench: $(STAMP)
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
 
-lint: $(STAMP)
+lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(MAKE) --no-print-directory lint-deploy
+	cd bridge && npx prettier --check .
 
-format: $(STAMP)
+format: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+	cd bridge && npx prettier --write .
 
 clean:
-	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache .local
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache .ruff_cache .local bridge/node_modules

@@ -1,0 +1,71 @@
+#!/usr/bin/env node
+// Runs the bridge locally in workerd through Miniflare (wrangler's CLI needs Node 22; this does not).
+//
+//   BRIDGE_PORT   port on 127.0.0.1 (default 8787)
+//   RUNPOD_URL    the RunPod endpoint base (default: the local emulator of `make serve`)
+//   RUNPOD_API_KEY  the key for RUNPOD_URL (default: SERVE_API_KEY, the key `make serve` accepts)
+//   AUTH_TOKEN (none: open), and any setting named in README.md
+// The R2 bucket is in memory, seeded with voices.example.json (or VOICES_JSON=path).
+
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Miniflare } from "miniflare";
+
+const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
+const SETTINGS = [
+  "JOB_TIMEOUT_SECONDS",
+  "UPSTREAM_TIMEOUT_SECONDS",
+  "RUNSYNC_WAIT_SECONDS",
+  "POLL_INITIAL_MS",
+  "POLL_MAX_MS",
+  "STREAM_POLL_INITIAL_MS",
+  "STREAM_POLL_MAX_MS",
+  "VOICES_CACHE_SECONDS",
+  "MAX_VOICE_BYTES",
+  "MAX_REQUEST_BYTES",
+  "CORS_ALLOW_ORIGIN",
+  "STREAM_AUDIO",
+];
+
+// wrangler.jsonc with its whole-line comments removed.
+const wrangler = JSON.parse(readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""));
+const port = Number(process.env.BRIDGE_PORT || 8787);
+const runpodUrl = process.env.RUNPOD_URL || `http://127.0.0.1:${process.env.SERVE_PORT || 8000}/v2/vibevoice-local`;
+const bindings = { ...wrangler.vars, RUNPOD_ENDPOINT_ID: "", RUNPOD_ENDPOINT_URL: runpodUrl };
+for (const name of SETTINGS) if (process.env[name]) bindings[name] = process.env[name];
+bindings.RUNPOD_API_KEY = process.env.RUNPOD_API_KEY || process.env.SERVE_API_KEY || "";
+bindings.AUTH_TOKEN = process.env.AUTH_TOKEN || "";
+
+const miniflare = new Miniflare({
+  name: wrangler.name,
+  scriptPath: join(BRIDGE, wrangler.main),
+  modules: true,
+  modulesRoot: BRIDGE,
+  modulesRules: [{ type: "ESModule", include: ["**/*.js"] }],
+  compatibilityDate: wrangler.compatibility_date,
+  compatibilityFlags: wrangler.compatibility_flags || [],
+  r2Buckets: wrangler.r2_buckets.map((bucket) => bucket.binding),
+  bindings,
+  host: "127.0.0.1",
+  port,
+  cf: false,
+});
+
+const url = await miniflare.ready;
+const bucket = await miniflare.getR2Bucket("VOICES");
+const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
+await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
+const auth = bindings.AUTH_TOKEN ? "on" : "off";
+console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
+
+if (!bindings.RUNPOD_API_KEY) {
+  console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");
+}
+
+async function stop() {
+  await miniflare.dispose().catch(() => {});
+  process.exit(0);
+}
+process.on("SIGINT", stop);
+process.on("SIGTERM", stop);

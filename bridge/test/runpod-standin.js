@@ -1,0 +1,209 @@
+// A local HTTP server with RunPod's serverless API shapes, for the bridge's workerd tests.
+//
+// It stands in for RunPod's control plane only (the real worker loop is exercised by the Python
+// end-to-end tests through the project's emulator). Each job behaves by the "plan" a test
+// registered for its input text (POST /__plan), so tests running in parallel do not interfere:
+//
+//   {polls: n}              /runsync answers IN_PROGRESS, then /status n times before COMPLETED
+//   {never: true}           the job never finishes
+//   {fail: "sentence"}      the job FAILS with that error (also for streams, after `chunks`)
+//   {status: "CANCELLED"}   the job ends with that status
+//   {http: {op: code}}      the operation (run, runsync, status, stream, cancel, audio) answers HTTP code
+//   {delay: {op: ms}}       the operation answers after ms
+//   {delivery: "url"}       the result has an audio_url served by this server (else audio_base64)
+//   {audio: "text"}         the result's audio bytes (default "AUDIO:<format>:<text>")
+//   {format: "wav"}         the format the result claims (default: the one asked for)
+//   {chunks: ["a", "b"]}    streamed audio pieces; {hold: i} withholds piece i until POST /__release
+//   {streamError: "FAILED without error"} the failed /stream reply carries no error (the bridge asks /status)
+//   {wholeInStream: true}   a streamed job yields one whole result instead of chunks
+//   {output: value}         the COMPLETED output, verbatim
+//
+// GET /__jobs?text=... returns what the bridge sent for that text (inputs, calls, cancellations).
+
+import http from "node:http";
+
+export const RUNPOD_KEY = "test-runpod-key-9c1f";
+
+export function startStandin() {
+  const plans = new Map();
+  const jobs = new Map();
+  const released = new Set();
+  let counter = 0;
+
+  const server = http.createServer(async (req, res) => {
+    const url = new URL(req.url, "http://127.0.0.1");
+    const body = await readBody(req);
+    const send = (status, value, headers = {}) => {
+      res.writeHead(status, { "content-type": "application/json", ...headers });
+      res.end(typeof value === "string" ? value : JSON.stringify(value));
+    };
+
+    if (url.pathname === "/__plan") {
+      const { text, plan } = JSON.parse(body);
+      plans.set(text, plan);
+      return send(200, { ok: true });
+    }
+    if (url.pathname === "/__release") {
+      released.add(url.searchParams.get("text"));
+      return send(200, { ok: true });
+    }
+    if (url.pathname === "/__jobs") {
+      const text = url.searchParams.get("text");
+      return send(200, [...jobs.values()].filter((job) => job.input?.text === text).map(publicJob));
+    }
+    const audioMatch = /^\/__audio\/(.+)$/.exec(url.pathname);
+    if (audioMatch) {
+      const job = jobs.get(audioMatch[1]);
+      if (!job) return send(404, { error: "no such job" });
+      const code = job.plan.http?.audio;
+      if (code) return send(code, "no");
+      res.writeHead(200, { "content-type": "application/octet-stream" });
+      return res.end(Buffer.from(audioBytes(job)));
+    }
+
+    const match = /^\/v2\/([^/]+)\/(run|runsync|status|stream|cancel)(?:\/([^/?]+))?$/.exec(url.pathname);
+    if (!match) return send(404, { error: "not found" });
+    if (req.headers.authorization !== `Bearer ${RUNPOD_KEY}`) return send(401, { error: "Unauthorized" });
+    const [, , op, id] = match;
+
+    let job;
+    if (op === "run" || op === "runsync") {
+      if (req.method !== "POST") return send(405, { error: "method" });
+      const input = JSON.parse(body).input;
+      const plan = plans.get(input?.text) || {};
+      job = {
+        id: `job-${++counter}`,
+        input,
+        plan,
+        op,
+        polls: 0,
+        streamCalls: 0,
+        sent: 0,
+        cancelled: false,
+        wait: url.searchParams.get("wait"),
+      };
+      jobs.set(job.id, job);
+    } else {
+      job = jobs.get(id);
+      if (!job) return send(404, { error: "job not found" });
+      const expected = op === "cancel" ? "POST" : "GET";
+      if (req.method !== expected) return send(405, { error: "method" });
+    }
+    job.calls = [...(job.calls || []), op];
+    const delay = job.plan.delay?.[op];
+    if (delay) await new Promise((resolve) => setTimeout(resolve, delay));
+    const code = job.plan.http?.[op];
+    if (code) return send(code, { error: `HTTP ${code} from the stand-in` });
+
+    if (op === "cancel") {
+      job.cancelled = true;
+      return send(200, { id: job.id, status: "CANCELLED" });
+    }
+    if (op === "run") return send(200, { id: job.id, status: "IN_QUEUE" });
+    if (op === "runsync" || op === "status") {
+      if (op === "status") job.polls++;
+      return send(200, statusReply(job, op));
+    }
+    // stream
+    job.streamCalls++;
+    return send(200, streamReply(job, released.has(job.input.text)));
+  });
+
+  function statusReply(job, op) {
+    const plan = job.plan;
+    if (job.cancelled) return { id: job.id, status: "CANCELLED" };
+    if (plan.never || (op === "runsync" && plan.polls) || job.polls < (plan.polls || 0)) {
+      return { id: job.id, status: "IN_PROGRESS" };
+    }
+    if (plan.fail) return { id: job.id, status: "FAILED", error: plan.fail };
+    if (plan.status) return { id: job.id, status: plan.status };
+    return { id: job.id, status: "COMPLETED", output: plan.output !== undefined ? plan.output : [result(job)] };
+  }
+
+  function result(job) {
+    const bytes = audioBytes(job);
+    const item = {
+      status: "completed",
+      format: job.plan.format || job.input.output_format,
+      sample_rate: job.input.sample_rate || 48000,
+      duration_sec: 1.2,
+    };
+    if (job.plan.delivery === "url") {
+      item.audio_url = `http://127.0.0.1:${server.address().port}/__audio/${job.id}?X-Amz-Signature=secret`;
+    } else {
+      item.audio_base64 = Buffer.from(bytes).toString("base64");
+    }
+    return item;
+  }
+
+  function streamReply(job, isReleased) {
+    const plan = job.plan;
+    if (job.cancelled) return { status: "CANCELLED", stream: [] };
+    if (plan.never) return { status: "IN_PROGRESS", stream: [] };
+    if (plan.fail && !plan.chunks) return { status: "FAILED", error: plan.fail, stream: [] };
+    if (plan.wholeInStream) {
+      if (job.sent) return { status: "COMPLETED", stream: [] };
+      job.sent = 1;
+      return { status: "COMPLETED", stream: [{ output: result(job) }] };
+    }
+    const chunks = plan.chunks || ["chunk-0", "chunk-1"];
+    const limit = plan.hold !== undefined && !isReleased ? plan.hold : chunks.length;
+    const items = [];
+    while (job.sent < limit) {
+      const seq = job.sent++;
+      items.push({
+        output: {
+          status: "streaming",
+          seq,
+          format: plan.format || job.input.output_format,
+          sample_rate: job.input.sample_rate || 48000,
+          audio_chunk: Buffer.from(chunks[seq]).toString("base64"),
+        },
+      });
+      if (plan.repeat) items.push(items[items.length - 1]); // a duplicated delivery
+    }
+    if (job.sent < chunks.length) return { status: "IN_PROGRESS", stream: items };
+    if (plan.fail) {
+      return plan.streamError
+        ? { status: "FAILED", stream: items }
+        : { status: "FAILED", error: plan.fail, stream: items };
+    }
+    if (!job.finished) {
+      job.finished = true;
+      items.push({
+        output: { status: "complete", format: job.input.output_format, duration_sec: 2.0, chunks: chunks.length },
+      });
+    }
+    return { status: "COMPLETED", stream: items };
+  }
+
+  function audioBytes(job) {
+    return new TextEncoder().encode(job.plan.audio ?? `AUDIO:${job.input.output_format}:${job.input.text}`);
+  }
+
+  function publicJob(job) {
+    return {
+      id: job.id,
+      input: job.input,
+      op: job.op,
+      calls: job.calls,
+      polls: job.polls,
+      cancelled: job.cancelled,
+      wait: job.wait,
+      sent: job.sent,
+    };
+  }
+
+  return new Promise((resolve) => {
+    server.listen(0, "127.0.0.1", () => resolve(server));
+  });
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const parts = [];
+    req.on("data", (part) => parts.push(part));
+    req.on("end", () => resolve(Buffer.concat(parts).toString("utf8")));
+    req.on("error", reject);
+  });
+}

@@ -1,0 +1,273 @@
+// POST /v1/audio/speech against the RunPod stand-in: fields, formats, whole files, errors, deadlines.
+import { reset } from "cloudflare:test";
+import { afterEach, describe, expect, it } from "vitest";
+import { expectError, jobs, plan, speech, textOf, uniqueText } from "./helpers.js";
+
+afterEach(() => reset());
+
+const WHOLE = { envOverrides: { STREAM_AUDIO: "false" } };
+
+describe("request validation", () => {
+  const cases = [
+    [{ model: undefined }, "model"],
+    [{ model: 7 }, "model"],
+    [{ model: "whisper-1" }, "model", "model_not_found"],
+    [{ input: undefined }, "input"],
+    [{ input: "   " }, "input"],
+    [{ input: 42 }, "input"],
+    [{ input: "x".repeat(4097) }, "input", "string_above_max_length"],
+    [{ voice: undefined }, "voice"],
+    [{ voice: 3 }, "voice"],
+    [{ voice: { name: "alloy" } }, "voice"],
+    [{ voice: "" }, "voice"],
+    [{ instructions: ["calm"] }, "instructions"],
+    [{ response_format: "ogg" }, "response_format"],
+    [{ speed: 0.2 }, "speed"],
+    [{ speed: 4.5 }, "speed"],
+    [{ speed: "fast" }, "speed"],
+    [{ stream_format: "chunks" }, "stream_format"],
+  ];
+  for (const [fields, param, code] of cases) {
+    it(`refuses ${JSON.stringify(fields).slice(0, 60)} with 400 naming '${param}'`, async () => {
+      const text = uniqueText();
+      const response = await speech({ input: text, ...fields });
+      const error = await expectError(response, 400, { param, type: "invalid_request_error" });
+      if (code) expect(error.code).toBe(code);
+      expect(error.message).toMatch(new RegExp(`'${param}'|Model`));
+      expect(await jobs(text)).toEqual([]); // nothing reached RunPod
+    });
+  }
+
+  it("refuses a body that is not JSON, or not an object", async () => {
+    await expectError(await speech(undefined, { body: "{nope" }), 400, { param: null });
+    await expectError(
+      await speech(undefined, { body: "[1, 2]", headers: { "content-type": "application/json" } }),
+      400,
+      { message: /JSON object/ },
+    );
+  });
+
+  it("refuses a body over the size cap with 413, declared or streamed", async () => {
+    const big = JSON.stringify({ model: "tts-1", voice: "alloy", input: "x".repeat(70_000) });
+    await expectError(await speech(undefined, { body: big }), 413, { code: "request_too_large" });
+    const stream = new ReadableStream({
+      start(controller) {
+        for (let i = 0; i < 20; i++) controller.enqueue(new TextEncoder().encode(" ".repeat(5000)));
+        controller.close();
+      },
+    });
+    await expectError(await speech(undefined, { body: stream, headers: { "content-type": "application/json" } }), 413);
+  });
+
+  it("accepts 4096 characters, the OpenAI names and the project's model, and speed at both ends", async () => {
+    for (const [model, speed] of [
+      ["tts-1-hd", 0.25],
+      ["gpt-4o-mini-tts", 4.0],
+      ["vibevoice-7b", 1],
+    ]) {
+      const text = uniqueText().padEnd(4096, "a");
+      const response = await speech({ model, input: text, speed, response_format: "flac" });
+      expect(response.status).toBe(200);
+      const [job] = await jobs(text);
+      expect(job.input.speed).toBe(speed);
+      expect(job.input.text).toBe(text);
+    }
+  });
+});
+
+describe("whole files", () => {
+  const expected = {
+    mp3: ["mp3", 24000, "audio/mpeg"],
+    opus: ["opus", undefined, "audio/opus"],
+    aac: ["aac", 24000, "audio/aac"],
+    flac: ["flac", 24000, "audio/flac"],
+    wav: ["wav", 24000, "audio/wav"],
+    pcm: ["pcm_16", 24000, "audio/pcm"],
+  };
+  for (const [format, [workerFormat, rate, contentType]] of Object.entries(expected)) {
+    it(`${format}: asks the worker for ${workerFormat} at ${rate ?? "48000 (Opus)"} Hz and answers ${contentType}`, async () => {
+      const text = uniqueText(format);
+      const response = await speech({ input: text, response_format: format }, WHOLE);
+      expect(response.status).toBe(200);
+      expect(response.headers.get("content-type")).toBe(contentType);
+      const body = textOf(await response.arrayBuffer());
+      expect(body).toBe(`AUDIO:${workerFormat}:${text}`);
+      expect(response.headers.get("content-length")).toBe(String(body.length));
+      const [job] = await jobs(text);
+      expect(job.op).toBe("runsync");
+      expect(job.input.output_format).toBe(workerFormat);
+      expect(job.input.sample_rate).toBe(rate);
+      expect(job.input.return).toBe("auto");
+      expect(job.input).not.toHaveProperty("stream");
+      expect(response.headers.get("x-runpod-job-id")).toBe(job.id);
+    });
+  }
+
+  it("defaults to mp3 and sends the voice as a preset name", async () => {
+    const text = uniqueText();
+    const response = await speech({ input: text, voice: "Frank" }, WHOLE);
+    expect(response.headers.get("content-type")).toBe("audio/mpeg");
+    const [job] = await jobs(text);
+    expect(job.input).toMatchObject({ text, speaker: "Frank", output_format: "mp3" });
+    expect(job.input).not.toHaveProperty("speed");
+  });
+
+  it("downloads the audio from the worker's presigned URL", async () => {
+    const text = uniqueText();
+    await plan(text, { delivery: "url", audio: "bytes from storage" });
+    const response = await speech({ input: text, response_format: "wav" }, WHOLE);
+    expect(response.status).toBe(200);
+    expect(textOf(await response.arrayBuffer())).toBe("bytes from storage");
+  });
+
+  it("answers 502 when the download fails, without showing the presigned URL", async () => {
+    const text = uniqueText();
+    await plan(text, { delivery: "url", http: { audio: 403 } });
+    const error = await expectError(await speech({ input: text }, WHOLE), 502);
+    expect(error.message).toMatch(/HTTP 403/);
+    expect(JSON.stringify(error)).not.toMatch(/Signature|__audio|127\.0\.0\.1/);
+  });
+
+  it("polls /status with backoff while the job is in progress", async () => {
+    const text = uniqueText();
+    await plan(text, { polls: 3 });
+    const response = await speech({ input: text }, WHOLE);
+    expect(response.status).toBe(200);
+    const [job] = await jobs(text);
+    expect(job.calls).toEqual(["runsync", "status", "status", "status"]);
+    expect(Number(job.wait)).toBeGreaterThanOrEqual(1000);
+  });
+
+  it("passes VibeVoice's extra fields to the worker and never sends instructions", async () => {
+    const text = uniqueText();
+    const response = await speech(
+      {
+        input: text,
+        instructions: "Speak like a pirate.",
+        seed: 7,
+        cfg_scale: 1.5,
+        diffusion_steps: 3,
+        max_new_tokens: 4,
+        unknown_field: 1,
+      },
+      WHOLE,
+    );
+    expect(response.status).toBe(200);
+    expect(response.headers.get("x-vibevoice-ignored")).toBe("instructions");
+    const [job] = await jobs(text);
+    expect(job.input).toMatchObject({ seed: 7, cfg_scale: 1.5, diffusion_steps: 3, max_new_tokens: 4 });
+    expect(JSON.stringify(job.input)).not.toMatch(/pirate|unknown_field|instructions/);
+  });
+});
+
+describe("worker and RunPod failures", () => {
+  const failures = [
+    ["'speed' must be a number from 0.25 to 4.0 (got 9).", 400, "speed"],
+    ["'text' is 2500 characters long; the limit is 2000.", 400, "input"],
+    ["Field 'text' is required.", 400, "input"],
+    ["'speaker': unknown voice 'Bob'; available voices: Alice, Frank.", 400, "voice"],
+    ["'voice_audio_base64' audio is shorter than 0.5 s.", 400, "voice"],
+    ["'speakers[1]' is an empty voice name.", 400, "voice"],
+    ["'diffusion_steps' must be an integer from 1 to 50 (got 99).", 400, "diffusion_steps"],
+    ["Unknown field 'stream'; allowed fields are: action, text.", 502, null],
+    ["internal error while generating audio (RuntimeError); the job was not completed.", 502, null],
+    ["S3 upload failed: NoSuchBucket (The specified bucket does not exist).", 502, null],
+    ["streaming stopped after 2 item(s): internal error while generating audio (RuntimeError).", 502, null],
+    ["streaming stopped after 1 item(s): 'speed' must be a number from 0.25 to 4.0 (got 9).", 400, "speed"],
+  ];
+  for (const [message, status, param] of failures) {
+    it(`"${message.slice(0, 50)}" -> ${status}${param ? ` param ${param}` : ""}`, async () => {
+      const text = uniqueText();
+      await plan(text, { fail: message });
+      const error = await expectError(await speech({ input: text }, WHOLE), status, { param });
+      expect(error.message).toContain(message);
+    });
+  }
+
+  it("keeps a raised exception's traceback out of the answer", async () => {
+    const text = uniqueText();
+    const raised = JSON.stringify({
+      error_type: "<class 'ValueError'>",
+      error_message: "boom",
+      error_traceback: "Traceback (most recent call last): secret path",
+    });
+    await plan(text, { fail: raised });
+    const error = await expectError(await speech({ input: text }, WHOLE), 502, { code: "worker_error" });
+    expect(error.message).toBe("The worker failed (ValueError).");
+  });
+
+  it("maps CANCELLED to 502 and TIMED_OUT to 504", async () => {
+    for (const [status, code] of [
+      ["CANCELLED", 502],
+      ["TIMED_OUT", 504],
+    ]) {
+      const text = uniqueText();
+      await plan(text, { status });
+      await expectError(await speech({ input: text }, WHOLE), code);
+    }
+  });
+
+  it("answers 502 for RunPod HTTP errors, a refused key, an unreachable endpoint and output without audio", async () => {
+    let text = uniqueText();
+    await plan(text, { http: { runsync: 500 } });
+    await expectError(await speech({ input: text }, WHOLE), 502, { message: /HTTP 500/ });
+
+    text = uniqueText();
+    const refused = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", RUNPOD_API_KEY: "wrong-key" } },
+    );
+    const error = await expectError(refused, 502, { code: "upstream_auth" });
+    expect(error.message).not.toContain("wrong-key");
+
+    text = uniqueText();
+    const closed = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", RUNPOD_ENDPOINT_URL: "http://127.0.0.1:9/v2/x" } },
+    );
+    await expectError(closed, 502, { message: /could not be reached/ });
+
+    text = uniqueText();
+    await plan(text, { output: [{ status: "completed", format: "mp3" }] });
+    await expectError(await speech({ input: text }, WHOLE), 502, { code: "upstream_bad_output" });
+
+    text = uniqueText();
+    await plan(text, { format: "wav" });
+    await expectError(await speech({ input: text, response_format: "mp3" }, WHOLE), 502, {
+      message: /wav audio instead of mp3/,
+    });
+  });
+
+  it("answers 503 when the RunPod settings are missing", async () => {
+    const response = await speech({ input: uniqueText() }, { envOverrides: { RUNPOD_API_KEY: undefined } });
+    const error = await expectError(response, 503, { code: "not_configured" });
+    expect(error.message).toMatch(/RUNPOD_API_KEY/);
+  });
+
+  it("gives up at the job deadline with 504 and cancels the job", async () => {
+    const text = uniqueText();
+    await plan(text, { never: true });
+    const response = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", JOB_TIMEOUT_SECONDS: "1" } },
+    );
+    await expectError(response, 504, { code: "upstream_timeout" });
+    expect(response.headers.get("x-should-retry")).toBe("false");
+    await response.settled();
+    const [job] = await jobs(text);
+    expect(job.cancelled).toBe(true);
+    expect(job.polls).toBeGreaterThan(2);
+  });
+
+  it("puts a deadline on each upstream call", async () => {
+    const text = uniqueText();
+    await plan(text, { delay: { runsync: 3000 } });
+    const started = Date.now();
+    const response = await speech(
+      { input: text },
+      { envOverrides: { STREAM_AUDIO: "false", UPSTREAM_TIMEOUT_SECONDS: "1", RUNSYNC_WAIT_SECONDS: "1" } },
+    );
+    await expectError(response, 504, { message: /did not answer \/runsync/ });
+    expect(Date.now() - started).toBeLessThan(2900);
+  });
+});

@@ -1,0 +1,29 @@
+// The bridge's tests run inside workerd (the Workers runtime) through Cloudflare's Vitest plugin.
+import { cloudflareTest } from "@cloudflare/vitest-plugin";
+import { defineConfig } from "vitest/config";
+import { RUNPOD_KEY } from "./test/runpod-standin.js";
+
+export default defineConfig({
+  plugins: [
+    cloudflareTest(({ inject }) => ({
+      wrangler: { configPath: "./wrangler.jsonc" },
+      miniflare: {
+        cf: false,
+        bindings: {
+          RUNPOD_ENDPOINT_URL: `http://127.0.0.1:${inject("runpodPort")}/v2/test-endpoint`,
+          RUNPOD_API_KEY: RUNPOD_KEY,
+          AUTH_TOKEN: "test-auth-token",
+          VOICES_CACHE_SECONDS: "0",
+          POLL_INITIAL_MS: "20",
+          POLL_MAX_MS: "50",
+          STREAM_POLL_INITIAL_MS: "20",
+          STREAM_POLL_MAX_MS: "50",
+        },
+      },
+    })),
+  ],
+  test: {
+    globalSetup: ["./test/global-setup.js"],
+    include: ["test/**/*.spec.js"],
+  },
+});
