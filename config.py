@@ -85,6 +85,9 @@ class Settings(BaseSettings):
 
     # --- worker ------------------------------------------------------------------------------
     max_concurrency: int = Field(1, ge=1, le=64)
+    # After SIGTERM, how long a running job may go on before it is stopped and reported FAILED
+    # (RunPod kills the worker a few seconds after SIGTERM; a killed job would vanish). 0: no limit.
+    shutdown_timeout: float = Field(8.0, ge=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("default_sample_rate")

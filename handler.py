@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -36,8 +37,19 @@ from voices import VoiceLibrary, VoiceLimits
 
 log = logging.getLogger("vibevoice.handler")
 
-# Errors whose message is written for the user (one sentence naming the field).
-USER_ERRORS = (InputError, JobError, DeliveryError)
+
+class ShutdownError(RuntimeError):
+    """The worker is shutting down (SIGTERM) and the job cannot finish in time."""
+
+
+# Errors whose message is written for the user (one sentence naming the field or the cause).
+USER_ERRORS = (InputError, JobError, DeliveryError, ShutdownError)
+STOPPED_BY_SHUTDOWN = (
+    "the worker was shut down before the job finished, so no audio was delivered; submit the job again."
+)
+NOT_STARTED_BY_SHUTDOWN = (
+    "the worker was shut down before the job started, so nothing was generated; submit the job again."
+)
 # Encoded audio items waiting between the generation thread and the handler; when the consumer
 # falls behind, generation waits (at most this many items are held).
 STREAM_QUEUE_ITEMS = 8
@@ -45,6 +57,44 @@ STREAM_QUEUE_ITEMS = 8
 # done, and in between at most one per interval (the chunks of a batch decode together, so a long
 # batch would otherwise be silent until its first chunk ends).
 PROGRESS_INTERVAL_SEC = 2.0
+
+
+class Shutdown:
+    """What the worker does on SIGTERM (RunPod scales the worker down, or replaces it).
+
+    The SDK's own handler stops taking jobs and waits for the running ones. On top of that, a job
+    still running `timeout` seconds after the signal is stopped at its next frame and FAILED with
+    a sentence, and a job that starts after that time fails at once: RunPod kills the worker a
+    few seconds after SIGTERM, and a job killed with it would be lost without a word.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout  # 0: running jobs may take as long as they need
+        self.since: float | None = None
+        self._watching = False
+
+    def begin(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            limit = f"{self.timeout:g} s" if self.timeout else "no time limit"
+            log.warning("SIGTERM: taking no more jobs; running jobs may finish (%s)", limit)
+
+    def expired(self) -> bool:
+        return self.since is not None and self.timeout > 0 and time.monotonic() - self.since >= self.timeout
+
+    def watch_sigterm(self) -> None:
+        """Chain a SIGTERM handler in front of the one installed now (the SDK's). Main thread only."""
+        if self._watching or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            self.begin()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        self._watching = True
 
 
 class Worker:
@@ -63,12 +113,19 @@ class Worker:
         self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
+        self.shutdown = Shutdown(settings.shutdown_timeout)
+
+    def _should_stop(self, stop: threading.Event) -> Callable[[], bool]:
+        """The engine's stop check: the job was cancelled, or the shutdown time is up."""
+        return lambda: stop.is_set() or self.shutdown.expired()
 
     async def handle(self, job: dict) -> AsyncIterator[dict]:
         """The RunPod handler: yields the job's result (or its streamed items), or one error item."""
         started = time.perf_counter()
         streamed = 0
         try:
+            if self.shutdown.expired():
+                raise ShutdownError(NOT_STARTED_BY_SHUTDOWN)
             job_input = parse_job_input(job.get("input"), self.settings)
             if job_input.action == "synthesize" and job_input.stream:
                 async for item in self.stream(job, job_input, started):
@@ -117,11 +174,14 @@ class Worker:
         generate_started = time.perf_counter()
         try:
             results = await asyncio.to_thread(
-                self.engine.synthesize, plan.chunks, plan.voices, plan.params, None, stop.is_set, None, on_progress
-            )
+                self.engine.synthesize,
+                plan.chunks, plan.voices, plan.params, None, self._should_stop(stop), None, on_progress,
+            )  # fmt: skip
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame
             raise
+        if self.shutdown.expired():  # generation stopped early: the audio is incomplete
+            raise ShutdownError(STOPPED_BY_SHUTDOWN)
         generate_seconds = time.perf_counter() - generate_started
 
         rendered = await asyncio.to_thread(render, plan, results, self.settings, time.perf_counter)
@@ -214,7 +274,11 @@ class Worker:
 
         def generate() -> None:
             try:
-                results = self.engine.synthesize(plan.chunks, plan.voices, plan.params, on_chunk, stop.is_set, on_audio)
+                results = self.engine.synthesize(
+                    plan.chunks, plan.voices, plan.params, on_chunk, self._should_stop(stop), on_audio
+                )
+                if self.shutdown.expired():
+                    raise ShutdownError(STOPPED_BY_SHUTDOWN)
                 if not stop.is_set():
                     tail = renderer.finish()
                     if tail:
@@ -412,13 +476,47 @@ def main() -> None:
         if not local:
             register_warm_up(runpod, engine)
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
+
+    def concurrency(current: int) -> int:
+        # The SDK's job loop calls this first, just after installing its SIGTERM handler.
+        worker.shutdown.watch_sigterm()
+        return settings.max_concurrency
+
     runpod.serverless.start(
         {
             "handler": worker.collect if local else worker.handle,
             "return_aggregate_stream": True,
-            "concurrency_modifier": lambda current: settings.max_concurrency,
+            "concurrency_modifier": concurrency,
         }
     )
+    if not local:  # the SDK's loop has ended (SIGTERM): nothing it took may vanish
+        report_unstarted_jobs()
+
+
+def report_unstarted_jobs() -> int:
+    """Report FAILED every job the SDK took but never ran; returns how many.
+
+    On SIGTERM the SDK stops its loop, yet a job-take request already on its way can still hand
+    it a job, which then sits in its queue unrun while RunPod counts it as in progress.
+    """
+    try:  # the SDK's own job registry and result call (runpod 1.12)
+        from runpod.http_client import AsyncClientSession
+        from runpod.serverless.modules.rp_http import send_result
+        from runpod.serverless.modules.worker_state import JobsProgress
+    except ImportError:
+        return 0
+    left = sorted(job.id for job in JobsProgress())
+    if not left:
+        return 0
+
+    async def report() -> None:
+        async with AsyncClientSession() as session:
+            for job_id in left:
+                await send_result(session, {"error": NOT_STARTED_BY_SHUTDOWN}, {"id": job_id})
+
+    asyncio.run(report())
+    log.warning("shutdown: %d job(s) taken but not started were reported failed: %s", len(left), ", ".join(left))
+    return len(left)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 import audio
 from config import SAMPLE_RATES, Settings
-from text import MAX_SPEAKERS
+from text import MAX_SPEAKERS, has_visible
 
 OutputFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"]
 FORMAT_ALIASES = {"pcm": "pcm_16", "pcm16": "pcm_16", "pcm_s16le": "pcm_16"}
@@ -121,7 +121,7 @@ class JobInput(BaseModel):
             return None
         settings: Settings = info.context["settings"]
         check_printable(value, "text")
-        if not value.strip():
+        if not has_visible(value):
             raise ValueError("is empty; give the text to speak")
         if len(value) > settings.max_text_length:
             raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 MAX_SPEAKERS = 4
@@ -117,6 +118,12 @@ class Script:
         return f"Speaker {speaker + self.label_base}"
 
 
+def has_visible(text: str) -> bool:
+    """True when the text has something to speak: more than whitespace and invisible format
+    characters (zero-width spaces, joiners, byte-order marks, direction marks)."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
+
+
 def normalize_whitespace(text: str) -> str:
     return re.sub(r"[ \t\f\v\u00a0]+", " ", text).strip()
 
@@ -136,7 +143,7 @@ def parse_script(text: str) -> Script:
                     f"text line {number} looks like a speaker label but is not 'Speaker N: ...' with N from 1 to 4."
                 )
         plain = normalize_whitespace(" ".join(line.strip() for line in lines))
-        return Script(turns=(Turn(0, plain),) if plain else (), is_script=False, label_base=1)
+        return Script(turns=(Turn(0, plain),) if has_visible(plain) else (), is_script=False, label_base=1)
 
     turns: list[tuple[int, str]] = []
     for number, match in enumerate(labelled, start=1):
@@ -145,7 +152,7 @@ def parse_script(text: str) -> Script:
                 f"text line {number} has no 'Speaker N:' label; in a script every line must start with one."
             )
         spoken = normalize_whitespace(match.group(2))
-        if not spoken:
+        if not has_visible(spoken):
             raise ScriptError(f"text line {number} ('Speaker {match.group(1)}:') has nothing to say.")
         turns.append((int(match.group(1)), spoken))
 

@@ -25,5 +25,7 @@ export default defineConfig({
   test: {
     globalSetup: ["./test/global-setup.js"],
     include: ["test/**/*.spec.js"],
+    // The JSON report feeds the reliability line that `make test` prints after pytest.
+    reporters: ["default", ["json", { outputFile: ".vitest-report.json" }]],
   },
 });

@@ -27,6 +27,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The one-line reliability summary after the run (counts from the tests that ran): tests/reliability.py.
+pytest_plugins = ["reliability"]
+
 # Tests never see the host's cloud settings.
 for _name in list(os.environ):
     if _name.startswith(("S3_", "RUNPOD_")) or _name in ("MODEL_ID", "MODEL_PATH", "HF_TOKEN", "VIBEVOICE_CONFIG"):

@@ -81,6 +81,7 @@ def test_corpus_is_large_and_varied() -> None:
     assert len({case["name"] for case in CORPUS}) == len(CORPUS)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", CORPUS, ids=[case["name"] for case in CORPUS])
 def test_bad_job_fails_with_one_sentence_then_the_worker_serves(corpus_results, case: dict) -> None:
     bad, good = corpus_results[case["name"]]
