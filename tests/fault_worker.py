@@ -19,7 +19,6 @@ import os
 import resource
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +41,19 @@ def pipe_output_through_copier() -> None:
 def refuse_file_writes() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fault-probe-{os.getpid()}")
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
     try:  # proof that the limit holds in this process
-        with tempfile.TemporaryFile() as probe:
-            probe.write(b"x")
-            probe.flush()
+        os.write(descriptor, b"x")
     except OSError as exc:
         if exc.errno != errno.EFBIG:
             raise
         print("fault: file writes are refused (RLIMIT_FSIZE=0)", flush=True)
     else:
         raise SystemExit("fault: RLIMIT_FSIZE=0 did not refuse a file write")
+    finally:
+        os.close(descriptor)
 
 
 def inject_generation_fault(marker: str) -> None:
