@@ -147,7 +147,7 @@ class VoiceLibrary:
     def from_base64(self, encoded: str, field: str) -> np.ndarray:
         limit = self.limits.max_bytes
         if len(encoded) > (limit + 2) // 3 * 4 + 4:
-            raise VoiceError(f"{field} is larger than the {limit // 1_000_000} MB limit for reference audio.")
+            raise VoiceError(f"{field} is larger than the {_megabytes(limit)} limit for reference audio.")
         compact = re.sub(r"\s+", "", encoded)
         if compact.startswith("data:"):  # a data URL: keep what follows "base64,"
             compact = compact.partition(",")[2]
@@ -162,7 +162,7 @@ class VoiceLibrary:
 
     def _decode(self, data: bytes, field: str) -> np.ndarray:
         if len(data) > self.limits.max_bytes:
-            raise VoiceError(f"{field} is larger than the {self.limits.max_bytes // 1_000_000} MB limit.")
+            raise VoiceError(f"{field} is larger than the {_megabytes(self.limits.max_bytes)} limit.")
         try:
             samples = audio.decode(data, MODEL_RATE)
         except audio.AudioError as exc:
@@ -232,13 +232,13 @@ def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
                 raise VoiceError(f"{field} could not be fetched (HTTP {response.status}).")
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise VoiceError(f"{field} is larger than the {limits.max_bytes // 1_000_000} MB limit.")
+                raise VoiceError(f"{field} is larger than the {_megabytes(limits.max_bytes)} limit.")
             received = bytearray()
             try:
                 for piece in response.stream(64 * 1024):
                     received += piece
                     if len(received) > limits.max_bytes:
-                        raise VoiceError(f"{field} is larger than the {limits.max_bytes // 1_000_000} MB limit.")
+                        raise VoiceError(f"{field} is larger than the {_megabytes(limits.max_bytes)} limit.")
                     if time.monotonic() > deadline:
                         raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
             except urllib3.exceptions.HTTPError as exc:
@@ -282,6 +282,10 @@ def _network_reason(exc: Exception) -> str:
     if isinstance(exc, urllib3.exceptions.SSLError):
         return "TLS error"
     return type(exc).__name__
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:g} MB"
 
 
 def _reason(exc: Exception) -> str:

@@ -151,6 +151,7 @@ def test_stream_hands_out_each_item_once(runpod_api: RunpodAPI) -> None:
     assert runpod_api.call("GET", f"/stream/{job['id']}") == (200, {"status": "COMPLETED", "stream": []})
 
 
+@pytest.mark.fault
 def test_cancel_stops_the_running_job_and_the_worker_takes_the_next(runpod_api: RunpodAPI) -> None:
     job_id = start_long_job(runpod_api)
     assert runpod_api.call("POST", f"/cancel/{job_id}") == (200, {"id": job_id, "status": "CANCELLED"})
@@ -164,6 +165,7 @@ def test_cancel_stops_the_running_job_and_the_worker_takes_the_next(runpod_api: 
     assert runpod_api.call("POST", f"/cancel/{reply['id']}") == (200, {"id": reply["id"], "status": "COMPLETED"})
 
 
+@pytest.mark.fault
 def test_execution_timeout_ends_the_job_timed_out(runpod_api: RunpodAPI) -> None:
     emulator: RunpodEmulator = runpod_api.emulator  # type: ignore[assignment]
     emulator.min_execution_timeout_ms = 100  # RunPod's floor is 5000 ms; lowered to keep the test short

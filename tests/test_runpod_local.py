@@ -169,6 +169,7 @@ def test_test_input_mode_reports_failure(tiny_model_dir: Path, volume: Path) -> 
         run_job_tool.run({"input": {"text": ""}}, env, timeout=300)
 
 
+@pytest.mark.fault
 def test_model_load_failure_exits_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "MODEL_PATH": str(tmp_path), "VIBEVOICE_HOME": str(tmp_path)}
     process = subprocess.run(

@@ -43,6 +43,7 @@ FAULTS = {
 }  # fmt: skip
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_faults_fall_back_to_base64_with_a_warning(s3_strict_server, make_settings, fault: str) -> None:
     overrides, message = FAULTS[fault]
@@ -54,6 +55,7 @@ def test_faults_fall_back_to_base64_with_a_warning(s3_strict_server, make_settin
     assert "returned as base64 instead" in delivery.warnings[0]
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_faults_fail_when_url_asked_or_result_too_big(s3_strict_server, make_settings, fault: str) -> None:
     overrides, message = FAULTS[fault]

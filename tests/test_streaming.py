@@ -121,6 +121,7 @@ def test_items_arrive_while_the_engine_is_still_decoding(make_worker) -> None:
     assert seen_at_first_item[0] < 30
 
 
+@pytest.mark.fault
 def test_cancelled_stream_stops_the_engine_within_frames(make_worker) -> None:
     worker = make_worker()
     frames = {"count": 0, "at_cancel": None}
@@ -180,6 +181,7 @@ def test_consumer_leaving_early_also_stops_the_engine(make_worker) -> None:
     assert frames["count"] <= 2 + 8 + 2
 
 
+@pytest.mark.fault
 def test_failure_mid_stream_fails_the_job_with_one_sentence(make_worker) -> None:
     """A fault after some audio (standing in for a GPU error: a hook that raises on the fourth
     decoded frame) ends the stream with an error item, which RunPod turns into FAILED."""

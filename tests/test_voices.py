@@ -54,6 +54,7 @@ def test_describe_reads_headers_only(library: VoiceLibrary) -> None:
     assert described["en-Alice_woman"]["short_name"] == "Alice"
 
 
+@pytest.mark.fault
 def test_corrupt_preset_is_a_clear_error(library: VoiceLibrary) -> None:
     (library.folder / "Broken.wav").write_bytes(b"RIFF....WAVEjunk")
     with pytest.raises(VoiceError, match="voice 'Broken' could not be read"):
@@ -166,6 +167,7 @@ def awkward_server():
     server.server_close()
 
 
+@pytest.mark.fault
 def test_fetch_limits(library: VoiceLibrary, awkward_server: str) -> None:
     quick = VoiceLibrary(library.folder, VoiceLimits(allowed_networks=LOOPBACK, fetch_timeout=1.0, max_bytes=1_000_000))
     with pytest.raises(VoiceError, match="timed out after 1 s"):
