@@ -196,10 +196,7 @@ class Worker:
         )
 
         generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
-        warnings = plan.warnings + delivery.warnings
-        capped = [result.index for result in results if result.reached_cap]
-        if capped:
-            warnings.append(f"chunk(s) {', '.join(map(str, capped))} reached the frame cap and may be cut short.")
+        warnings = job_warnings(plan, results) + delivery.warnings
         output = {
             "status": "completed",
             "format": plan.output_format,
@@ -319,10 +316,7 @@ class Worker:
     def _stream_summary(self, job, plan, renderer, results, items, started, first_audio, generate_seconds) -> dict:
         generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
         segments = build_segments(plan, results, chunk_spans(results, renderer.gap_samples), renderer.time_scale)
-        warnings = list(plan.warnings)
-        capped = [result.index for result in results if result.reached_cap]
-        if capped:
-            warnings.append(f"chunk(s) {', '.join(map(str, capped))} reached the frame cap and may be cut short.")
+        warnings = job_warnings(plan, results)
         summary = {
             "status": "complete",
             "format": plan.output_format,
@@ -368,6 +362,15 @@ class Worker:
         if os.environ.get("VIBEVOICE_TEST_OUTPUT"):
             Path(os.environ["VIBEVOICE_TEST_OUTPUT"]).write_text(json.dumps(result))
         return result
+
+
+def job_warnings(plan, results: list[ChunkAudio]) -> list[str]:
+    """The plan's warnings, plus one for chunks that ran into their frame cap."""
+    warnings = list(plan.warnings)
+    capped = [result.index for result in results if result.reached_cap]
+    if capped:
+        warnings.append(f"chunk(s) {', '.join(map(str, capped))} reached the frame cap and may be cut short.")
+    return warnings
 
 
 def _after_items(message: str, items: int) -> str:

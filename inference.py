@@ -458,7 +458,8 @@ def check_native_layout(path: Path) -> None:
         raise ModelLoadError(f"{path}/config.json could not be read: {exc}") from None
     if "decoder_config" in config or "acoustic_tokenizer_config" in config:
         raise ModelLoadError(
-            f"{path} is a community-layout VibeVoice checkpoint; convert it to the transformers-native layout first."
+            f"{path} is a community-layout VibeVoice checkpoint; convert it to the transformers-native layout "
+            "first (python convert_checkpoint.py SRC DST; bootstrap.sh does it on its own)."
         )
     if config.get("model_type") != "vibevoice":
         raise ModelLoadError(f"{path} is not a VibeVoice checkpoint (model_type {config.get('model_type')!r}).")

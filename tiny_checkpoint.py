@@ -174,15 +174,21 @@ def build_generation_config(config: VibeVoiceConfig) -> GenerationConfig:
     return generation_config
 
 
-def build_native(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the transformers-native ("-hf") layout to `out_dir` and return it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def build_model(seed: int) -> tuple[Qwen2Tokenizer, VibeVoiceConfig, VibeVoiceForConditionalGeneration]:
+    """The tokenizer, config and randomly weighted model that both layouts are written from."""
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     torch.manual_seed(seed)
     model = VibeVoiceForConditionalGeneration(config)
     randomize_weights(model, seed)
+    return tokenizer, config, model
+
+
+def build_native(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the transformers-native ("-hf") layout to `out_dir` and return it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, config, model = build_model(seed)
     model.generation_config = build_generation_config(config)
     model.save_pretrained(out)
     processor = VibeVoiceProcessor(
@@ -305,11 +311,7 @@ def build_community(out_dir: str | Path, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    torch.manual_seed(seed)
-    model = VibeVoiceForConditionalGeneration(config)
-    randomize_weights(model, seed)
+    tokenizer, config, model = build_model(seed)
     generation_config = build_generation_config(config)
 
     tensors = {community_name(name): tensor.contiguous() for name, tensor in model.state_dict().items()}

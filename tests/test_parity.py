@@ -308,3 +308,39 @@ def test_engine_streamed_frames_match_the_reference_streamer(engine, reference, 
     worst = float(np.abs(np.concatenate(frames) - reference["stream_single/stream"]).max())
     table.append(("stream single (engine on_audio frames)", f"max |diff| {worst:.2e} vs reference AudioStreamer"))
     assert worst <= AUDIO_TOLERANCE
+
+
+def test_streamed_job_matches_the_reference_streamer(engine, reference, voices, make_settings, tmp_path, table):
+    """A whole `stream: true` job (pcm_16) through the worker's handler, with the voice cloned from
+    a float WAV sent as base64, against the reference AudioStreamer's chunks."""
+    import asyncio
+    import base64
+    import io
+
+    import soundfile
+
+    from handler import Worker
+
+    texts, _, _, generation = CASES["stream_single"]
+    clip = io.BytesIO()
+    soundfile.write(clip, voices["alice"], 24000, format="WAV", subtype="FLOAT")
+    job_input = {
+        "text": texts[0],
+        "voice_audio_base64": base64.b64encode(clip.getvalue()).decode(),
+        "stream": True,
+        "output_format": "pcm_16",
+        "seed": generation["seed"],
+        "cfg_scale": generation["cfg"],
+        "diffusion_steps": generation["steps"],
+        "max_new_tokens": generation["frames"],
+    }
+    worker = Worker(make_settings(vibevoice_home=tmp_path), engine)
+    items = asyncio.run(worker.collect({"id": "parity-stream", "input": job_input}))
+    assert isinstance(items, list) and items[-1]["status"] == "complete", items
+    pcm = b"".join(base64.b64decode(item["audio_chunk"]) for item in items[:-1])
+    ours = np.frombuffer(pcm, "<i2").astype(np.int32)
+    theirs = np.round(np.clip(reference["stream_single/stream"], -1, 1) * 32767).astype(np.int32)
+    assert ours.shape == theirs.shape
+    worst = int(np.abs(ours - theirs).max())
+    table.append(("stream single (streamed pcm_16 job)", f"max |diff| {worst} LSB (16-bit) vs reference AudioStreamer"))
+    assert worst <= 1 + AUDIO_TOLERANCE * 32767

@@ -727,6 +727,21 @@ class RunpodEmulator:
         return web.json_response({})
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGKILL when the parent exits (a no-op elsewhere).
+
+    Linux ties this to the thread that started the child: start workers from a thread that lives
+    as long as they should (the main thread, as the tests and `make serve` do).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkerProcess:
     """`python handler.py` running the SDK's production loop against a RunpodEmulator.
 
@@ -749,6 +764,9 @@ class WorkerProcess:
             stdout=self._log_file,
             stderr=subprocess.STDOUT if self._log_file else None,
             start_new_session=True,
+            # If the process that started the worker dies without stopping it, the worker must die
+            # too: with its control plane gone, the SDK's job loop would retry in a tight loop.
+            preexec_fn=_die_with_parent,
         )
 
     def wait_until_polling(self, timeout: float = 300) -> None:
