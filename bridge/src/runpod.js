@@ -32,8 +32,14 @@ const CLIENT_FIELDS = {
   stream_chunk_ms: "stream_chunk_ms",
 };
 
-// Worker failures caused by the deployment (storage, bugs), whatever fields they quote.
-const SERVER_FAULTS = [/^internal error/i, /^S3 upload failed/i, /^the encoded audio is/i];
+// Worker failures caused by the deployment (storage, bugs, a worker stopped by RunPod), whatever
+// fields they quote.
+const SERVER_FAULTS = [
+  /^internal error/i,
+  /^S3 upload failed/i,
+  /^the encoded audio is/i,
+  /^the worker was shut down/i,
+];
 // A streamed job that fails after sending audio says so first; the cause follows.
 const AFTER_ITEMS = /^streaming stopped after \d+ item\(s\): /i;
 

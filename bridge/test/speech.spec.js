@@ -184,6 +184,18 @@ describe("worker and RunPod failures", () => {
     });
   }
 
+  it("passes a worker's shutdown on as a retryable server error, in the worker's words", async () => {
+    for (const message of [
+      "the worker was shut down before the job finished, so no audio was delivered; submit the job again.",
+      "the worker was shut down before the job started, so nothing was generated; submit the job again.",
+    ]) {
+      const text = uniqueText();
+      await plan(text, { fail: message });
+      const error = await expectError(await speech({ input: text }, WHOLE), 502, { code: "worker_error" });
+      expect(error.message).toBe(message);
+    }
+  });
+
   it("keeps a raised exception's traceback out of the answer", async () => {
     const text = uniqueText();
     const raised = JSON.stringify({
