@@ -1,6 +1,6 @@
 """The reliability line at the end of a pytest run, counted from the tests that ran and passed:
 
-    reliability: 95 bad jobs + 75 bad bridge requests, 31 faults injected, 100 jobs under load, losses: 0
+    reliability: 95 bad jobs + 75 bad bridge requests, 27 faults injected, 100 jobs under load, losses: 0
 
 Tests say what they exercised:
   @pytest.mark.bad_input        one malformed job through the worker loop
