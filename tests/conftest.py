@@ -8,6 +8,7 @@ RunPod's public API is tools/runpod_emulator.py on 127.0.0.1 feeding the SDK's r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import os
@@ -54,14 +55,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoint.build_native(tmp_path_factory.mktemp("tiny-vibevoice"))
 
 
+def make_volume(home: Path) -> Path:
+    """The volume layout in `home`, with two demo voices (en-Alice_woman, en-Frank_man)."""
+    for folder in ("hf_home", "hf_cache", "models", "output"):
+        (home / folder).mkdir(parents=True, exist_ok=True)
+    write_demo_voices(home / "demo" / "voices")
+    return home
+
+
 @pytest.fixture(scope="session")
 def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A VIBEVOICE_HOME with the volume layout and two demo voices (Alice, Frank)."""
-    home = tmp_path_factory.mktemp("volume")
-    for folder in ("hf_home", "hf_cache", "models", "output"):
-        (home / folder).mkdir()
-    write_demo_voices(home / "demo" / "voices")
-    return home
+    return make_volume(tmp_path_factory.mktemp("volume"))
 
 
 @pytest.fixture(scope="session")
@@ -257,12 +262,16 @@ class RunpodAPI:
             time.sleep(interval)
 
 
-def start_runpod_api(log_path: Path, worker_env: dict[str, str], **emulator_options: object):
-    """Start an emulator and a worker; returns (emulator, worker) once the worker polls for jobs."""
+def start_runpod_api(
+    log_path: Path, worker_env: dict[str, str], command: list[str] | None = None, **emulator_options: object
+):
+    """Start an emulator and a worker; returns (emulator, worker) once the worker polls for jobs.
+
+    `command` replaces `python handler.py` (e.g. a wrapper that injects a fault)."""
     from tools.runpod_emulator import RunpodEmulator
 
     emulator = RunpodEmulator("test-key-" + os.urandom(6).hex(), **emulator_options).start()
-    worker = emulator.start_worker(worker_env, log_path=log_path)
+    worker = emulator.start_worker(worker_env, log_path=log_path, command=command)
     try:
         worker.wait_until_polling(timeout=180)
     except BaseException:
@@ -272,15 +281,23 @@ def start_runpod_api(log_path: Path, worker_env: dict[str, str], **emulator_opti
     return emulator, worker
 
 
-@pytest.fixture(scope="session")
-def runpod_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunpodAPI]:
-    """RunPod's public API on 127.0.0.1 (tools/runpod_emulator.py) fed by one live worker process
-    running the SDK's production loop with the tiny checkpoint. Jobs queue as on RunPod."""
-    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
-    log_path = tmp_path_factory.mktemp("runpod-worker") / "worker.log"
-    emulator, worker = start_runpod_api(log_path, env)
+@contextlib.contextmanager
+def running_api(
+    log_path: Path, worker_env: dict[str, str], command: list[str] | None = None, **emulator_options: object
+) -> Iterator[RunpodAPI]:
+    """An emulator with one live worker for the length of a `with` block (or a fixture's yield)."""
+    emulator, worker = start_runpod_api(log_path, worker_env, command, **emulator_options)
     try:
         yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
     finally:
         worker.stop()
         emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def runpod_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunpodAPI]:
+    """RunPod's public API on 127.0.0.1 (tools/runpod_emulator.py) fed by one live worker process
+    running the SDK's production loop with the tiny checkpoint. Jobs queue as on RunPod."""
+    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
+    with running_api(tmp_path_factory.mktemp("runpod-worker") / "worker.log", env) as api:
+        yield api

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import RunpodAPI, start_runpod_api
+from conftest import RunpodAPI, running_api
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "bad_jobs.json").read_text())["cases"]
 VALID = {"text": "Still serving.", "max_new_tokens": 1, "diffusion_steps": 1, "output_format": "pcm_16"}
@@ -50,12 +50,8 @@ def corpus_api(tiny_model_dir, volume, tmp_path_factory) -> Iterator[RunpodAPI]:
     while one runs, so the corpus does not spend minutes waiting.
     """
     env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu", "MAX_CONCURRENCY": "4"}
-    emulator, worker = start_runpod_api(tmp_path_factory.mktemp("corpus-worker") / "worker.log", env)
-    try:
-        yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
-    finally:
-        worker.stop()
-        emulator.stop()
+    with running_api(tmp_path_factory.mktemp("corpus-worker") / "worker.log", env) as api:
+        yield api
 
 
 @pytest.fixture(scope="module")

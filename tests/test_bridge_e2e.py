@@ -28,7 +28,7 @@ import numpy as np
 import openai
 import pytest
 from audio_helpers import probe
-from conftest import ROOT, free_port, start_runpod_api
+from conftest import ROOT, free_port, running_api
 
 pytestmark = pytest.mark.slow
 
@@ -115,12 +115,8 @@ def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytes
         "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
         "S3_BUCKET_NAME": s3_server.bucket,
     }
-    emulator, worker = start_runpod_api(logs / "worker.log", worker_env)
-    try:
-        yield Chain(emulator, logs)
-    finally:
-        worker.stop()
-        emulator.stop()
+    with running_api(logs / "worker.log", worker_env) as api:
+        yield Chain(api.emulator, logs)
 
 
 def running_bridge(chain: Chain, name: str, **settings: str) -> Iterator[Bridge]:

@@ -34,9 +34,7 @@ from pathlib import Path
 
 import pytest
 from audio_helpers import probe
-from conftest import ROOT, RunpodAPI, start_runpod_api
-
-from tools.local_home import write_demo_voices
+from conftest import ROOT, RunpodAPI, make_volume, running_api, start_runpod_api
 
 pytestmark = pytest.mark.slow
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
@@ -127,11 +125,7 @@ def gate(s3_server) -> Iterator[S3Gate]:
 @pytest.fixture(scope="module")
 def fault_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A volume of the fault worker's own: tests here break its voices."""
-    home = tmp_path_factory.mktemp("fault-volume")
-    for folder in ("hf_home", "hf_cache", "models", "output"):
-        (home / folder).mkdir()
-    write_demo_voices(home / "demo" / "voices")
-    return home
+    return make_volume(tmp_path_factory.mktemp("fault-volume"))
 
 
 @pytest.fixture(scope="module")
@@ -157,29 +151,8 @@ def fault_api(tiny_model_dir, fault_home, fault_tmp, s3_server, gate, tmp_path_f
         "S3_MAX_ATTEMPTS": "2",
     }
     log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
-    command = [sys.executable, str(ROOT / "tests" / "fault_worker.py")]
-    emulator, worker = _start(log_path, env, command=command)
-    try:
-        yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
-    finally:
-        worker.stop()
-        emulator.stop()
-
-
-def _start(log_path: Path, env: dict, command: list[str] | None = None, **emulator_options):
-    from tools.runpod_emulator import RunpodEmulator
-
-    if command is None:
-        return start_runpod_api(log_path, env, **emulator_options)
-    emulator = RunpodEmulator("test-key-" + os.urandom(6).hex(), **emulator_options).start()
-    worker = emulator.start_worker(env, log_path=log_path, command=command)
-    try:
-        worker.wait_until_polling(timeout=180)
-    except BaseException:
-        worker.stop()
-        emulator.stop()
-        raise
-    return emulator, worker
+    with running_api(log_path, env, command=[sys.executable, str(ROOT / "tests" / "fault_worker.py")]) as api:
+        yield api
 
 
 def run(api: RunpodAPI, job_input: dict, timeout: float = 120) -> dict:
@@ -361,7 +334,7 @@ def test_sigterm_reports_every_job_the_worker_holds(tiny_model_dir: Path, volume
     env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu",
            "MAX_CONCURRENCY": "3", "SHUTDOWN_TIMEOUT": "8"}  # fmt: skip
     # A long job-take hold keeps the SDK's poll open through the shutdown, as on RunPod.
-    emulator, worker = _start(tmp_path / "worker.log", env, poll_hold_s=30)
+    emulator, worker = start_runpod_api(tmp_path / "worker.log", env, poll_hold_s=30)
     api = RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
     try:
         short = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from audio_helpers import probe
-from conftest import RunpodAPI, start_runpod_api
+from conftest import RunpodAPI, running_api
 from test_bridge_e2e import start_bridge
 
 pytestmark = pytest.mark.slow
@@ -51,12 +51,8 @@ def job_input(label: str, number: int) -> dict:
 def load_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFactory):
     env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu",
            "MAX_CONCURRENCY": "4", "LOG_LEVEL": "DEBUG"}  # fmt: skip
-    emulator, worker = start_runpod_api(tmp_path_factory.mktemp("load-worker") / "worker.log", env)
-    try:
-        yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
-    finally:
-        worker.stop()
-        emulator.stop()
+    with running_api(tmp_path_factory.mktemp("load-worker") / "worker.log", env) as api:
+        yield api
 
 
 def rss_bytes(pid: int) -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from audio_helpers import encode_file, tone
-from conftest import RunpodAPI, start_runpod_api
+from conftest import RunpodAPI, running_api
 
 from voices import VoiceError, VoiceLimits, fetch_audio
 
@@ -56,12 +56,8 @@ def secret_api(tiny_model_dir, volume, s3_strict_server, tmp_path_factory) -> It
         "S3_MAX_ATTEMPTS": "1", "VOICE_MAX_BYTES": "100000",
         **SECRETS,
     }  # fmt: skip
-    emulator, worker = start_runpod_api(tmp_path_factory.mktemp("secret-worker") / "worker.log", env)
-    try:
-        yield RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
-    finally:
-        worker.stop()
-        emulator.stop()
+    with running_api(tmp_path_factory.mktemp("secret-worker") / "worker.log", env) as api:
+        yield api
 
 
 def test_secrets_never_reach_logs_outputs_or_errors(secret_api: RunpodAPI) -> None:
