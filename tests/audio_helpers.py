@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from dataclasses import dataclass
 from fractions import Fraction
@@ -67,3 +68,13 @@ def _as_float(samples: np.ndarray) -> np.ndarray:
 def dominant_frequency(samples: np.ndarray, rate: int) -> float:
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(samples.size)))
     return float(np.fft.rfftfreq(samples.size, 1 / rate)[np.argmax(spectrum)])
+
+
+def check_audio(output: list) -> dict:
+    """A job's RunPod output holding one inline mp3 or wav result whose audio decodes to its duration."""
+    assert isinstance(output, list) and len(output) == 1
+    item = output[0]
+    info = probe(base64.b64decode(item["audio_base64"]))
+    assert info.codec == {"mp3": "mp3float", "wav": "pcm_s16le"}[item["format"]]
+    assert abs(info.duration - item["duration_sec"]) < 0.08
+    return item

@@ -7,7 +7,6 @@ job-done / job-stop calls and the real handler. Only the GPU and the real weight
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from audio_helpers import probe
+from audio_helpers import check_audio
 from conftest import RunpodAPI, start_runpod_api
 
 from tools.runpod_emulator import RunpodEmulator
@@ -32,15 +31,6 @@ LONG = {"text": LONG_TEXT, "max_chunk_chars": 70, "max_new_tokens": 40, "diffusi
 PROGRESS = re.compile(
     r"^(\d+\.\d s of audio generated, \d+ of \d+ chunks done|chunk \d+ of \d+ done, \d+\.\d s of audio generated)$"
 )
-
-
-def check_audio(output: list) -> dict:
-    assert isinstance(output, list) and len(output) == 1
-    item = output[0]
-    info = probe(base64.b64decode(item["audio_base64"]))
-    assert info.codec == {"mp3": "mp3float", "wav": "pcm_s16le"}[item["format"]]
-    assert abs(info.duration - item["duration_sec"]) < 0.08
-    return item
 
 
 def start_long_job(api: RunpodAPI, **extra: object) -> str:

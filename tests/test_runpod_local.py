@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from audio_helpers import encode_file, probe, tone
+from audio_helpers import check_audio, encode_file, probe, tone
 from conftest import ROOT, free_port
 
 from tools import run_job as run_job_tool
@@ -62,15 +62,6 @@ def sdk_server(tiny_model_dir: Path, volume: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=20)
-
-
-def check_audio(output: list) -> dict:
-    assert isinstance(output, list) and len(output) == 1
-    item = output[0]
-    info = probe(base64.b64decode(item["audio_base64"]))
-    assert info.codec == {"mp3": "mp3float", "wav": "pcm_s16le"}[item["format"]]
-    assert abs(info.duration - item["duration_sec"]) < 0.08
-    return item
 
 
 def test_runsync_returns_decodable_audio(sdk_server: str) -> None:
