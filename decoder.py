@@ -1,25 +1,38 @@
-"""VibeVoice's decode loop, batched: several chunks and both guidance branches per forward pass.
+"""VibeVoice's decode loop as small steps over a batch of rows, for the scheduler (scheduler.py).
 
 transformers' `generate` runs, for every 133 ms frame, one language-model pass for the text
 (positive) branch and a second one for the unconditional (negative) branch of classifier-free
 guidance, each reading all the weights. Decoding is memory-bandwidth bound, so this loop runs the
-same per-frame steps with the model's own modules, but batched:
+same per-frame steps with the model's own modules, batched over every sequence that decodes:
 
-- the positive and negative rows of every sequence go through the language model as ONE forward
-  (rows `[pos_0 .. pos_n-1, neg_0 .. neg_n-1]` in one KV cache, left-padded, with explicit
-  position ids, so a row sees exactly the positions it would see alone);
-- the diffusion head runs both guidance halves of every sequence in one call per step;
-- the chunks of a job decode together (left-padded prompts); each sequence ends on its own
-  (end token, frame cap) and its rows leave the batch, so finished sequences cost nothing;
-- the next token is chosen among the tokens VibeVoice may emit (speech frame, speech start/end,
-  end of text) from the matching rows of `lm_head`, instead of all 152k vocabulary rows.
+    prefill        one sequence alone, in pieces (its voices, then its prompt): its rows, ready to join
+    join           prefilled (or parked) sequences become rows of the running batch, at a frame boundary
+    step           one frame for every row:
+      choose_tokens    argmax among the tokens VibeVoice may emit, from the matching rows of lm_head
+      diffuse          classifier-free-guided diffusion for the rows that speak, both halves per head call
+      codec_step       acoustic decode and semantic encode of those rows (per-row streaming conv state)
+      forward_both     ONE language-model pass for the positive and the negative rows of every sequence
+    drop / park    rows leave the batch (ended, stopped), or leave with their state kept (out of memory)
+
+The batch's rows are `[pos_0 .. pos_n-1, neg_0 .. neg_n-1]` in one KV cache, right-aligned (left
+padding, masked) with explicit position ids, so a row sees exactly the positions it would see alone.
+`step` is the one per-frame function: its input is the batch at a frame boundary, its output the
+batch one frame later plus what each sequence produced; a static, graph-captured step can replace
+it without changing the scheduler, as long as join/drop/park keep their contract.
 
 Per sequence the result equals transformers' stock `generate` for that chunk alone (the tests
 check both): its random draws come from its own generator, seeded with the job seed, consumed in
 the same order as the stock loop consumes the global one (the sigma-VAE noise of the voice latents
-during the prompt, then `randn(2, latent)` per frame of which the first row is used); the
-negative branch advances only on frames the sequence diffuses, and is reset on speech-start, as
-in the stock loop; the codec caches (acoustic decoder, semantic encoder) advance per sequence.
+during the prompt, then `randn(2, latent)` per frame of which the first row is used); the negative
+branch advances only on frames the sequence diffuses, and is reset on speech-start, as in the stock
+loop; the codec caches advance per sequence. So a sequence's audio does not depend on what else is
+in the batch, or on when it joined.
+
+Voices: the acoustic encoder's output for a reference voice is deterministic; only its sigma-VAE
+noise is random. Each distinct voice (keyed by a hash of its normalised samples) is encoded once
+per process, alone and in segments of VOICE_SEGMENT_SAMPLES through the encoder's streaming cache
+(so a long voice never needs more encoder memory than one segment), and kept; each sequence then
+draws the noise stock `encode` would draw, in the same shapes and order, under its own seed.
 
 One difference from `generate` is deliberate. Because `guidance_scale` is not 1, transformers'
 generic `_get_logits_processor` also adds its token-level classifier-free guidance
@@ -33,12 +46,16 @@ speech at different frames, and their audio is equal up to there.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -46,22 +63,58 @@ log = logging.getLogger("vibevoice.decoder")
 
 # Generation-config fields that would change token choice but that this loop does not apply.
 _UNSUPPORTED_LOGITS_SETTINGS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias")
+# A prompt is prefilled in pieces of at most this many tokens (one piece per frame boundary while
+# other sequences decode), so a long prompt never stalls the batch for more than one such forward.
+PREFILL_PIECE_TOKENS = 512
+# A voice is encoded in segments of this many samples (20 s at 24 kHz; a multiple of the codec's
+# 3200-sample hop): the 7B's encoder needs ~768 bytes per sample, so ~370 MB per segment.
+VOICE_SEGMENT_SAMPLES = 480_000
+# Encoded voices kept per process (deterministic encoder output, ~0.3 MB per minute of voice in bf16).
+VOICE_CACHE_BYTES = 64 * 2**20
 
 
-@dataclass
+# --- data types ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VoiceClip:
+    """One speaker's reference audio, as the processor normalised it, with a key for its content."""
+
+    key: str  # hash of `samples`: the same voice in any chunk or job has the same key
+    samples: torch.Tensor  # [frames * hop] float32 on the CPU, zero-padded to whole frames
+    frames: int  # latent frames (placeholder tokens) the voice fills in the prompt
+
+    @classmethod
+    def from_processor(cls, input_values: torch.Tensor, padding_mask: torch.Tensor, hop: int) -> list[VoiceClip]:
+        """The clips of one prompt's voices: `input_values` [voices, 1, samples], `padding_mask` [voices, samples]."""
+        clips = []
+        for row in range(input_values.shape[0]):
+            frames = -(-int(padding_mask[row].sum()) // hop)
+            samples = input_values[row, 0, : frames * hop].detach().to("cpu", torch.float32).contiguous()
+            key = hashlib.blake2b(samples.numpy().tobytes(), digest_size=16).hexdigest()
+            clips.append(cls(key, samples, frames))
+        return clips
+
+
+@dataclass(frozen=True)
 class DecodeRequest:
-    """One sequence to decode: a chunk's prompt and its limits."""
+    """One sequence to decode: a chunk's prompt, its voices and its limits."""
 
     index: int  # the chunk index, reported back with every frame
     input_ids: torch.Tensor  # [prompt_len] token ids of the prompt
     max_frames: int  # the frame cap: at most this many generated tokens
     seed: int
-    input_values: torch.Tensor | None = None  # [voices, samples] reference audio, or None
-    padding_mask: torch.Tensor | None = None
+    cfg_scale: float = 1.3
+    diffusion_steps: int = 10
+    voices: tuple[VoiceClip, ...] = ()  # in prompt order; empty without a voice prompt
+    expected_frames: int | None = None  # what the memory budget plans for (default: the cap)
+    forced_tokens: tuple[int, ...] = ()  # emitted instead of the model's choice (tests walk speech start/end)
 
 
 @dataclass
-class DecodedSequence:
+class ChunkAudio:
+    """A decoded chunk: the one result type of both decode loops."""
+
     index: int
     audio: np.ndarray  # 24 kHz mono float32
     frames: int  # generated speech frames
@@ -69,32 +122,118 @@ class DecodedSequence:
     tokens: list[int] = field(default_factory=list)  # every generated token id
 
 
-class _Sequence:
-    """The per-sequence state of one row pair (positive, negative) in the batch."""
+def ended_by_cap(tokens: list[int], max_frames: int, audio_token_id: int) -> bool:
+    """The sequence ran into its frame cap while still speaking (so its audio may be cut short)."""
+    return len(tokens) >= max_frames and bool(tokens) and tokens[-1] == audio_token_id
 
-    def __init__(self, request: DecodeRequest, generator: torch.Generator):
-        self.request = request
-        self.generator = generator
-        self.tokens: list[int] = []
-        self.frames: list[torch.Tensor] = []
-        self.next_position = int(request.input_ids.numel())  # positive row's next position id
-        self.negative_length = 0  # inputs the negative branch has really seen (its next position id)
 
-    def result(self, audio_token_id: int) -> DecodedSequence:
-        audio = torch.cat(self.frames, dim=-1).reshape(-1) if self.frames else torch.zeros(0)
-        tokens = self.tokens
-        reached_cap = len(tokens) >= self.request.max_frames and bool(tokens) and tokens[-1] == audio_token_id
-        return DecodedSequence(
-            index=self.request.index,
-            audio=audio.float().cpu().numpy().astype(np.float32, copy=False),
-            frames=sum(1 for token in tokens if token == audio_token_id),
-            reached_cap=reached_cap,
-            tokens=list(tokens),
-        )
+@dataclass
+class RowState:
+    """A sequence's rows while it is outside the batch (just prefilled, or parked), batch dim 1."""
+
+    positive_hidden: torch.Tensor  # [hidden]
+    negative_hidden: torch.Tensor  # [hidden]
+    positive_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [1, kv_heads, Lp, head_dim]
+    negative_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [1, kv_heads, Ln, head_dim]
+    positive_mask: torch.Tensor  # [Lp], 1 = visible
+    negative_mask: torch.Tensor  # [Ln]
+    acoustic: object | None = None  # codec conv state, 1 row (None: not started)
+    semantic: object | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One chunk decoding: its request, its own generator and its progress."""
+
+    request: DecodeRequest
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    tokens: list[int] = field(default_factory=list)
+    next_position: int = 0  # the positive row's next position id
+    negative_length: int = 0  # inputs the negative branch has really seen (its next position id)
+    state: RowState | None = None  # its rows while outside the batch
+    spoke: bool = False  # it has produced audio
+    owner: object = None  # the scheduler's job record
+
+    def fresh(self) -> Sequence:
+        """The same request from the start (an out-of-memory retry of a sequence nobody has heard yet)."""
+        return Sequence(self.request, owner=self.owner)
+
+
+@dataclass
+class Batch:
+    """The rows decoding together. Row i holds sequence i's positive branch, row n + i its negative one."""
+
+    sequences: list[Sequence] = field(default_factory=list)
+    positive_hidden: torch.Tensor | None = None  # [n, hidden]: the last pass's output, tokens come from it
+    negative_hidden: torch.Tensor | None = None  # [n, hidden]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [2n, kv_heads, L, hd]
+    mask: torch.Tensor | None = None  # [2n, L] long, 1 = visible; the last column holds the latest pass
+    acoustic: object | None = None  # acoustic decoder conv state, n rows
+    semantic: object | None = None  # semantic encoder conv state, n rows
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def columns(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def kv_bytes(self) -> int:
+        return sum(keys.nbytes + values.nbytes for keys, values in self.kv)
+
+
+@dataclass
+class FrameOutput:
+    """What one sequence produced in one frame."""
+
+    sequence: Sequence
+    token: int
+    audio: HostFrame | None  # the frame's samples on their way to the host (None: no speech this frame)
+    ended: bool  # end of text or frame cap: the sequence is done and leaves at the next boundary
+    failed: bool = False  # its hidden state was not finite: its job fails, the others go on
+
+
+class HostCopy:
+    """A frame's samples [m, 1, hop] copied to the host without blocking the decode thread.
+
+    On CUDA the copy goes into pinned memory behind an event; `row()` (called from the consumer's
+    thread) waits for that event, so the decode thread never waits for a device-to-host copy."""
+
+    def __init__(self, samples: torch.Tensor):
+        if samples.device.type == "cuda":
+            self._tensor = torch.empty(samples.shape, dtype=samples.dtype, pin_memory=True)
+            self._tensor.copy_(samples, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._tensor, self._event = samples, None
+
+    def row(self, k: int) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tensor[k].float().numpy().reshape(-1)
+
+
+@dataclass(frozen=True)
+class HostFrame:
+    """One sequence's samples of a frame, on their way to the host."""
+
+    copy: HostCopy
+    row: int
+
+    def numpy(self) -> np.ndarray:
+        return self.copy.row(self.row)
+
+
+class NonFiniteStateError(RuntimeError):
+    """A sequence's language-model state is not finite (NaN or inf); its job cannot go on."""
+
+
+# --- the decoder ----------------------------------------------------------------------------------
 
 
 class BatchDecoder:
-    """Decodes a batch of VibeVoice prompts to audio with the model's own modules."""
+    """Prefills sequences and decodes a batch of them frame by frame with the model's own modules."""
 
     def __init__(self, model):
         self.model = model
@@ -102,6 +241,7 @@ class BatchDecoder:
         generation_config = model.generation_config
         self.audio_token_id = int(config.audio_token_id)
         self.audio_bos_token_id = int(config.audio_bos_token_id)
+        self.hop_length = int(config.audio_config.hop_length)
         eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else config.eos_token_id
         self.eos_token_ids = {int(t) for t in (eos if isinstance(eos, list | tuple) else [eos])}
         # VibeVoice may only emit these (transformers' VibeVoiceTokenConstraintProcessor); the
@@ -125,235 +265,421 @@ class BatchDecoder:
         self._allowed = torch.tensor(self.allowed_token_ids, device=lm_head.weight.device)
 
         self.noise_scheduler = model._build_default_noise_scheduler(generation_config)
+        # One user of the model at a time: the scheduler's loop holds it for a boundary and a frame,
+        # `decode` and stock `generate` for their whole run (the noise scheduler is stateful).
+        self.lock = threading.Lock()
         self._negative_start: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.voice_cache = VoiceLatentCache(VOICE_CACHE_BYTES)
 
-    # --- public ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # --- a whole decode, for callers without a scheduler ------------------------------------------
 
     @torch.inference_mode()
     def decode(
-        self,
-        requests: list[DecodeRequest],
-        guidance_scale: float,
-        diffusion_steps: int,
-        on_frame: Callable[[int, np.ndarray], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        force_tokens: Callable[[int, int], int | None] | None = None,
-        on_step: Callable[[int], None] | None = None,
-        on_done: Callable[[int], None] | None = None,
-    ) -> list[DecodedSequence]:
-        """Decode every request; results come back in request order.
+        self, requests: list[DecodeRequest], on_frame: Callable[[int, np.ndarray], None] | None = None
+    ) -> list[ChunkAudio]:
+        """Decode `requests` together to the end, in this thread; results in request order.
 
-        `on_frame(index, samples)` receives each sequence's audio frame by frame, as decoded.
-        `should_stop()` is checked between frames; when true, every sequence ends there.
-        `force_tokens(index, step)` may return a token to emit instead of the model's choice (tests
-        use it to walk the speech-start/end paths with a checkpoint that never takes them).
-        `on_step(frames)` is called after every step with the number of frames it decoded, and
-        `on_done(index)` when a sequence has ended (before the others, when they are longer).
-        """
-        if not requests:
-            return []
-        model = self.model.model
-        device = self.model.device
-        finished: dict[int, _Sequence] = {}
+        The scheduler runs the same steps for every job of the process; this is the same loop
+        for one group of requests (tests, tools). `on_frame(index, samples)` gets every frame."""
+        with self.lock:
+            return self._decode(requests, on_frame)
 
-        # Prompt: every sequence's embeddings, left-padded into one batch.
-        embeds, sequences = [], []
-        for request in requests:
-            prompt_embeds, generator = self._prompt_embeds(request, device)
-            embeds.append(prompt_embeds)
-            sequences.append(_Sequence(request, generator))
-        prompt_len = max(e.shape[0] for e in embeds)
-        n = len(sequences)
-        hidden_size = embeds[0].shape[-1]
-        prompt = embeds[0].new_zeros(n, prompt_len, hidden_size)
-        prompt_mask = torch.zeros(n, prompt_len, dtype=torch.long, device=device)
-        for row, e in enumerate(embeds):
-            prompt[row, prompt_len - e.shape[0] :] = e
-            prompt_mask[row, prompt_len - e.shape[0] :] = 1
-        del embeds
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        out = model.language_model(
-            inputs_embeds=prompt,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        positive_hidden = out.last_hidden_state[:, -1]
-        del prompt, out
-
-        # The negative branch starts from a lone speech-start token at position 0: the same for
-        # every sequence, so its hidden state and KV entry are computed once and copied in as the
-        # negative rows' first (speculative) column.
-        negative_hidden, start_kv = self._negative_start_state(device)
-        negative_hidden = negative_hidden.expand(n, -1)
-        for layer, (keys, values) in zip(cache.layers, start_kv, strict=True):
-            negative_keys = torch.zeros_like(layer.keys)
-            negative_values = torch.zeros_like(layer.values)
-            negative_keys[:, :, -1:] = keys
-            negative_values[:, :, -1:] = values
-            layer.keys = torch.cat([layer.keys, negative_keys])
-            layer.values = torch.cat([layer.values, negative_values])
-        negative_mask = torch.zeros_like(prompt_mask)
-        negative_mask[:, -1] = 1
-        mask = torch.cat([prompt_mask, negative_mask])
-        acoustic_cache = semantic_cache = None
-
-        while sequences:
-            # 1. Next token of every sequence (argmax among the allowed tokens).
-            logits = self.token_head(positive_hidden).float()
-            tokens = self._allowed[logits.argmax(dim=-1)]
-            token_list = tokens.tolist()
-            if force_tokens is not None:
-                for row, seq in enumerate(sequences):
-                    forced = force_tokens(seq.request.index, len(seq.tokens))
-                    if forced is not None:
-                        token_list[row] = forced
-                tokens = torch.tensor(token_list, device=device)
-            diffusing = [t == self.audio_token_id for t in token_list]
-            speculative = mask.shape[1] - 1  # the negative rows' column from this step's pass
-
-            # 2. The negative branch really saw this step's input only where the sequence diffuses.
-            for row, seq in enumerate(sequences):
-                seq.tokens.append(token_list[row])
-                if diffusing[row]:
-                    seq.negative_length += 1
-                else:
-                    mask[n + row, speculative] = 0
-                if token_list[row] == self.audio_bos_token_id:
-                    # Speech-start: the negative branch restarts from a single-token context (its
-                    # next input sees only itself), as in the stock loop.
-                    mask[n + row] = 0
-
-            # 3. Diffusion, acoustic decode and semantic encode for the sequences that speak.
-            next_embeds = model.get_input_embeddings()(tokens).unsqueeze(1)
-            rows = [row for row in range(n) if diffusing[row]]
-            if rows:
-                index = torch.tensor(rows, device=device) if len(rows) < n else None
-                if index is None:
-                    condition = torch.cat([positive_hidden, negative_hidden])
-                else:
-                    condition = torch.cat([positive_hidden[index], negative_hidden[index]])
-                generators = [sequences[row].generator for row in rows]
-                latent = self._sample_latent(condition, generators, guidance_scale, diffusion_steps)
-                audio, acoustic_cache = self._run_codec(
-                    self._acoustic_decode, self._scale_latent(latent), acoustic_cache, rows, n
-                )
-                semantic, semantic_cache = self._run_codec(self._semantic_encode, audio, semantic_cache, rows, n)
-                frame_embeds = model.multi_modal_projector(latent) + model.semantic_connector(semantic)
-                if index is None:
-                    next_embeds = frame_embeds.to(next_embeds.dtype)
-                else:
-                    next_embeds[index] = frame_embeds.to(next_embeds.dtype)
-                frames = audio.reshape(len(rows), -1)
-                host_frames = frames.float().cpu().numpy() if on_frame else None
-                for k, row in enumerate(rows):
-                    sequences[row].frames.append(frames[k])
+    def _decode(self, requests: list[DecodeRequest], on_frame) -> list[ChunkAudio]:
+        sequences = [Sequence(request) for request in requests]
+        audio: dict[int, list[np.ndarray]] = {id(s): [] for s in sequences}
+        batch = Batch()
+        for sequence in sequences:
+            for _ in self.prefill(sequence):
+                pass
+        self.join(batch, sequences)
+        while batch.sequences:
+            outputs = self.step(batch)
+            for output in outputs:
+                if output.failed:
+                    raise NonFiniteStateError(f"chunk {output.sequence.request.index}: the hidden state is not finite")
+                if output.audio is not None:
+                    samples = output.audio.numpy()
+                    audio[id(output.sequence)].append(samples)
                     if on_frame is not None:
-                        on_frame(sequences[row].request.index, host_frames[k])
+                        on_frame(output.sequence.request.index, samples)
+            self.drop(batch, [row for row, output in enumerate(outputs) if not output.ended])
+        return [self.result(s, audio[id(s)]) for s in sequences]
 
-            if on_step is not None:
-                on_step(len(rows))
+    def result(self, sequence: Sequence, frames: list[np.ndarray]) -> ChunkAudio:
+        samples = np.concatenate(frames) if frames else np.zeros(0, dtype=np.float32)
+        tokens = list(sequence.tokens)
+        return ChunkAudio(
+            index=sequence.request.index,
+            audio=samples.astype(np.float32, copy=False),
+            frames=sum(1 for token in tokens if token == self.audio_token_id),
+            reached_cap=ended_by_cap(tokens, sequence.request.max_frames, self.audio_token_id),
+            tokens=tokens,
+        )
 
-            # 4. Which sequences end here: end token, frame cap, or a stop request.
-            stop_all = bool(should_stop and should_stop())
-            keep = [
-                row
-                for row, seq in enumerate(sequences)
-                if not stop_all
-                and token_list[row] not in self.eos_token_ids
-                and len(seq.tokens) < seq.request.max_frames
-            ]
-            if len(keep) < n:
-                for row, seq in enumerate(sequences):
-                    if row not in keep:
-                        finished[seq.request.index] = seq
-                        if on_done is not None:
-                            on_done(seq.request.index)
-                if not keep:
-                    break
-                keep_t = torch.tensor(keep, device=device)
-                both = torch.cat([keep_t, keep_t + n])
-                sequences = [sequences[row] for row in keep]
-                next_embeds = next_embeds[keep_t]
-                mask = mask[both]
-                for layer in cache.layers:
-                    layer.keys = layer.keys[both]
-                    layer.values = layer.values[both]
-                for codec_cache in (acoustic_cache, semantic_cache):
-                    if codec_cache is not None:
-                        for layer in codec_cache.layers.values():
-                            layer.cache = layer.cache[keep_t]
-                n = len(sequences)
-                mask = self._trim_columns(cache, mask)
+    # --- prefill: one sequence alone --------------------------------------------------------------
 
-            # 5. One language-model pass for both branches of every sequence.
-            mask = torch.cat([mask, mask.new_ones(2 * n, 1)], dim=1)
-            position_ids = torch.tensor(
-                [[seq.next_position] for seq in sequences] + [[seq.negative_length] for seq in sequences],
-                device=device,
-            )
+    def prefill(self, sequence: Sequence) -> Iterator[None]:
+        """Prefill one sequence alone, in pieces; yields between pieces (the scheduler runs a frame of
+        the batch there). When it is exhausted, `sequence.state` holds the rows that join the batch.
+
+        Alone, because left-padded batched prefill can give NaN rows with fused kernels on CUDA, and
+        because a sequence joining a running batch has nobody to share its prompt pass with."""
+        embeds = yield from self._prompt_embeds(sequence)  # [prompt_len, hidden]
+        model = self.model.model
+        length = int(embeds.shape[0])
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        for start in range(0, length, PREFILL_PIECE_TOKENS):
+            end = min(length, start + PREFILL_PIECE_TOKENS)
             out = model.language_model(
-                inputs_embeds=torch.cat([next_embeds, next_embeds]),
-                attention_mask=mask,
-                position_ids=position_ids,
+                inputs_embeds=embeds[None, start:end],
+                position_ids=torch.arange(start, end, device=embeds.device)[None],
                 past_key_values=cache,
                 use_cache=True,
             )
-            hidden = out.last_hidden_state[:, -1]
-            positive_hidden, negative_hidden = hidden[:n], hidden[n:]
-            for seq in sequences:
-                seq.next_position += 1
+            if end < length:
+                yield
+        positive_hidden = out.last_hidden_state[0, -1]  # [hidden]
+        if not bool(torch.isfinite(positive_hidden).all()):
+            raise NonFiniteStateError(f"chunk {sequence.request.index}: the prompt's hidden state is not finite")
+        negative_hidden, start_kv = self._negative_start_state()
+        sequence.next_position = length
+        sequence.state = RowState(
+            positive_hidden=positive_hidden,
+            negative_hidden=negative_hidden[0],
+            positive_kv=[(layer.keys, layer.values) for layer in cache.layers],
+            negative_kv=start_kv,
+            positive_mask=torch.ones(length, dtype=torch.long, device=embeds.device),
+            negative_mask=torch.ones(1, dtype=torch.long, device=embeds.device),
+        )
 
-        for seq in sequences:
-            finished.setdefault(seq.request.index, seq)
-        return [finished[r.index].result(self.audio_token_id) for r in requests]
+    def _prompt_embeds(self, sequence: Sequence) -> Iterator[None]:
+        """The prompt's input embeddings with the voice latents in the placeholder positions; sets
+        the sequence's generator to the state the stock loop's global RNG has when frames start.
 
-    # --- the prompt -------------------------------------------------------------------------
-
-    def _prompt_embeds(self, request: DecodeRequest, device: torch.device) -> tuple[torch.Tensor, torch.Generator]:
-        """The prompt's input embeddings (voice latents in the placeholder positions) and the
-        sequence's generator, in the state the stock loop's global RNG has when frames start.
-
-        The sigma-VAE noise of the voice latents is drawn from the global RNG inside the acoustic
-        tokenizer's `encode`; it is drawn here, one sequence at a time, from the global RNG seeded
-        with the sequence's seed (and restored afterwards), and the CPU RNG state it leaves behind
-        becomes the sequence's generator for the frames, as in the stock loop.
-        """
+        Stock `encode` draws the sigma-VAE noise from the global RNG (seeded with the job seed):
+        `randn(voices)` for the scales, then `randn_like(latents)` over the voices padded to the
+        longest. Those draws are replayed here, in the same shapes and order, on the cached
+        deterministic encoder output, inside a forked RNG; the CPU RNG state they leave becomes the
+        sequence's generator for the frames, as in the stock loop."""
+        request = sequence.request
         model = self.model.model
+        device = self.device
         input_ids = request.input_ids.to(device).unsqueeze(0)
-        embeds = model.get_input_embeddings()(input_ids)
-        generator = torch.Generator()
-        generator.manual_seed(request.seed)
-        if request.input_values is None:
-            return embeds[0], generator
+        embeds = model.get_input_embeddings()(input_ids)  # [1, prompt_len, hidden]
+        sequence.generator.manual_seed(request.seed)
+        if not request.voices:
+            return embeds[0]
+        encoded = []
+        for clip in request.voices:
+            encoded.append((yield from self._encode_voice(clip)))  # [frames, latent]
+        longest = max(clip.frames for clip in request.voices)
+        # [voices, longest, latent] as a transposed view of [voices, latent, longest], the layout of the
+        # encoder's own output: `randn_like` keeps strides, so the noise lands where stock puts it.
+        latents = encoded[0].new_zeros(len(encoded), encoded[0].shape[-1], longest).transpose(1, 2)
+        for row, voice in enumerate(encoded):
+            latents[row, : voice.shape[0]] = voice
         devices = [device] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(request.seed)
-            audio = model.get_audio_features(
-                request.input_values.to(device, self.model.dtype),
-                request.padding_mask.to(device),
-                sample=True,
-            ).pooler_output
-            generator.set_state(torch.get_rng_state())
-        placeholders = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, audio_features=audio)
-        return embeds.masked_scatter(placeholders, audio.to(embeds.dtype))[0], generator
+            vae_std = model.audio_tower.config.vae_std
+            noise_std = vae_std * torch.randn(latents.shape[0], device=latents.device, dtype=latents.dtype)
+            latents = latents + noise_std[:, None, None] * torch.randn_like(latents)
+            sequence.generator.set_state(torch.get_rng_state())
+        features = (latents + model.latent_bias_factor.to(device)) * model.latent_scaling_factor.to(device)
+        features = model.multi_modal_projector(features)  # [voices, longest, hidden]
+        real = torch.cat([features[row, : clip.frames] for row, clip in enumerate(request.voices)])
+        placeholders = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, audio_features=real)
+        return embeds.masked_scatter(placeholders, real.to(embeds.dtype))[0]
 
-    def _negative_start_state(self, device) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def _encode_voice(self, clip: VoiceClip) -> Iterator[None]:
+        """The acoustic encoder's deterministic output for one voice [frames, latent], from the cache
+        or encoded now in segments (one segment per piece of prefill work)."""
+        cached = self.voice_cache.get(clip.key)
+        if cached is not None:
+            return cached
+        encoder = self.model.model.audio_tower.encoder
+        samples = clip.samples.to(self.device, self.model.dtype)[None, None]  # [1, 1, frames * hop]
+        padding_cache, pieces = None, []
+        for start in range(0, samples.shape[-1], VOICE_SEGMENT_SAMPLES):
+            output = encoder(samples[..., start : start + VOICE_SEGMENT_SAMPLES], padding_cache=padding_cache,
+                             use_cache=True)  # fmt: skip
+            padding_cache = output.padding_cache
+            pieces.append(output.latents[0])  # [segment frames, latent]
+            if start + VOICE_SEGMENT_SAMPLES < samples.shape[-1]:
+                yield
+        latents = torch.cat(pieces)[: clip.frames]
+        self.voice_cache.put(clip.key, latents)
+        return latents
+
+    def _negative_start_state(self) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The negative branch starts from a lone speech-start token at position 0: the same for
+        every sequence, so its hidden state [1, hidden] and KV entry are computed once."""
         if self._negative_start is None:
             model = self.model.model
-            token = torch.tensor([[self.audio_bos_token_id]], device=device)
+            token = torch.tensor([[self.audio_bos_token_id]], device=self.device)
             cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
             out = model.language_model(
                 inputs_embeds=model.get_input_embeddings()(token),
-                position_ids=torch.zeros(1, 1, dtype=torch.long, device=device),
+                position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
                 past_key_values=cache,
                 use_cache=True,
             )
             kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
             self._negative_start = (out.last_hidden_state[:, -1].clone(), kv)
         return self._negative_start
+
+    # --- rows joining and leaving -------------------------------------------------------------
+
+    def join(self, batch: Batch, sequences: list[Sequence]) -> None:
+        """Append sequences with a row state (prefilled or parked) as the batch's last rows.
+
+        Every row stays right-aligned: the narrower side is left-padded with masked zero columns,
+        so the last column is the latest pass of every row (the negative rows' speculative one)."""
+        if not sequences:
+            return
+        states = [sequence.state for sequence in sequences]
+        n = len(batch)
+        width = max(
+            [batch.columns] + [s.positive_mask.numel() for s in states] + [s.negative_mask.numel() for s in states]
+        )
+
+        def right(tensor: torch.Tensor) -> torch.Tensor:  # [rows, heads, L, hd] -> [rows, heads, width, hd]
+            return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))
+
+        joined = bool(batch.kv)
+        for layer in range(len(states[0].positive_kv)):
+            new = []
+            for side in (0, 1):  # keys, values
+                old = batch.kv[layer][side] if joined else None
+                parts = [right(old[:n])] if old is not None else []
+                parts += [right(s.positive_kv[layer][side]) for s in states]
+                parts += [right(old[n:])] if old is not None else []
+                parts += [right(s.negative_kv[layer][side]) for s in states]
+                new.append(torch.cat(parts))
+            if joined:
+                batch.kv[layer] = (new[0], new[1])  # one layer at a time: the old one is freed as we go
+            else:
+                batch.kv.append((new[0], new[1]))
+        old_mask = [F.pad(batch.mask[:n], (width - batch.columns, 0))] if batch.mask is not None else []
+        old_negative = [F.pad(batch.mask[n:], (width - batch.columns, 0))] if batch.mask is not None else []
+        batch.mask = torch.cat(
+            old_mask
+            + [F.pad(s.positive_mask, (width - s.positive_mask.numel(), 0))[None] for s in states]
+            + old_negative
+            + [F.pad(s.negative_mask, (width - s.negative_mask.numel(), 0))[None] for s in states]
+        )
+        hidden = [s.positive_hidden[None] for s in states]
+        negative = [s.negative_hidden[None] for s in states]
+        if n:
+            hidden, negative = [batch.positive_hidden, *hidden], [batch.negative_hidden, *negative]
+        batch.positive_hidden, batch.negative_hidden = torch.cat(hidden), torch.cat(negative)
+        batch.acoustic = _codec_cat([(batch.acoustic, n)] + [(s.acoustic, 1) for s in states])
+        batch.semantic = _codec_cat([(batch.semantic, n)] + [(s.semantic, 1) for s in states])
+        batch.sequences.extend(sequences)
+        for sequence in sequences:
+            sequence.state = None
+
+    def drop(self, batch: Batch, keep: list[int]) -> None:
+        """Keep only the rows `keep` (in that order); the others leave the batch and free their KV."""
+        n = len(batch)
+        if keep == list(range(n)):
+            return
+        if not keep:
+            batch.__dict__.update(Batch().__dict__)
+            return
+        rows = torch.tensor(keep, device=batch.mask.device)
+        both = torch.cat([rows, rows + n])
+        for layer, (keys, values) in enumerate(batch.kv):
+            batch.kv[layer] = (keys[both], values[both])
+        batch.mask = batch.mask[both]
+        batch.positive_hidden, batch.negative_hidden = batch.positive_hidden[rows], batch.negative_hidden[rows]
+        batch.acoustic = _codec_select(batch.acoustic, rows)
+        batch.semantic = _codec_select(batch.semantic, rows)
+        batch.sequences = [batch.sequences[row] for row in keep]
+        self._trim_columns(batch)
+
+    def park(self, batch: Batch, rows: list[int]) -> list[Sequence]:
+        """Take rows out of the batch with their state (`sequence.state`), to join again later."""
+        n = len(batch)
+        parked = []
+        for row in rows:
+            sequence = batch.sequences[row]
+            positive_kv, positive_mask = _row_cut(batch, row)
+            negative_kv, negative_mask = _row_cut(batch, n + row)
+            index = torch.tensor([row], device=batch.mask.device)
+            sequence.state = RowState(
+                positive_hidden=batch.positive_hidden[row].clone(),
+                negative_hidden=batch.negative_hidden[row].clone(),
+                positive_kv=positive_kv,
+                negative_kv=negative_kv,
+                positive_mask=positive_mask,
+                negative_mask=negative_mask,
+                acoustic=_codec_select(batch.acoustic, index),
+                semantic=_codec_select(batch.semantic, index),
+            )
+            parked.append(sequence)
+        self.drop(batch, [row for row in range(n) if row not in rows])
+        return parked
+
+    @staticmethod
+    def _trim_columns(batch: Batch) -> None:
+        """Drop leading cache columns no row can see (left padding of rows that left)."""
+        first = _first_visible(batch.mask.any(dim=0))
+        if first:
+            batch.kv = [(keys[:, :, first:], values[:, :, first:]) for keys, values in batch.kv]
+            batch.mask = batch.mask[:, first:]
+
+    # --- one frame ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[FrameOutput]:
+        """One frame for every row of the batch, in place; returns what each sequence produced.
+
+        Input: the batch at a frame boundary (each row's hidden state from its latest pass).
+        Output: the batch one frame later, with rows that ended still in it (the caller drops them
+        at the next boundary, with any others that leave). If it raises (out of memory), the
+        batch and the sequences are as they were, so the frame can be retried with fewer rows."""
+        tokens, finite = self.choose_tokens(batch)  # [n] host ints, [n] host bools
+        speaking = [row for row, token in enumerate(tokens) if token == self.audio_token_id and finite[row]]
+        generators = [batch.sequences[row].generator for row in speaking]
+        saved = [generator.get_state() for generator in generators]
+        try:
+            latent, audio, acoustic, semantic_cache, semantic = self.speak(batch, speaking)
+            embeds = self.next_embeds(tokens, speaking, latent, semantic)  # [n, 1, hidden]
+            mask, negative_lengths = self.negative_after(batch, tokens)  # [2n, L], [n]
+            self.forward_both(batch, embeds, mask, negative_lengths)
+        except BaseException:
+            for generator, state in zip(generators, saved, strict=True):
+                generator.set_state(state)
+            raise
+        if speaking:
+            batch.acoustic, batch.semantic = acoustic, semantic_cache
+        return self._commit(batch, tokens, finite, speaking, audio, negative_lengths)
+
+    def choose_tokens(self, batch: Batch) -> tuple[list[int], list[bool]]:
+        """Next token of every sequence (argmax among the allowed tokens), and which rows are finite."""
+        logits = self.token_head(batch.positive_hidden).float()  # [n, allowed]
+        tokens = self._allowed[logits.argmax(dim=-1)]  # [n]
+        finite = torch.isfinite(batch.positive_hidden).all(-1) & torch.isfinite(batch.negative_hidden).all(-1)
+        token_list, finite_list = torch.stack([tokens, finite.long()]).tolist()  # the frame's one sync
+        for row, sequence in enumerate(batch.sequences):
+            forced = sequence.request.forced_tokens
+            if len(sequence.tokens) < len(forced):
+                token_list[row] = forced[len(sequence.tokens)]
+        return token_list, [bool(value) for value in finite_list]
+
+    def speak(self, batch: Batch, rows: list[int]):
+        """Diffusion, acoustic decode and semantic encode for the rows that speak this frame.
+
+        Returns (latent [m, 1, latent], audio [m, 1, hop], the batch's new acoustic and semantic
+        conv state, semantic features [m, 1, semantic]); the batch itself is not changed."""
+        if not rows:
+            return None, None, None, None, None
+        index = torch.tensor(rows, device=batch.positive_hidden.device)
+        condition = torch.cat([batch.positive_hidden[index], batch.negative_hidden[index]])  # [2m, hidden]
+        latent = self.diffuse(condition, [batch.sequences[row] for row in rows])  # [m, 1, latent]
+        n = len(batch)
+        audio, acoustic = _codec_step(self._acoustic_decode, self._scale_latent(latent), batch.acoustic, index, n)
+        semantic, semantic_cache = _codec_step(self._semantic_encode, audio, batch.semantic, index, n)
+        return latent, audio, acoustic, semantic_cache, semantic
+
+    def diffuse(self, condition: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """Latents [m, 1, latent] for m speaking sequences; condition is [2m, hidden] (positive halves
+        first). Sequences with the same steps and guidance scale share each head call."""
+        m = len(sequences)
+        groups: dict[tuple[int, float], list[int]] = {}
+        for k, sequence in enumerate(sequences):
+            groups.setdefault((sequence.request.diffusion_steps, sequence.request.cfg_scale), []).append(k)
+        if len(groups) == 1:
+            [(steps, scale)] = groups
+            return self._sample_latent(condition, [s.generator for s in sequences], scale, steps)
+        latent = None
+        for (steps, scale), members in groups.items():
+            index = torch.tensor(members, device=condition.device)
+            part = self._sample_latent(
+                torch.cat([condition[:m][index], condition[m:][index]]),
+                [sequences[k].generator for k in members], scale, steps,
+            )  # fmt: skip
+            latent = part.new_empty(m, *part.shape[1:]) if latent is None else latent
+            latent[index] = part
+        return latent
+
+    def next_embeds(self, tokens: list[int], rows: list[int], latent, semantic) -> torch.Tensor:
+        """The next input of every row [n, 1, hidden]: the token's embedding, or the frame's features."""
+        model = self.model.model
+        token_ids = torch.tensor(tokens, device=self.device)
+        embeds = model.get_input_embeddings()(token_ids).unsqueeze(1)
+        if rows:
+            frame_embeds = (model.multi_modal_projector(latent) + model.semantic_connector(semantic)).to(embeds.dtype)
+            if len(rows) == len(tokens):
+                return frame_embeds
+            embeds[torch.tensor(rows, device=self.device)] = frame_embeds
+        return embeds
+
+    def negative_after(self, batch: Batch, tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The mask [2n, L] and negative lengths once this frame's tokens are known.
+
+        The negative branch really saw the last pass's input only where the sequence diffuses now;
+        elsewhere that speculative column is masked. Speech-start restarts the negative branch
+        from a single-token context (its next input sees only itself), as in the stock loop."""
+        n = len(batch)
+        mask = batch.mask.clone()
+        lengths = []
+        for row, (sequence, token) in enumerate(zip(batch.sequences, tokens, strict=True)):
+            if token == self.audio_token_id:
+                lengths.append(sequence.negative_length + 1)
+            else:
+                lengths.append(sequence.negative_length)
+                mask[n + row, -1] = 0
+            if token == self.audio_bos_token_id:
+                mask[n + row] = 0
+        return mask, lengths
+
+    def forward_both(self, batch: Batch, embeds: torch.Tensor, mask: torch.Tensor, negative_lengths: list[int]):
+        """One language-model pass over both branches of every row: appends one column to the cache.
+
+        embeds [n, 1, hidden]; mask [2n, L] -> [2n, L + 1]. On an exception the cache is cut back to
+        its L columns (each layer grows by concatenation, so its first L columns are unchanged)."""
+        n = len(batch)
+        columns = batch.columns
+        mask = torch.cat([mask, mask.new_ones(2 * n, 1)], dim=1)
+        positions = torch.tensor(
+            [[s.next_position] for s in batch.sequences] + [[length] for length in negative_lengths], device=self.device
+        )  # [2n, 1]
+        cache = _cache_over(batch.kv, self.model.config)
+        batch.kv = []  # the cache owns the tensors during the pass: each layer's old tensor is freed as it grows
+        try:
+            out = self.model.model.language_model(
+                inputs_embeds=torch.cat([embeds, embeds]),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        except BaseException:
+            batch.kv = [(layer.keys[:, :, :columns], layer.values[:, :, :columns]) for layer in cache.layers]
+            raise
+        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        hidden = out.last_hidden_state[:, -1]  # [2n, hidden]
+        batch.positive_hidden, batch.negative_hidden, batch.mask = hidden[:n], hidden[n:], mask
+
+    def _commit(self, batch, tokens, finite, speaking, audio, negative_lengths) -> list[FrameOutput]:
+        """After a successful frame: advance each sequence and say what it produced."""
+        copy = HostCopy(audio) if speaking else None
+        frames = {row: HostFrame(copy, k) for k, row in enumerate(speaking)}
+        outputs = []
+        for row, sequence in enumerate(batch.sequences):
+            token = tokens[row]
+            sequence.tokens.append(token)
+            sequence.negative_length = negative_lengths[row]
+            sequence.next_position += 1
+            ended = token in self.eos_token_ids or len(sequence.tokens) >= sequence.request.max_frames
+            outputs.append(FrameOutput(sequence, token, frames.get(row), ended=ended, failed=not finite[row]))
+        return outputs
 
     # --- per-frame pieces -------------------------------------------------------------------------
 
@@ -389,43 +715,99 @@ class BatchDecoder:
         output = self.model.model.semantic_tokenizer_encoder(audio, padding_cache=cache, use_cache=True)
         return output.latents, output.padding_cache
 
-    @staticmethod
-    def _run_codec(run, inputs: torch.Tensor, cache, rows: list[int], n: int):
-        """Run a streaming codec for the speaking rows only, so no other row's conv state advances."""
-        if len(rows) == n:
-            return run(inputs, cache)
-        index = torch.tensor(rows, device=inputs.device)
-        sub_cache = None
-        if cache is not None:
-            sub_cache = type(cache)()
-            for key, layer in cache.layers.items():
-                sub_layer = type(layer)()
-                sub_layer.__dict__.update(layer.__dict__)
-                sub_layer.cache = layer.cache[index].clone()
-                sub_cache.layers[key] = sub_layer
-        output, sub_cache = run(inputs, sub_cache)
-        if cache is None:  # first use: every other row starts from the zero state
-            cache = type(sub_cache)()
-            for key, sub_layer in sub_cache.layers.items():
-                layer = type(sub_layer)()
-                layer.__dict__.update(sub_layer.__dict__)
-                shape = (n, *sub_layer.cache.shape[1:])
-                layer.cache = sub_layer.cache.new_zeros(shape)
-                cache.layers[key] = layer
-        for key, layer in cache.layers.items():
-            layer.cache[index] = sub_cache.layers[key].cache
-        return output, cache
 
-    # --- cache bookkeeping --------------------------------------------------------------------
+class VoiceLatentCache:
+    """Encoded voices by content key, least recently used first out, bounded in bytes."""
 
-    @staticmethod
-    def _trim_columns(cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
-        """Drop leading cache columns no remaining row can see (left padding of finished rows)."""
-        visible = mask.any(dim=0).nonzero()
-        first = int(visible[0]) if visible.numel() else mask.shape[1]
-        if first == 0:
-            return mask
-        for layer in cache.layers:
-            layer.keys = layer.keys[:, :, first:]
-            layer.values = layer.values[:, :, first:]
-        return mask[:, first:]
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # voices encoded so far (tests count them)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        latents = self._entries.get(key)
+        if latents is not None:
+            self._entries.move_to_end(key)
+        return latents
+
+    def put(self, key: str, latents: torch.Tensor) -> None:
+        self.encoded += 1
+        self._entries[key] = latents
+        while sum(t.nbytes for t in self._entries.values()) > self.max_bytes and len(self._entries) > 1:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# --- cache helpers -------------------------------------------------------------------------------
+
+
+def _first_visible(mask: torch.Tensor) -> int:
+    visible = mask.nonzero()
+    return int(visible[0]) if visible.numel() else int(mask.shape[-1])
+
+
+def _row_cut(batch: Batch, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One cache row from its first visible column on: per layer [1, kv_heads, L', head_dim], mask [L']."""
+    first = _first_visible(batch.mask[row])
+    kv = [(k[row : row + 1, :, first:].clone(), v[row : row + 1, :, first:].clone()) for k, v in batch.kv]
+    return kv, batch.mask[row, first:].clone()
+
+
+def _cache_over(kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
+    """A DynamicCache whose layers hold these tensors (no copy)."""
+    cache = DynamicCache(config=config.get_text_config(decoder=True))
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+def _codec_map(template, make) -> object:
+    """A new codec conv-state cache shaped like `template`, each layer's tensor from `make(key, layer)`."""
+    cache = type(template)()
+    for key, layer in template.layers.items():
+        copy = type(layer)()
+        copy.__dict__.update(layer.__dict__)
+        copy.cache = make(key, layer)
+        cache.layers[key] = copy
+    return cache
+
+
+def _codec_select(cache, rows: torch.Tensor):
+    return None if cache is None else _codec_map(cache, lambda key, layer: layer.cache[rows])
+
+
+def _codec_cat(parts: list[tuple[object | None, int]]):
+    """Rows of several codec states, in order; a missing state (never spoke) is zero rows."""
+    template = next((cache for cache, _ in parts if cache is not None), None)
+    if template is None:
+        return None
+
+    def rows(key, layer):
+        tensors = [
+            cache.layers[key].cache if cache is not None else layer.cache.new_zeros(count, *layer.cache.shape[1:])
+            for cache, count in parts
+            if count
+        ]
+        return torch.cat(tensors)
+
+    return _codec_map(template, rows)
+
+
+def _codec_step(run, inputs: torch.Tensor, cache, index: torch.Tensor, n: int):
+    """Run a streaming codec for the rows in `index` only, so no other row's conv state advances.
+
+    Returns (output, the batch's new conv state); `cache` itself is not changed."""
+    sub = _codec_select(cache, index)
+    output, sub = run(inputs, sub)
+    if index.numel() == n:
+        return output, sub
+    if cache is None:  # first use: every other row starts from the zero state
+        full = _codec_map(sub, lambda key, layer: layer.cache.new_zeros(n, *layer.cache.shape[1:]))
+    else:
+        full = _codec_map(cache, lambda key, layer: layer.cache.clone())
+    for key, layer in full.layers.items():
+        layer.cache[index] = sub.layers[key].cache
+    return output, full

@@ -1,12 +1,13 @@
-"""The VibeVoice engine: one model per process, loaded once, turning a job's chunks into audio.
+"""The VibeVoice engine: one model per process, loaded once, turning chunks into audio.
 
 It drives transformers' native VibeVoice classes (`VibeVoiceForConditionalGeneration`,
 `VibeVoiceProcessor`). Each chunk's prompt is VibeVoice's script prompt with the reference voice
 of every speaker in that chunk, so a speaker sounds the same in every chunk.
 
-Two decode loops produce the same audio per chunk: `decoder.BatchDecoder` (the default) decodes
-the chunks of a job together in batches, with both guidance branches in one pass; transformers'
-stock `generate` (`generate_chunk`) decodes one chunk at a time and stays as the reference.
+Two decode loops produce the same audio per chunk: the own loop (the default) hands every job's
+chunks to the process's decode scheduler (scheduler.py), which decodes the chunks of all running
+jobs in one batch with both guidance branches in one pass (decoder.py); transformers' stock
+`generate` (`generate_chunk`) decodes one chunk at a time and stays as the reference.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
+import math
+import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +27,34 @@ import torch
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, VibeVoiceForConditionalGeneration
 
 from config import MODEL_SAMPLE_RATE, Settings
-from decoder import BatchDecoder, DecodeRequest
+from decoder import (
+    PREFILL_PIECE_TOKENS,
+    VOICE_SEGMENT_SAMPLES,
+    BatchDecoder,
+    ChunkAudio,
+    DecodeRequest,
+    VoiceClip,
+    ended_by_cap,
+)
+from scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
 from text import Chunk, max_frames_for
 
 log = logging.getLogger("vibevoice.engine")
+
+__all__ = ["ChunkAudio", "EngineInfo", "GenerationParams", "ModelLoadError", "VibeVoiceEngine"]
 
 SYSTEM_PROMPT = (
     " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each "
     "respective speaker.\n"
 )
+# What the memory budget plans for per chunk: speech at this many characters per second (read
+# aloud is ~15; slower leaves a margin), plus a second. The frame cap (text.max_frames_for) is ~3x that.
+SPEECH_CHARS_PER_SECOND = 12.0
+# MAX_CONCURRENCY=0 on the CPU: a second job joins the running one instead of waiting behind it.
+CPU_AUTO_CONCURRENCY = 2
+# Activation bytes of the 7B's acoustic encoder per reference sample: ~768 for its 32 base filters
+# in bf16 (traced on the meta device); scaled by the filters and element size of other models.
+ENCODER_BYTES_PER_SAMPLE_PER_FILTER_BYTE = 12
 
 
 class ModelLoadError(RuntimeError):
@@ -50,30 +71,13 @@ class GenerationParams:
 
 
 @dataclass
-class ChunkAudio:
-    index: int
-    audio: np.ndarray  # 24 kHz mono float32
-    frames: int
-    reached_cap: bool
-    seconds: float  # wall time spent generating it (with batching: its whole batch)
-
-
-@dataclass
 class EngineInfo:
     source: str
     device: str
     dtype: str
     attention: str
     load_seconds: float
-    notes: list[str] = field(default_factory=list)
 
-
-# Automatic batch size on CUDA (BATCH_SIZE=0): the largest batch whose KV cache and codec state
-# fit in half of the free memory, at most MAX_AUTO_BATCH; on the CPU, CPU_AUTO_BATCH.
-MAX_AUTO_BATCH = 16
-CPU_AUTO_BATCH = 8
-AUTO_BATCH_MEMORY_SHARE = 0.5
-CODEC_STATE_BYTES = 64 * 2**20  # per sequence: codec conv caches, frame activations, the frames kept
 
 AudioCallback = Callable[[int, np.ndarray], None]
 ChunkCallback = Callable[[ChunkAudio, int], None]
@@ -91,7 +95,10 @@ class _StopWhen(StoppingCriteria):
 
 
 class VibeVoiceEngine:
-    """Loads the model once and turns chunks plus reference voices into 24 kHz audio."""
+    """Loads the model once and turns chunks plus reference voices into 24 kHz audio.
+
+    `synthesize` may be called from several threads at once (one per job): the decode scheduler
+    merges their chunks into one batch."""
 
     sample_rate = MODEL_SAMPLE_RATE
 
@@ -109,11 +116,19 @@ class VibeVoiceEngine:
         self.processor.tokenizer.padding_side = "left"  # batched prompts must be left-padded
         self.hop_length = int(model.config.audio_config.hop_length)
         self.frame_rate = self.sample_rate / self.hop_length  # 7.5 frames per second
-        self.batch_size = batch_size  # 0: automatic
         self.decode_loop = decode_loop
         self.decoder = BatchDecoder(model)
-        self._lock = threading.Lock()  # one generation at a time per process
-        self._oom_batch_limit: int | None = None  # lowered after an out-of-memory error
+        self.budget = BatchBudget(batch_size, model.device, self.kv_bytes_per_token(), self.prefill_bytes())
+        self.scheduler = DecodeScheduler(self.decoder, self.budget)
+
+    @property
+    def batch_size(self) -> int:
+        """BATCH_SIZE: sequences decoded together (0: automatic, see scheduler.BatchBudget)."""
+        return self.budget.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.budget.batch_size = value
 
     # --- loading ------------------------------------------------------------------------
 
@@ -124,8 +139,7 @@ class VibeVoiceEngine:
         check_native_layout(path)
         device = pick_device(settings.device)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        notes: list[str] = []
-        model, attention = _load_model(path, device, dtype, notes)
+        model, attention = _load_model(path, device, dtype, [])
         processor = AutoProcessor.from_pretrained(path)
         model.eval()
         info = EngineInfo(
@@ -134,7 +148,6 @@ class VibeVoiceEngine:
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
             load_seconds=time.perf_counter() - started,
-            notes=notes,
         )
         log.info(
             "model loaded from %s on %s (%s, %s attention) in %.1f s",
@@ -163,16 +176,46 @@ class VibeVoiceEngine:
         prompt += " Speech output:\n" + processor.audio_bos_token
         return prompt
 
-    def prepare_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
-        """Token ids, attention mask and (with voices) the reference audio, on the model's device."""
+    def processor_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
+        """Token ids, attention mask and (with voices) the normalised reference audio, on the CPU."""
         prompt = self.build_prompt(chunk, with_voices)
         audio = [voices[speaker] for speaker in chunk.speakers] if with_voices else None
-        inputs = self.processor(text=prompt, audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
+        return self.processor(text=prompt, audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
+
+    def prepare_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
+        """`processor_inputs` on the model's device, as `generate` takes them."""
         device = self.model.device
-        prepared = {key: value.to(device) for key, value in inputs.items()}
+        prepared = {key: value.to(device) for key, value in self.processor_inputs(chunk, voices, with_voices).items()}
         if "input_values" in prepared:
             prepared["input_values"] = prepared["input_values"].to(self.model.dtype)
         return prepared
+
+    def requests(
+        self, chunks: list[Chunk], voices: dict[int, np.ndarray], params: GenerationParams
+    ) -> list[DecodeRequest]:
+        """One decode request per chunk; the chunks of a job share one clip object per distinct voice."""
+        clips: dict[str, VoiceClip] = {}
+        requests = []
+        for chunk in chunks:
+            inputs = self.processor_inputs(chunk, voices, params.use_voice_prompt)
+            found = ()
+            if "input_values" in inputs:
+                found = VoiceClip.from_processor(inputs["input_values"], inputs["padding_mask"], self.hop_length)
+            cap = self.frame_cap(chunk, params)
+            speech = math.ceil((1.0 + chunk.chars / SPEECH_CHARS_PER_SECOND) * self.frame_rate)
+            requests.append(
+                DecodeRequest(
+                    index=chunk.index,
+                    input_ids=inputs["input_ids"][0],
+                    max_frames=cap,
+                    seed=params.seed,
+                    cfg_scale=params.cfg_scale,
+                    diffusion_steps=params.diffusion_steps,
+                    voices=tuple(clips.setdefault(clip.key, clip) for clip in found),
+                    expected_frames=min(cap, speech),
+                )
+            )
+        return requests
 
     # --- generation --------------------------------------------------------------------------
 
@@ -188,7 +231,6 @@ class VibeVoiceEngine:
         should_stop: Callable[[], bool] | None = None,
     ) -> ChunkAudio:
         """Generate one chunk with transformers' `generate`, seeded with the job seed."""
-        started = time.perf_counter()
         inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
         cap = self.frame_cap(chunk, params)
         stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None
@@ -204,24 +246,20 @@ class VibeVoiceEngine:
             )
         waveform = output.audio[0]
         samples = waveform.reshape(-1).float().cpu().numpy() if waveform is not None else np.zeros(0, dtype=np.float32)
-        generated = output.sequences[0, inputs["input_ids"].shape[1] :]
-        frames = int((generated == self.model.config.audio_token_id).sum())
-        reached_cap = len(generated) >= cap and int(generated[-1]) == self.model.config.audio_token_id
+        tokens = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        audio_token = int(self.model.config.audio_token_id)
         return ChunkAudio(
             index=chunk.index,
             audio=samples.astype(np.float32, copy=False),
-            frames=frames,
-            reached_cap=reached_cap,
-            seconds=time.perf_counter() - started,
+            frames=tokens.count(audio_token),
+            reached_cap=ended_by_cap(tokens, cap, audio_token),
+            tokens=tokens,
         )
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
-        """One generation at a time per process (jobs that run concurrently take turns).
-
-        Begin and end are logged at DEBUG, so a log shows that generations never overlap.
-        """
-        with self._lock:
+        """Stock `generate` has the model to itself (the scheduler's loop waits between frames)."""
+        with self.decoder.lock:
             log.debug("generation begins: %s", what)
             try:
                 yield
@@ -238,163 +276,146 @@ class VibeVoiceEngine:
         on_audio: AudioCallback | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> list[ChunkAudio]:
-        """Generate every chunk; results come back in chunk order.
+        """Generate every chunk; results come back in chunk order. Safe to call from several threads.
 
         `on_audio(chunk_index, samples)` receives the audio as it is decoded, frame by frame and in
-        chunk order (a later chunk of the same batch is held until the earlier ones are done);
+        chunk order (a later chunk's frames are held until the earlier ones are done);
         `on_chunk(result, total)` is called for each finished chunk, also in chunk order;
-        `on_progress(audio_seconds, chunks_done)` after every decoding step (a chunk counts as done
-        when its sequence ends, even while the rest of its batch goes on).
-        `should_stop()` is checked between frames (cancellation).
+        `on_progress(audio_seconds, chunks_done)` after every decoding step of this job (a chunk
+        counts as done when its sequence ends, even while others go on).
+        `should_stop()` is checked between frames (cancellation, the shutdown deadline); the
+        chunks decoded so far come back, the one in progress cut short.
+        Every callback runs in this thread, never in the decode loop's: a slow consumer delays
+        only its own job.
         """
         order = _ChunkOrder(chunks, on_audio, on_chunk)
-        decoded_frames = 0
-        ended: set[int] = set()
-
-        def step(frames: int) -> None:
-            nonlocal decoded_frames
-            decoded_frames += frames
-            if on_progress is not None:
-                on_progress(decoded_frames * self.hop_length / self.sample_rate, len(ended))
-
         if self.decode_loop == "stock":
-            for chunk in chunks:
-                if should_stop and should_stop():
-                    break
-                result = self.generate_chunk(chunk, voices, params, should_stop)
-                if on_audio is not None:
-                    order.audio(chunk.index, result.audio)
-                order.finished(result)
-                ended.add(chunk.index)
-                step(result.frames)
-            return order.results()
+            return self._synthesize_stock(chunks, voices, params, order, should_stop, on_progress)
+        if not chunks:
+            return []
+        job = self.scheduler.submit(self.requests(chunks, voices, params), on_audio is not None, should_stop)
+        log.debug("generation begins: job %d, %d chunk(s)", job.number, len(chunks))
+        try:
+            return _JobReader(self, order, on_progress).read(job)
+        except BaseException:
+            self.scheduler.stop(job)  # its rows leave the batch at the next frame boundary
+            raise
+        finally:
+            log.debug("generation ends: job %d", job.number)
 
-        requests = [self._request(chunk, voices, params) for chunk in chunks]
-        pending = list(requests)
-        batch_size = self.pick_batch_size(requests)
-        with self._exclusive(f"{len(requests)} chunk(s) in batches of {batch_size}"):
-            while pending and not (should_stop and should_stop()):
-                group = pending[:batch_size]
-                started = time.perf_counter()
-                order.start_attempt([request.index for request in group])
-                try:
-                    decoded = self.decoder.decode(
-                        group,
-                        guidance_scale=params.cfg_scale,
-                        diffusion_steps=params.diffusion_steps,
-                        on_frame=order.audio if on_audio is not None else None,
-                        should_stop=should_stop,
-                        on_step=step,
-                        on_done=ended.add,
-                    )
-                except torch.cuda.OutOfMemoryError:
-                    if batch_size == 1:
-                        raise
-                    decoded = None
-                if decoded is None:  # outside the except block, so the failed batch's tensors are freed
-                    batch_size = self._after_out_of_memory(batch_size)
-                    continue
-                seconds = time.perf_counter() - started
-                for sequence in decoded:
-                    order.finished(
-                        ChunkAudio(
-                            index=sequence.index,
-                            audio=sequence.audio,
-                            frames=sequence.frames,
-                            reached_cap=sequence.reached_cap,
-                            seconds=seconds,
-                        )
-                    )
-                pending = pending[len(group) :]
+    def _synthesize_stock(self, chunks, voices, params, order, should_stop, on_progress) -> list[ChunkAudio]:
+        """DECODE_LOOP=stock: transformers' generate, chunk after chunk."""
+        decoded_frames = 0
+        for done, chunk in enumerate(chunks, start=1):
+            if should_stop and should_stop():
+                break
+            result = self.generate_chunk(chunk, voices, params, should_stop)
+            order.audio(chunk.index, result.audio)
+            order.finished(result)
+            decoded_frames += result.frames
+            if on_progress is not None:
+                on_progress(decoded_frames * self.hop_length / self.sample_rate, done)
         return order.results()
 
-    def _request(self, chunk: Chunk, voices: dict[int, np.ndarray], params: GenerationParams) -> DecodeRequest:
-        inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
-        return DecodeRequest(
-            index=chunk.index,
-            input_ids=inputs["input_ids"][0],
-            max_frames=self.frame_cap(chunk, params),
-            seed=params.seed,
-            input_values=inputs.get("input_values"),
-            padding_mask=inputs.get("padding_mask"),
-        )
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no job is left in the decode scheduler (tests: a stopped job has really left)."""
+        return self.scheduler.wait_idle(timeout)
 
-    def pick_batch_size(self, requests: list[DecodeRequest]) -> int:
-        """BATCH_SIZE, or (0) `auto_batch_size` on CUDA and CPU_AUTO_BATCH on the CPU; never more
-        than the chunks, never more than an out-of-memory error allowed, never less than 1."""
-        wanted = self.batch_size
-        if wanted == 0:
-            if self.model.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.model.device)
-                longest = max(int(r.input_ids.numel()) + r.max_frames for r in requests)
-                wanted = auto_batch_size(free, self.kv_bytes_per_token(), longest)
-            else:
-                wanted = CPU_AUTO_BATCH
-        if self._oom_batch_limit is not None:
-            wanted = min(wanted, self._oom_batch_limit)
-        return max(1, min(wanted, len(requests)))
+    def default_concurrency(self) -> int:
+        """MAX_CONCURRENCY=0: on CUDA as many jobs as typical chunks fill the batch; on the CPU, 2."""
+        if self.model.device.type != "cuda":
+            return CPU_AUTO_CONCURRENCY
+        # A default chunk (300 characters, ~100 text tokens) with a 20 s voice (150 frames) and the
+        # prompt's scaffolding (~100 tokens), speaking for as long as the budget plans.
+        frames = math.ceil((1.0 + 300 / SPEECH_CHARS_PER_SECOND) * self.frame_rate)
+        request = DecodeRequest(0, torch.zeros(350, dtype=torch.long), frames, 0, expected_frames=frames)
+        return self.budget.fits(request)
+
+    # --- memory ------------------------------------------------------------------------------------
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one token adds to one row of the language model's cache."""
+        """Bytes of keys and values one token adds to one row of the language model's cache
+        (57 344 for the 7B in bf16: 28 layers x 4 KV heads x 128 x K and V x 2 bytes)."""
         text = self.model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         element = torch.finfo(self.model.dtype).bits // 8
         return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
 
-    def _after_out_of_memory(self, batch_size: int) -> int:
-        smaller = max(1, batch_size // 2)
-        if self._oom_batch_limit is None or smaller < self._oom_batch_limit:
-            log.warning("out of GPU memory at batch size %d; retrying with %d from now on", batch_size, smaller)
-        self._oom_batch_limit = smaller
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return smaller
+    def prefill_bytes(self) -> int:
+        """Peak bytes of one prefill piece: a voice segment through the acoustic encoder, or a prompt
+        piece through the language model (its activations), whichever is larger."""
+        element = torch.finfo(self.model.dtype).bits // 8
+        filters = int(self.model.config.audio_config.num_filters)
+        voice = VOICE_SEGMENT_SAMPLES * ENCODER_BYTES_PER_SAMPLE_PER_FILTER_BYTE * filters * element
+        text = self.model.config.get_text_config(decoder=True)
+        prompt = PREFILL_PIECE_TOKENS * (8 * text.hidden_size + 3 * text.intermediate_size) * element
+        return max(voice, prompt)
 
 
-def auto_batch_size(free_bytes: int, kv_bytes_per_token: int, longest_tokens: int) -> int:
-    """The automatic CUDA batch size: what fits in AUTO_BATCH_MEMORY_SHARE of the free memory.
+class _JobReader:
+    """A job's side of the scheduler, in the job's own thread: frames in, callbacks and results out."""
 
-    Per sequence: a positive and a negative KV row for its whole length (prompt + frame cap),
-    doubled because DynamicCache's concatenation briefly holds two copies, plus CODEC_STATE_BYTES.
-    """
-    per_sequence = 2 * 2 * kv_bytes_per_token * longest_tokens + CODEC_STATE_BYTES
-    return max(1, min(MAX_AUTO_BATCH, int(free_bytes * AUTO_BATCH_MEMORY_SHARE // per_sequence)))
+    def __init__(self, engine: VibeVoiceEngine, order: _ChunkOrder, on_progress: ProgressCallback | None):
+        self.engine = engine
+        self.order = order
+        self.on_progress = on_progress
+        self.frames: dict[int, list[np.ndarray]] = {index: [] for index in order.order}
+        self.spoken = 0  # frames with audio
+        self.ended = 0
+
+    def read(self, job: Job) -> list[ChunkAudio]:
+        while True:
+            try:
+                event = job.events.get(timeout=1.0)
+            except queue.Empty:
+                if not self.engine.scheduler.alive():
+                    raise RuntimeError("the decode scheduler stopped") from None
+                continue
+            if event is DONE:
+                return self.order.results()
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Restart):  # decoded again from scratch: nothing of it was handed out
+                self.frames[event.index] = []
+            else:
+                self._take(event)
+
+    def _take(self, item: Frames) -> None:
+        for index, frame in item.audio:
+            samples = frame.numpy()  # waits for this frame's device-to-host copy, here, not in the loop
+            self.frames[index].append(samples)
+            self.order.audio(index, samples)
+        for sequence in item.ended:
+            index = sequence.request.index
+            self.order.finished(self.engine.decoder.result(sequence, self.frames.pop(index)))
+            self.ended += 1
+        self.spoken += len(item.audio)
+        if self.on_progress is not None and (item.audio or item.ended):
+            self.on_progress(self.spoken * self.engine.hop_length / self.engine.sample_rate, self.ended)
 
 
 class _ChunkOrder:
-    """Hands out audio and finished chunks in chunk order, though a batch decodes them together.
+    """Hands out audio and finished chunks in chunk order, though chunks decode together.
 
     The current chunk's frames pass straight through; a later chunk's frames wait until every
-    earlier chunk is done. When a batch is retried (after running out of memory), the audio
-    already handed out is not handed out again: the retry regenerates the same audio (each chunk
-    has its own seeded generator), and only what lies beyond it is new.
-    """
+    earlier chunk is done. (A chunk retried after an out-of-memory error has handed nothing out:
+    the scheduler re-decodes only sequences nobody has heard.)"""
 
     def __init__(self, chunks: list[Chunk], on_audio: AudioCallback | None, on_chunk: ChunkCallback | None):
         self.order = [chunk.index for chunk in chunks]
         self.on_audio = on_audio
         self.on_chunk = on_chunk
         self.position = 0  # index into `order` of the chunk whose audio flows now
-        self.sent: dict[int, int] = dict.fromkeys(self.order, 0)  # samples handed out per chunk
-        self.received: dict[int, int] = dict.fromkeys(self.order, 0)  # samples seen in this attempt
         self.held: dict[int, list[np.ndarray]] = {index: [] for index in self.order}
         self.done: dict[int, ChunkAudio] = {}
 
-    def start_attempt(self, indices: list[int]) -> None:
-        for index in indices:
-            self.received[index] = 0
-            self.held[index] = []
-
     def audio(self, index: int, samples: np.ndarray) -> None:
-        start = self.received[index]
-        self.received[index] += samples.size
-        new = samples[max(0, self.sent[index] - start) :]
-        if not new.size:
+        if self.on_audio is None:
             return
         if self._current() == index:
-            self._send(index, new)
+            self.on_audio(index, samples)
         else:
-            self.held[index].append(new)
+            self.held[index].append(samples)
 
     def finished(self, result: ChunkAudio) -> None:
         self.done[result.index] = result
@@ -406,18 +427,13 @@ class _ChunkOrder:
             if following is not None and self.held[following]:
                 held, self.held[following] = self.held[following], []
                 for piece in held:
-                    self._send(following, piece)
+                    self.on_audio(following, piece)
 
     def results(self) -> list[ChunkAudio]:
         return [self.done[index] for index in self.order if index in self.done]
 
     def _current(self) -> int | None:
         return self.order[self.position] if self.position < len(self.order) else None
-
-    def _send(self, index: int, samples: np.ndarray) -> None:
-        self.sent[index] += samples.size
-        if self.on_audio is not None:
-            self.on_audio(index, samples)
 
 
 # --- model location and loading -----------------------------------------------------------------
