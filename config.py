@@ -80,11 +80,13 @@ class Settings(BaseSettings):
 
     # --- decoding and streaming ----------------------------------------------------------------
     decode_loop: Literal["own", "stock"] = "own"  # "stock": transformers' generate, one chunk at a time
-    batch_size: int = Field(0, ge=0, le=64)  # chunks decoded together; 0 = automatic (see inference.py)
+    batch_size: int = Field(0, ge=0, le=64)  # chunks of all jobs decoded together; 0 = automatic (scheduler.py)
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
 
     # --- worker ------------------------------------------------------------------------------
-    max_concurrency: int = Field(1, ge=1, le=64)
+    # Jobs taken at once (their chunks share the decode batch); 0 = automatic: on CUDA as many as
+    # fill the batch, on the CPU 2 (inference.VibeVoiceEngine.default_concurrency).
+    max_concurrency: int = Field(0, ge=0, le=64)
     # After SIGTERM, how long a running job may go on before it is stopped and reported FAILED
     # (RunPod kills the worker a few seconds after SIGTERM; a killed job would vanish). 0: no limit.
     shutdown_timeout: float = Field(8.0, ge=0, le=3600)

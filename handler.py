@@ -479,11 +479,13 @@ def main() -> None:
         if not local:
             register_warm_up(runpod, engine)
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
+    jobs_at_once = settings.max_concurrency or (engine.default_concurrency() if engine else 1)
+    log.info("taking up to %d job(s) at once (MAX_CONCURRENCY=%d)", jobs_at_once, settings.max_concurrency)
 
     def concurrency(current: int) -> int:
         # The SDK's job loop calls this first, just after installing its SIGTERM handler.
         worker.shutdown.watch_sigterm()
-        return settings.max_concurrency
+        return jobs_at_once
 
     runpod.serverless.start(
         {

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +136,9 @@ class VibeVoiceEngine:
     @classmethod
     def load(cls, settings: Settings) -> VibeVoiceEngine:
         started = time.perf_counter()
+        # The KV cache grows every frame and rows join and leave: expandable segments keep the
+        # CUDA allocator from fragmenting (read at its first allocation, so set before loading).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         path, source = resolve_model_path(settings)
         check_native_layout(path)
         device = pick_device(settings.device)
@@ -176,19 +180,11 @@ class VibeVoiceEngine:
         prompt += " Speech output:\n" + processor.audio_bos_token
         return prompt
 
-    def processor_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
+    def prepare_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
         """Token ids, attention mask and (with voices) the normalised reference audio, on the CPU."""
         prompt = self.build_prompt(chunk, with_voices)
         audio = [voices[speaker] for speaker in chunk.speakers] if with_voices else None
         return self.processor(text=prompt, audio=audio, sampling_rate=self.sample_rate, return_tensors="pt")
-
-    def prepare_inputs(self, chunk: Chunk, voices: dict[int, np.ndarray], with_voices: bool) -> dict:
-        """`processor_inputs` on the model's device, as `generate` takes them."""
-        device = self.model.device
-        prepared = {key: value.to(device) for key, value in self.processor_inputs(chunk, voices, with_voices).items()}
-        if "input_values" in prepared:
-            prepared["input_values"] = prepared["input_values"].to(self.model.dtype)
-        return prepared
 
     def requests(
         self, chunks: list[Chunk], voices: dict[int, np.ndarray], params: GenerationParams
@@ -197,7 +193,7 @@ class VibeVoiceEngine:
         clips: dict[str, VoiceClip] = {}
         requests = []
         for chunk in chunks:
-            inputs = self.processor_inputs(chunk, voices, params.use_voice_prompt)
+            inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
             found = ()
             if "input_values" in inputs:
                 found = VoiceClip.from_processor(inputs["input_values"], inputs["padding_mask"], self.hop_length)
@@ -232,6 +228,9 @@ class VibeVoiceEngine:
     ) -> ChunkAudio:
         """Generate one chunk with transformers' `generate`, seeded with the job seed."""
         inputs = self.prepare_inputs(chunk, voices, params.use_voice_prompt)
+        inputs = {key: value.to(self.model.device) for key, value in inputs.items()}
+        if "input_values" in inputs:
+            inputs["input_values"] = inputs["input_values"].to(self.model.dtype)
         cap = self.frame_cap(chunk, params)
         stopping = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None
         with self._exclusive(f"chunk {chunk.index} (stock generate)"), torch.inference_mode():

@@ -7,15 +7,16 @@ queue. At every frame boundary the loop does, in this order:
     leave    rows of jobs that stopped (cancelled, shutdown deadline) or failed leave the batch
     admit    free slots go to waiting sequences (policy below); a sequence's prefill runs alone,
              in pieces (a voice segment, up to 512 prompt tokens): one piece per boundary while
-             the batch decodes, back to back while it is empty; once prefilled it joins
+             the batch decodes, all that fit back to back while it is empty; once prefilled it joins
     step     one frame for every row (`decoder.BatchDecoder.step`)
     deliver  each job's frames go into its queue; rows that ended (end token, frame cap) leave,
              and their slots are refilled at the next boundary, right away
 
 Admission: at most `BatchBudget.cap()` rows (BATCH_SIZE; 0 = automatic: on CUDA what the memory
 left holds, read here, in this thread, at admission; on the CPU CPU_AUTO_BATCH). A free slot goes
-to the job with the fewest sequences in the batch, the earliest arrival on ties, so a job waiting
-for its first slot always goes before a running job's next chunk; within a job, chunks go in order.
+to the job with the fewest sequences in the batch; on a tie, to the one served longest ago (a job
+never served first, then arrival order): round-robin, so a job waiting for its first slot always
+goes before a running job's next chunk. Within a job, chunks go in order.
 
 Isolation: a job's stop (cancellation, its shutdown deadline) and its failures (a voice that does
 not encode, a non-finite row, its consumer raising) remove only its own rows. An out-of-memory error
@@ -88,6 +89,7 @@ class Job:
     waiting: deque[Sequence]  # sequences not in the batch, in the order they go in
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     in_batch: int = 0  # its sequences in the batch or in prefill
+    served: int = -1  # when it last got a slot (a tick of the scheduler's counter); -1: never
     stop_requested: bool = False  # set from the job's own thread (its consumer failed or left)
     stopping: bool = False
     failed: bool = False
@@ -180,6 +182,7 @@ class DecodeScheduler:
         self._incoming: list[Job] = []
         self._prefilling: tuple[Sequence, Iterator[None]] | None = None
         self._numbers = itertools.count()
+        self._ticks = itertools.count()
         self._wake = threading.Condition()
         self._active = 0  # jobs submitted and not done (guarded by _wake)
         self._thread: threading.Thread | None = None
@@ -282,24 +285,25 @@ class DecodeScheduler:
             return False
 
     def _admit(self) -> None:
-        """Prefill work between frames: one piece while the batch decodes; with an empty batch,
-        pieces back to back until a sequence has joined."""
+        """Prefill work between frames: one piece while the batch decodes (running sequences wait
+        for at most one piece per frame); with an empty batch, everything that fits, back to back."""
         if self.batch.sequences:
             if self._prefilling or self._start_next():
                 self._prefill_piece()
             return
-        while not self.batch.sequences and (self._prefilling or self._start_next()):
+        while self._prefilling or self._start_next():
             self._prefill_piece()
 
     def _start_next(self) -> bool:
         """Take the next waiting sequence (fair share across jobs); parked ones join at once."""
         while True:
             waiting = [job for job in self._jobs if job.waiting and not (job.stopping or job.failed)]
-            job = min(waiting, key=lambda j: (j.in_batch, j.number), default=None)
+            job = min(waiting, key=lambda j: (j.in_batch, j.served, j.number), default=None)
             if job is None or not self.budget.admits(self.batch, job.waiting[0]):
                 return False
             sequence = job.waiting.popleft()
             job.in_batch += 1
+            job.served = next(self._ticks)
             if sequence.state is None:
                 self._prefilling = (sequence, self.decoder.prefill(sequence))
                 return True

@@ -79,7 +79,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
                 if rate:
                     job["sample_rate"] = rate
                 plan = plan_job(parse_job_input(job, settings), settings, worker.library)
-                results = [ChunkAudio(0, samples, frames=0, reached_cap=False, seconds=0.0)]
+                results = [ChunkAudio(0, samples, frames=0, reached_cap=False)]
 
                 def ours(plan=plan, results=results):
                     rendered = render(plan, results, settings, time.perf_counter)

@@ -229,8 +229,8 @@ def test_progress_after_each_chunk_but_never_the_last(make_worker, run_job) -> N
     assert item["chunks"] == 2
     assert updates[0] == "0.3 s of audio generated, 0 of 2 chunks done"  # the first frame of each chunk
     finished = [update for update in updates if update.startswith("chunk ")]
-    # Reported at the step after it ended: 41 + 42 frames of 133 ms so far.
-    assert finished == ["chunk 1 of 2 done, 11.1 s of audio generated"]
+    # Reported with the frame it ended on: 41 + 41 frames of 133 ms so far.
+    assert finished == ["chunk 1 of 2 done, 10.9 s of audio generated"]
     assert not any("2 of 2" in update for update in updates)
 
 

@@ -147,8 +147,7 @@ def test_cancelled_stream_stops_the_engine_within_frames(make_worker) -> None:
     try:
         asyncio.run(cancel_after_first_item())
         # The engine is free for the next job once its thread has seen the stop (bounded wait).
-        assert worker.engine._lock.acquire(timeout=30)
-        worker.engine._lock.release()
+        assert worker.engine.wait_idle(timeout=30)
     finally:
         handle.remove()
     # Bounded queue + stop at the next frame: far fewer than the 200 frames asked for.
@@ -166,19 +165,20 @@ def test_consumer_leaving_early_also_stops_the_engine(make_worker) -> None:
         generator = worker.handle({"id": "l", "input": job})
         await anext(generator)
         await anext(generator)
+        frames["at_close"] = frames["count"]
         await generator.aclose()
 
-    frames = {"count": 0}
+    frames = {"count": 0, "at_close": None}
     decoder = worker.engine.model.model.audio_tower.decoder
     handle = decoder.register_forward_hook(lambda *args: frames.__setitem__("count", frames["count"] + 1))
     try:
         asyncio.run(take_two())
-        assert worker.engine._lock.acquire(timeout=30)  # the generation thread has ended
-        worker.engine._lock.release()
+        assert worker.engine.wait_idle(timeout=30)  # the job has left the decode scheduler
     finally:
         handle.remove()
-    # Two 100 ms items taken, at most eight more queued, one frame in flight: far from 200.
-    assert frames["count"] <= 2 + 8 + 2
+    # The decode loop does not wait for a slow consumer (it never stalls the batch), so it may be a
+    # few frames ahead when the consumer leaves; the job stops at the next frame boundary after that.
+    assert frames["count"] <= frames["at_close"] + 2 < 200
 
 
 @pytest.mark.fault
@@ -207,8 +207,7 @@ def test_failure_mid_stream_fails_the_job_with_one_sentence(make_worker) -> None
         "streaming stopped after 4 item(s): internal error while generating audio (RuntimeError); "
         "the job was not completed."
     )
-    assert worker.engine._lock.acquire(timeout=30)
-    worker.engine._lock.release()
+    assert worker.engine.wait_idle(timeout=30)
 
 
 @pytest.mark.parametrize(
