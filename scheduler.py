@@ -375,9 +375,10 @@ class DecodeScheduler:
             self._remove(leaving)
 
     def _remove(self, sequences: list[Sequence]) -> None:
-        gone = set(map(id, sequences))
+        """These sequences' rows leave the batch (each counted once, though it may be listed twice)."""
+        gone = {id(s): s for s in sequences}
         self.decoder.drop(self.batch, [row for row, s in enumerate(self.batch.sequences) if id(s) not in gone])
-        for sequence in sequences:
+        for sequence in gone.values():
             sequence.owner.in_batch -= 1
 
     def _shrink(self) -> None:

@@ -54,6 +54,10 @@ class Row:
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio, "met": self.met}
 
+    @classmethod
+    def from_dict(cls, row: dict) -> Row:
+        return cls(**{key: row[key] for key in ("figure", "measure", "ours", "baseline", "unit", "target", "note")})
+
 
 def median_time(function: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall time of `function` over `repeats` runs after `warmup` runs."""

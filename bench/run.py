@@ -1,7 +1,8 @@
 """`make bench`: every figure against its baseline, measured in the same run, on this machine.
 
-    python -m bench.run              # all figures; writes bench/results.json and bench/results.md
-    python -m bench.run --only a,f   # some of them (the files are then not written)
+    python -m bench.run                   # all figures; writes bench/results.json and bench/results.md
+    python -m bench.run --only a,f        # some of them (the files are then not written)
+    python -m bench.run --only g --update # some of them, replacing their rows in the files
 
 a  weight bytes read per second of audio (7B on a GPU, modelled from calls counted on the tiny model)
 b  wall time of an 8-chunk text: own batched loop vs stock generate chunk by chunk
@@ -9,6 +10,9 @@ c  post-processing + upload per minute of audio vs the design's ffmpeg/FFT way
 d  peak memory of a ~10-minute job
 e  cold start and import time
 f  streaming: time to first audio / total time
+g  4 single-chunk jobs sent together through the worker vs one after another (wall time)
+h  7B weight bytes per second of audio, 8 concurrent jobs vs 1 (modelled as in a)
+i  time to first audio of a short streamed job sent while a long job runs / the long job's remaining time
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ FIGURES = {
     "d": "bench.memory",
     "e": "bench.coldstart",
     "f": "bench.streaming",
+    "g": "bench.concurrent_jobs",
+    "h": "bench.concurrent_weights",
+    "i": "bench.join_latency",
 }
 RESULTS_JSON = ROOT / "bench" / "results.json"
 RESULTS_MD = ROOT / "bench" / "results.md"
@@ -38,7 +45,8 @@ RESULTS_MD = ROOT / "bench" / "results.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="comma-separated figure letters (a-f)")
+    parser.add_argument("--only", help=f"comma-separated figure letters ({', '.join(FIGURES)})")
+    parser.add_argument("--update", action="store_true", help="with --only: replace those figures' rows in the files")
     args = parser.parse_args()
     letters = args.only.split(",") if args.only else list(FIGURES)
     unknown = [letter for letter in letters if letter not in FIGURES]
@@ -68,36 +76,55 @@ def main() -> None:
     finally:
         workspace.close()
 
-    table = markdown_table(rows, failures)
-    print(table)
-    if args.only is None:
-        import torch
-
-        RESULTS_JSON.write_text(
-            json.dumps(
-                {
-                    "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "machine": {
-                        "cpu_count": __import__("os").cpu_count(),
-                        "platform": platform.platform(),
-                        "python": platform.python_version(),
-                        "torch": torch.__version__,
-                        "torch_threads": TORCH_THREADS,
-                    },
-                    "seconds": round(time.perf_counter() - started, 1),
-                    "rows": [row.as_dict() for row in rows],
-                    "failures": failures,
-                    "details": details,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
-        RESULTS_MD.write_text(table + "\n")
-        print(f"\nwrote {RESULTS_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}", file=sys.stderr)
+    print(markdown_table(rows, failures))
+    if args.only is None or args.update:
+        write_results(rows, details, failures, letters, time.perf_counter() - started, merge=args.only is not None)
     if failures:
         raise SystemExit(1)
+
+
+def write_results(rows: list[Row], details: dict, failures: dict, letters: list[str], seconds: float,
+                  merge: bool) -> None:  # fmt: skip
+    """Write results.json and results.md; with `merge`, only the figures in `letters` are replaced."""
+    import torch
+
+    measured_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    new_rows = [row.as_dict() for row in rows]
+    if merge and RESULTS_JSON.exists():
+        old = json.loads(RESULTS_JSON.read_text())
+        kept = [row for row in old["rows"] if row["figure"] not in letters]
+        new_rows = sorted(kept + new_rows, key=lambda row: row["figure"])  # stable: each figure's order is kept
+        details = {**{k: v for k, v in old["details"].items() if k not in letters}, **details}
+        failures = {**{k: v for k, v in old["failures"].items() if k not in letters}, **failures}
+        measured = {**old.get("figures_measured_at", dict.fromkeys(old["details"], old["measured_at"])),
+                    **dict.fromkeys(letters, measured_at)}  # fmt: skip
+        seconds = old["seconds"]
+    else:
+        measured = dict.fromkeys(letters, measured_at)
+    RESULTS_JSON.write_text(
+        json.dumps(
+            {
+                "measured_at": measured_at,
+                "figures_measured_at": dict(sorted(measured.items())),
+                "machine": {
+                    "cpu_count": __import__("os").cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "torch_threads": TORCH_THREADS,
+                },
+                "seconds": round(seconds, 1),
+                "rows": new_rows,
+                "failures": failures,
+                "details": details,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    RESULTS_MD.write_text(markdown_table([Row.from_dict(row) for row in new_rows], failures) + "\n")
+    print(f"\nwrote {RESULTS_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}", file=sys.stderr)
 
 
 def markdown_table(rows: list[Row], failures: dict[str, str]) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from decoder import DecodeRequest
+from decoder import DecodeRequest, NonFiniteStateError
 from inference import GenerationParams, VibeVoiceEngine
 from scheduler import CODEC_STATE_BYTES, MAX_AUTO_BATCH, BatchBudget, sequence_width
 from text import Chunk, Turn
@@ -190,6 +190,9 @@ def test_a_failing_job_among_healthy_ones_fails_alone(engine, voices) -> None:
     a GPU), and its prompt's state is not finite (a hook writes NaN). The healthy jobs' audio is
     their solo audio."""
     odd_voice = {0: voices[0][:17000]}  # a length no other job uses
+    nan_chunks = [Chunk(0, (Turn(0, "Not a number, this one."),))]
+    nan_params = GenerationParams(1.3, STEPS, seed=412, max_new_tokens=8, use_voice_prompt=False)
+    nan_length = engine.requests(nan_chunks, {}, nan_params)[0].input_ids.numel()  # no other prompt is this short
 
     def broken_consumer(index: int, samples: np.ndarray) -> None:
         raise OSError("the client went away")
@@ -198,20 +201,29 @@ def test_a_failing_job_among_healthy_ones_fails_alone(engine, voices) -> None:
         if args[0].shape[-1] == 6 * 3200:
             raise RuntimeError("voice could not be encoded")
 
-    handle = engine.model.model.audio_tower.encoder.register_forward_hook(failing_encoder)
+    def nan_prompt(module, args, kwargs, output):
+        if kwargs["inputs_embeds"].shape[:2] == (1, nan_length):
+            output.last_hidden_state.fill_(float("nan"))
+        return output
+
+    handles = [engine.model.model.audio_tower.encoder.register_forward_hook(failing_encoder),
+               engine.model.model.language_model.register_forward_hook(nan_prompt, with_kwargs=True)]  # fmt: skip
     engine.decoder.voice_cache.clear()
     try:
         healthy = [JobThread(engine, chunks_of(f"Healthy {k}", 2), voices, params(400 + k, 8)) for k in range(2)]
         bad_consumer = JobThread(engine, chunks_of("Consumer", 2), voices, params(410, 8), on_audio=broken_consumer)
         bad_voice = JobThread(engine, [Chunk(0, (Turn(0, "Odd voice."),))], odd_voice, params(411, 8))
-        for thread in [healthy[0], bad_consumer, bad_voice, healthy[1]]:
+        bad_state = JobThread(engine, nan_chunks, {}, nan_params)
+        for thread in [healthy[0], bad_consumer, bad_voice, bad_state, healthy[1]]:
             thread.start()
-        for thread in [bad_consumer, bad_voice]:
+        for thread in [bad_consumer, bad_voice, bad_state]:
             thread.finish()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert isinstance(bad_consumer.error, OSError)
     assert isinstance(bad_voice.error, RuntimeError) and "voice could not be encoded" in str(bad_voice.error)
+    assert isinstance(bad_state.error, NonFiniteStateError)
     for k, thread in enumerate(healthy):
         assert_solo(thread.finish(), solo(engine, chunks_of(f"Healthy {k}", 2), voices, params(400 + k, 8)))
     assert engine.wait_idle(30)
