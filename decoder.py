@@ -627,16 +627,15 @@ class BatchDecoder:
         elsewhere that speculative column is masked. Speech-start restarts the negative branch
         from a single-token context (its next input sees only itself), as in the stock loop."""
         n = len(batch)
+        speaks = [token == self.audio_token_id for token in tokens]
+        lengths = [s.negative_length + int(speak) for s, speak in zip(batch.sequences, speaks, strict=True)]
+        silent = [n + row for row, speak in enumerate(speaks) if not speak]
+        restart = [n + row for row, token in enumerate(tokens) if token == self.audio_bos_token_id]
         mask = batch.mask.clone()
-        lengths = []
-        for row, (sequence, token) in enumerate(zip(batch.sequences, tokens, strict=True)):
-            if token == self.audio_token_id:
-                lengths.append(sequence.negative_length + 1)
-            else:
-                lengths.append(sequence.negative_length)
-                mask[n + row, -1] = 0
-            if token == self.audio_bos_token_id:
-                mask[n + row] = 0
+        if silent:
+            mask[torch.tensor(silent, device=mask.device), -1] = 0
+        if restart:
+            mask[torch.tensor(restart, device=mask.device)] = 0
         return mask, lengths
 
     def forward_both(self, batch: Batch, embeds: torch.Tensor, mask: torch.Tensor, negative_lengths: list[int]):
