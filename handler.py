@@ -33,7 +33,7 @@ from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
 from jobs import JobError, StreamRenderer, build_segments, chunk_spans, plan_job, render
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
-from voices import VoiceLibrary, VoiceLimits
+from voices import VoiceLibrary
 
 log = logging.getLogger("vibevoice.handler")
 
@@ -110,7 +110,7 @@ class Worker:
     ):
         self.settings = settings
         self.engine = engine
-        self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
+        self.library = library or VoiceLibrary.for_settings(settings)
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
         self.shutdown = Shutdown(settings.shutdown_timeout)
@@ -378,16 +378,6 @@ def _after_items(message: str, items: int) -> str:
     if not items:
         return message
     return f"streaming stopped after {items} item(s): {message[0].lower()}{message[1:]}"
-
-
-def voice_limits(settings: Settings) -> VoiceLimits:
-    return VoiceLimits(
-        max_bytes=settings.voice_max_bytes,
-        min_seconds=settings.voice_min_seconds,
-        max_seconds=settings.voice_max_seconds,
-        fetch_timeout=settings.voice_fetch_timeout,
-        allowed_networks=VoiceLimits.parse_networks(settings.voice_url_allowed_networks),
-    )
 
 
 class RedactSecrets(logging.Filter):

@@ -120,11 +120,11 @@ class JobInput(BaseModel):
         if value is None:
             return None
         settings: Settings = info.context["settings"]
+        if len(value) > settings.max_text_length:  # first: the checks below cost time per character
+            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         check_printable(value, "text")
         if not has_visible(value):
             raise ValueError("is empty; give the text to speak")
-        if len(value) > settings.max_text_length:
-            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         return value
 
     @field_validator("speaker", "voice_url")
