@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import captions
+import lifetime
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
 from jobs import JobError, StreamRenderer, build_segments, chunk_spans, plan_job, render
@@ -444,6 +445,8 @@ def _sdk_local_mode(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    # The SDK's heartbeat is a fork: it must die with the worker, not ping on as an orphan.
+    lifetime.children_die_with_this_process()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         settings = load_settings()

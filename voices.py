@@ -138,7 +138,7 @@ class VoiceLibrary:
             return cached
         what = f"voice {preset.name!r}"
         try:  # the operator's own file: VOICE_MAX_BYTES is for clips sent with jobs, the duration limit holds
-            samples = self._decode(preset.path.read_bytes(), what, self.limits.max_seconds, check_size=False)
+            samples = self._decode(preset.path.read_bytes(), what, None, preset=True)
         except OSError as exc:
             raise VoiceError(f"{what} could not be read: {_reason(exc)}") from None
         with self._lock:
@@ -189,9 +189,9 @@ class VoiceLibrary:
         """A clip downloaded from an http(s) URL (streamed, stopped at the byte cap)."""
         return self._decode(fetch_audio(url, field, self.limits), field, max_seconds)
 
-    def _decode(self, data: bytes, what: str, max_seconds: float | None, check_size: bool = True) -> np.ndarray:
+    def _decode(self, data: bytes, what: str, max_seconds: float | None, preset: bool = False) -> np.ndarray:
         """Bounded decoding: stops at `max_seconds` (the clip limit, or less when the job's budget is)."""
-        if check_size and len(data) > self.limits.max_bytes:
+        if not preset and len(data) > self.limits.max_bytes:
             raise VoiceError(f"{what} is larger than the {_megabytes(self.limits.max_bytes)} limit.")
         limit = self.limits.max_seconds if max_seconds is None else min(max_seconds, self.limits.max_seconds)
         try:
@@ -199,7 +199,7 @@ class VoiceLibrary:
         except audio_input.TooLong:
             raise VoiceError(self.too_long(what, limit)) from None
         except audio.AudioError as exc:
-            raise VoiceError(f"{what}: {_reason(exc)}") from None
+            raise VoiceError(f"{what}{' could not be read' if preset else ''}: {_reason(exc)}") from None
         seconds = samples.size / MODEL_RATE
         if seconds > limit:  # resampling rounds up by a sample or so; the clip itself was allowed
             samples = samples[: int(limit * MODEL_RATE)]

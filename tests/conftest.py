@@ -39,6 +39,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lifetime  # noqa: E402
 import tiny_checkpoint  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
 from tools.local_home import write_demo_voices  # noqa: E402
@@ -160,6 +161,7 @@ def _start_moto(check_credentials: bool) -> tuple[subprocess.Popen, S3Server]:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=lifetime.die_with_parent,  # gone with the test session, however it ends
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:

@@ -66,7 +66,7 @@ def test_describe_reads_headers_only(library: VoiceLibrary) -> None:
 @pytest.mark.fault
 def test_corrupt_preset_is_a_clear_error(library: VoiceLibrary) -> None:
     (library.folder / "Broken.wav").write_bytes(b"RIFF....WAVEjunk")
-    with pytest.raises(VoiceError, match="voice 'Broken': the wav audio could not be decoded"):
+    with pytest.raises(VoiceError, match="voice 'Broken' could not be read: the wav audio could not be decoded"):
         library.load("Broken")
 
 
