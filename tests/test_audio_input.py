@@ -153,23 +153,6 @@ def test_unexpected_codecs_are_refused(voices: VoiceLibrary) -> None:
 
 # --- bombs ---------------------------------------------------------------------------------
 
-# name -> seconds of audio it holds; each is a few MB at most.
-BOMB_SECONDS = {"flac": 7200, "mp3": 3600, "opus": 7200}
-
-
-@pytest.fixture(scope="session")
-def bomb_files(tmp_path_factory) -> dict[str, Path]:
-    """The bombs, made once per session: FLAC, low-bitrate MP3 and Ogg/Opus holding hours, and a
-    WAV whose header claims 4 GB in front of 400 s of 8 kHz audio (within the byte cap)."""
-    folder = tmp_path_factory.mktemp("bombs")
-    files = {}
-    for kind, seconds in BOMB_SECONDS.items():
-        files[kind] = folder / f"{kind}.bomb"
-        files[kind].write_bytes(bomb(kind, seconds))
-    files["wav"] = folder / "wav.bomb"
-    files["wav"].write_bytes(wav_claiming(4 * 1024**3, real_seconds=400.0))
-    return files
-
 
 @pytest.mark.parametrize("kind", ["flac", "mp3", "opus", "wav"])
 def test_bombs_stop_at_the_limit(bomb_files: dict[str, Path], voices: VoiceLibrary, kind: str, reliability) -> None:
