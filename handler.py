@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import lifetime
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
 from lifecycle import (
@@ -48,7 +49,7 @@ from reporting import ProgressThrottle, after_items, job_result
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
 from streaming import StreamedGeneration
-from voices import VoiceLibrary, VoiceLimits
+from voices import VoiceLibrary
 
 log = logging.getLogger("vibevoice.handler")
 
@@ -69,7 +70,7 @@ class Worker:
     ):
         self.settings = settings
         self.engine = engine
-        self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
+        self.library = library or VoiceLibrary.for_settings(settings)
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
         self.shutdown = Shutdown(settings.shutdown_timeout)
@@ -212,16 +213,6 @@ class Worker:
         return result
 
 
-def voice_limits(settings: Settings) -> VoiceLimits:
-    return VoiceLimits(
-        max_bytes=settings.voice_max_bytes,
-        min_seconds=settings.voice_min_seconds,
-        max_seconds=settings.voice_max_seconds,
-        fetch_timeout=settings.voice_fetch_timeout,
-        allowed_networks=VoiceLimits.parse_networks(settings.voice_url_allowed_networks),
-    )
-
-
 def runpod_progress(job: dict, message: str) -> None:
     import runpod
 
@@ -234,6 +225,8 @@ def _sdk_local_mode(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    # The SDK's heartbeat is a fork: it must die with the worker, not ping on as an orphan.
+    lifetime.children_die_with_this_process()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         settings = load_settings()

@@ -1,4 +1,4 @@
-"""Audio in: decoding any file, resampling filters, loudness and speed (encoding: test_encoders.py)."""
+"""Audio out: resampling filters, loudness and speed (decoding: test_audio_input.py; encoding: test_encoders.py)."""
 
 from __future__ import annotations
 
@@ -6,36 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from audio_helpers import dominant_frequency, encode_file, tone
+from audio_helpers import dominant_frequency, tone
 
 import audio
-
-
-@pytest.mark.parametrize(
-    ("container", "codec", "rate", "channels"),
-    [
-        ("wav", "pcm_s16le", 44100, 2),
-        ("mp3", "libmp3lame", 22050, 1),
-        ("flac", "flac", 48000, 2),
-        ("ogg", "libopus", 48000, 1),
-        ("ipod", "aac", 16000, 1),  # m4a
-        ("adts", "aac", 24000, 2),
-    ],
-)
-def test_decode_any_rate_and_channels_to_24k_mono(container: str, codec: str, rate: int, channels: int) -> None:
-    data = encode_file(tone(500, 1.0, rate), rate, container, codec, channels)
-    decoded = audio.decode(data, 24000)
-    assert decoded.dtype == np.float32 and decoded.ndim == 1
-    assert abs(decoded.size / 24000 - 1.0) < 0.1
-    assert abs(dominant_frequency(decoded, 24000) - 500) < 5
-
-
-@pytest.mark.parametrize("data", [b"", b"not audio at all" * 10, b"RIFF\x00\x00\x00\x00WAVEfmt "])
-def test_undecodable_audio_is_one_sentence(data: bytes) -> None:
-    with pytest.raises(audio.AudioError) as error:
-        audio.decode(data)
-    message = str(error.value)
-    assert message.endswith(".") and "\n" not in message and "Traceback" not in message
 
 
 def test_resampling_filters_instead_of_aliasing() -> None:

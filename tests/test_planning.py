@@ -18,7 +18,7 @@ from voices import VoiceLibrary
 
 @pytest.fixture()
 def plan(settings):
-    library = VoiceLibrary(settings.voices_dir)
+    library = VoiceLibrary.for_settings(settings)
 
     def make(job_input: dict, **overrides):
         used = settings.model_copy(update=overrides) if overrides else settings
@@ -30,7 +30,7 @@ def plan(settings):
 def test_a_plain_text_gets_the_default_voice_and_the_deployment_defaults(plan, settings) -> None:
     planned = plan({"text": "One sentence. " * 40})
     assert list(planned.voices) == [0]
-    alice = VoiceLibrary(settings.voices_dir).load("Alice")
+    alice = VoiceLibrary.for_settings(settings).load("Alice")
     assert np.array_equal(planned.voices[0], alice)
     assert len(planned.chunks) > 1 and all(len(chunk.turns[0].text) <= 300 for chunk in planned.chunks)
     assert (planned.output_format, planned.sample_rate, planned.bitrate_kbps) == ("mp3", 24000, 128)
