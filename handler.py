@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -74,9 +76,12 @@ class Worker:
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
         self.shutdown = Shutdown(settings.shutdown_timeout)
+        # Jobs taken at once (RunPod's concurrency_modifier); 0: as many as fill the decode batch.
+        self.concurrency = settings.max_concurrency or (engine.default_concurrency() if engine is not None else 1)
 
     async def handle(self, job: dict) -> AsyncIterator[dict]:
         """The RunPod handler: yields the job's result (or its streamed items), or one error item."""
+        size_thread_pool(self.concurrency)
         started = time.perf_counter()
         streamed = 0
         try:
@@ -252,13 +257,12 @@ def main() -> None:
         if not local:
             register_warm_up(runpod, engine)
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
-    jobs_at_once = settings.max_concurrency or (engine.default_concurrency() if engine else 1)
-    log.info("taking up to %d job(s) at once (MAX_CONCURRENCY=%d)", jobs_at_once, settings.max_concurrency)
+    log.info("taking up to %d job(s) at once (MAX_CONCURRENCY=%d)", worker.concurrency, settings.max_concurrency)
 
     def concurrency(current: int) -> int:
         # The SDK's job loop calls this first, just after installing its SIGTERM handler.
         worker.shutdown.watch_sigterm()
-        return jobs_at_once
+        return worker.concurrency
 
     runpod.serverless.start(
         {
@@ -269,6 +273,26 @@ def main() -> None:
     )
     if not local:  # the SDK's loop has ended (SIGTERM): nothing it took may vanish
         report_unstarted_jobs()
+
+
+_POOL_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> threads in its pool
+
+
+def size_thread_pool(jobs: int) -> None:
+    """Give the running event loop's default thread pool room for `jobs` jobs at once.
+
+    Each running job holds a thread while the engine generates for it, and another to plan or
+    render; asyncio's own pool (min(32, cores + 4) threads) would cap how many jobs share the
+    decode batch."""
+    loop = asyncio.get_running_loop()
+    needed = 2 * jobs + 4
+    if _POOL_SIZES.get(loop, 0) >= needed:
+        return
+    previous = getattr(loop, "_default_executor", None)
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(needed, thread_name_prefix="job"))
+    _POOL_SIZES[loop] = needed
+    if previous is not None:
+        previous.shutdown(wait=False)  # its running work finishes; its idle threads end
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 60
 OVER_THE_LIMIT = {
-    "decoder.py:BatchDecoder.decode": "the decode loop, kept whole so each frame's steps read in order",
-    "inference.py:VibeVoiceEngine.synthesize": "to be split when batching becomes continuous",
     "voices.py:fetch_audio": "to be split when the voice limits move into the settings",
 }
 

@@ -121,7 +121,7 @@ for bad in ({"text": "a", "stream": True}, {"text": "a", "sample_rate": 16000}, 
     except InputError as exc:
         report.setdefault("errors", []).append(str(exc))
 signal = (0.3 * np.sin(np.arange(24000) * 2 * np.pi * 440 / 24000)).astype(np.float32)
-results = [ChunkAudio(0, signal, frames=0, reached_cap=False, seconds=0.0)]
+results = [ChunkAudio(0, signal, frames=0, reached_cap=False)]
 plan = plan_job(job, settings, library=None)
 rendered = render(plan, results, settings)
 open(sys.argv[1], "wb").write(rendered.data)

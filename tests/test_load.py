@@ -229,7 +229,8 @@ def pcm_of(kind: str, reply: dict) -> bytes | None:
     return base64.b64decode(output[0]["audio_base64"]) if len(output) == 1 and "audio_base64" in output[0] else None
 
 
-def test_mixed_burst_of_200_jobs_keeps_each_jobs_own_audio(tiny_model_dir, volume, tmp_path, engine, reliability):
+def test_mixed_burst_of_200_jobs_keeps_each_jobs_own_audio(tiny_model_dir, volume, tmp_path, engine, settings,
+                                                           reliability):  # fmt: skip
     """200 jobs at once (whole, streamed, voice-cloned, and cancelled right after submission) into a
     worker taking 8 at a time, all decoding in one shared batch: none lost or duplicated, every
     finished job reports its own seed and carries audio of its own length; no two share audio; and
@@ -283,7 +284,7 @@ def test_mixed_burst_of_200_jobs_keeps_each_jobs_own_audio(tiny_model_dir, volum
     assert own == len(payloads) == MIXED_BURST * 3 // 4  # every finished job: its own seed and length
     assert len({hashlib.sha256(pcm).hexdigest() for pcm in payloads.values()}) == len(payloads)
 
-    library = VoiceLibrary(volume / "demo" / "voices")
+    library = VoiceLibrary.for_settings(settings)
     for number in sorted(payloads)[::10]:  # its own audio: the same job decoded alone here
         body = inputs[number]
         voice = library.from_base64(body["voice_audio_base64"], "x") if "voice_audio_base64" in body else \

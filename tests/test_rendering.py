@@ -20,9 +20,7 @@ GAP = 3600  # the default 150 ms between chunks, at 24 kHz
 
 
 def chunks(*seconds: float) -> list[ChunkAudio]:
-    return [
-        ChunkAudio(i, tone(220 * (i + 1), s), frames=0, reached_cap=False, seconds=0.0) for i, s in enumerate(seconds)
-    ]
+    return [ChunkAudio(i, tone(220 * (i + 1), s), frames=0, reached_cap=False) for i, s in enumerate(seconds)]
 
 
 def plan(settings, **job):

@@ -50,8 +50,8 @@ def finished(settings):
     plan = plan_job(parse_job_input(job_input, settings), settings, library=None)
     assert len(plan.chunks) == 2
     results = [
-        ChunkAudio(0, tone(200, 1.0), frames=8, reached_cap=False, seconds=0.0),
-        ChunkAudio(1, tone(300, 0.5), frames=4, reached_cap=True, seconds=0.0),
+        ChunkAudio(0, tone(200, 1.0), frames=8, reached_cap=False),
+        ChunkAudio(1, tone(300, 0.5), frames=4, reached_cap=True),
     ]
     summary = AudioSummary(
         duration_sec=1.5, loudness={"applied": False}, time_scale=1.0, gap_samples=0, encode_seconds=0.1

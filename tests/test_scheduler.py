@@ -27,7 +27,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def voices(settings) -> dict[int, np.ndarray]:
-    library = VoiceLibrary(settings.voices_dir)
+    library = VoiceLibrary.for_settings(settings)
     alice, frank = library.load("Alice"), library.load("Frank")
     return {0: alice[:24000], 1: frank[:30000]}
 
@@ -490,5 +490,17 @@ def test_automatic_batch_follows_the_memory_left() -> None:
     assert budget.admits(Rows(2), candidate) and not budget.admits(Rows(3), candidate)
 
 
-def test_concurrency_default(engine) -> None:
-    assert engine.default_concurrency() == 2  # the CPU: a second job joins the running one
+def test_concurrency_default_and_the_threads_for_it(engine, make_worker) -> None:
+    """MAX_CONCURRENCY=0 resolves to the engine's default (the CPU: 2, a second job joins the
+    running one); the event loop gets threads for that many jobs generating at once."""
+    from handler import size_thread_pool
+
+    assert engine.default_concurrency() == 2
+    assert make_worker().concurrency == 2 and make_worker(max_concurrency=24).concurrency == 24
+
+    async def pool_size() -> int:
+        size_thread_pool(24)
+        size_thread_pool(3)  # never shrinks
+        return asyncio.get_running_loop()._default_executor._max_workers
+
+    assert asyncio.run(pool_size()) == 2 * 24 + 4
