@@ -61,7 +61,6 @@ class Frames:
 
     audio: list[tuple[int, HostFrame]] = field(default_factory=list)
     ended: list[Sequence] = field(default_factory=list)
-    decoded: int = 0  # frames of this job decoded in this step (audio or not)
 
 
 @dataclass
@@ -93,9 +92,6 @@ class Job:
     stop_requested: bool = False  # set from the job's own thread (its consumer failed or left)
     stopping: bool = False
     failed: bool = False
-
-    def next_event(self, timeout: float):
-        return self.events.get(timeout=timeout)
 
 
 # --- admission -----------------------------------------------------------------------------------------
@@ -192,12 +188,12 @@ class DecodeScheduler:
 
     def submit(self, requests: list[DecodeRequest], streamed: bool, should_stop: Callable[[], bool] | None) -> Job:
         with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is shutting down")
             job = Job(next(self._numbers), streamed, should_stop, deque())
             job.waiting.extend(Sequence(request, owner=job) for request in requests)
             self._incoming.append(job)
             self._active += 1
-            if self._closed:
-                raise RuntimeError("the engine is shutting down")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
                 self._thread.start()
@@ -361,7 +357,6 @@ class DecodeScheduler:
             if job.failed:
                 continue
             item = frames.setdefault(job, Frames())
-            item.decoded += 1
             if output.audio is not None:
                 item.audio.append((sequence.request.index, output.audio))
                 sequence.spoke = True
