@@ -24,7 +24,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve test espeak bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,8 +69,9 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
-## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
+## The whole test suite (CI runs this through .ci/run). The aligner's accuracy test speaks with
+## espeak-ng (Debian's package): installed with apt-get if missing.
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
@@ -88,6 +89,10 @@ bench: $(STAMP)
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
+
+espeak:
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \
+		|| { echo "the tests need the espeak-ng command (apt-get install espeak-ng)"; exit 1; }
 
 lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .
