@@ -40,6 +40,7 @@ NOISE_FLOOR_DB = -45.0
 # from a word's edges, and a silence of at least SILENT_RUN frames early in a word moves its start.
 SILENCE_BELOW_PEAK_DB = 25.0
 SILENT_RUN = 3
+MIN_FRAMES = 10  # shorter audio is not aligned (its words are estimated)
 
 Turn = tuple[int, str]  # (speaker, text), as a chunk's turns
 
@@ -132,13 +133,12 @@ class _Decoder:
                 self.decoder.add_word(name, pronounce(key, self.decoder.lookup_word), False)
                 self.added.add(name)
             names.append(name)
+        self.decoder.set_align_text(" ".join(names))
+        self.decoder.start_utt()
         try:
-            self.decoder.set_align_text(" ".join(names))
-            self.decoder.start_utt()
             self.decoder.process_raw(pcm, full_utt=True)
+        finally:
             self.decoder.end_utt()
-        except RuntimeError:
-            return None
         spans = [
             (segment.start_frame, segment.end_frame + 1)
             for segment in self.decoder.seg() or []
@@ -225,9 +225,14 @@ def align_chunk(turns: list[Turn], audio: np.ndarray, sample_rate: int) -> Chunk
     method = "aligned" if all(has_model(text) for text, _ in sentences) else "sentences"
     spans_sec: list[tuple[float, float]] | None = None
     if method == "aligned" and tokens:
-        if _decoder is None:
-            _decoder = _Decoder()
-        frames = _decoder.align([token.key for token in tokens], pcm16.tobytes())
+        frames = None
+        if levels.size >= MIN_FRAMES:
+            try:
+                _decoder = _decoder or _Decoder()
+                frames = _decoder.align([token.key for token in tokens], pcm16.tobytes())
+            except (RuntimeError, ValueError, IndexError) as exc:  # the search failed: estimate instead
+                log.debug("alignment failed: %s", exc)
+                _decoder = None  # a decoder left mid-utterance is not reused
         if frames is not None:
             spans_sec = [(start * FRAME_SEC, end * FRAME_SEC) for start, end in _refine(frames, levels)]
         else:
