@@ -2,9 +2,10 @@
 
 A job's text is either plain text (one speaker) or a script with one turn per line. Pause tags
 (`[pause]`, `[pause:750ms]`, `[pause:2s]`) may stand anywhere: the text splits there, and the
-turn before the tag carries the pause that follows it. Long texts are cut into chunks that the model generates one after another (or as a batch): long turns split at
-sentence boundaries, short consecutive turns grouped up to the chunk limit. Every chunk keeps its
-turns' speakers, so its prompt can carry each of their reference voices.
+turn before the tag carries the pause that follows it. Long texts are cut into chunks that the
+model generates one after another (or as a batch): long turns split at sentence boundaries,
+short consecutive turns grouped up to the chunk limit, and a pause ends its chunk. Every chunk
+keeps its turns' speakers, so its prompt can carry each of their reference voices.
 """
 
 from __future__ import annotations
