@@ -15,11 +15,21 @@ their chunk's start and its section's speed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
+
+import audio
 from aligner import ChunkTiming
 from config import MODEL_SAMPLE_RATE
 from text import Chunk, Script
+
+
+class ChunkResult(Protocol):
+    index: int
+    audio: np.ndarray  # at the model's rate
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,46 @@ class Layout:
 
     def _at(self, joined_samples: int, scale: float) -> float:
         return (self.position + joined_samples * scale) / MODEL_SAMPLE_RATE
+
+
+def assemble(
+    chunks: list[Chunk], results: Sequence[ChunkResult], gap: int, speed: float, lead_pause_ms: int
+) -> tuple[np.ndarray, Layout]:
+    """The delivered signal at the model's rate, before loudness and resampling, and its layout:
+    each section's chunks joined with `gap` silent samples and time-stretched together; the
+    pauses, exact, between sections."""
+    layout = Layout()
+    pause_after = {chunk.index: chunk.pause_after_ms for chunk in chunks}
+    out: list[np.ndarray] = []
+    section: list[np.ndarray] = []
+
+    def end_section() -> None:
+        joined = np.concatenate(section) if section else np.zeros(0, dtype=np.float32)
+        stretched = audio.change_speed(joined.astype(np.float32, copy=False), MODEL_SAMPLE_RATE, speed)
+        layout.end_section(stretched.size)
+        out.append(stretched)
+        section.clear()
+
+    def pause(milliseconds: int) -> None:
+        samples = pause_samples(milliseconds)
+        layout.pause(samples)
+        out.append(np.zeros(samples, dtype=np.float32))
+
+    if lead_pause_ms:
+        pause(lead_pause_ms)
+    for result in results:
+        if section:  # a chunk after a pause opens a new section, without a gap
+            layout.gap(gap)
+            section.append(np.zeros(gap, dtype=np.float32))
+        layout.chunk(result.index, result.audio.size)
+        section.append(result.audio)
+        if pause_after.get(result.index):
+            end_section()
+            pause(pause_after[result.index])
+    if section:
+        end_section()
+    signal = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return signal.astype(np.float32, copy=False), layout
 
 
 def seconds(value: float) -> float:
