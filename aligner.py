@@ -345,3 +345,16 @@ class Aligner:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+
+
+_shared: Aligner | None = None
+
+
+def shared_aligner() -> Aligner:
+    """The process's aligner (its background process starts with the first job that needs it)."""
+    global _shared
+    if _shared is None:
+        from config import MODEL_SAMPLE_RATE
+
+        _shared = Aligner(MODEL_SAMPLE_RATE)
+    return _shared

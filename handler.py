@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-import captions
+from aligner import Aligner, shared_aligner
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
-from jobs import JobError, StreamRenderer, build_segments, chunk_spans, plan_job, render
+from jobs import JobError, JobPlan, StreamRenderer, plan_job, render
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
+from timeline import JobTimestamps
 from voices import VoiceLibrary, VoiceLimits
 
 log = logging.getLogger("vibevoice.handler")
@@ -107,9 +108,11 @@ class Worker:
         library: VoiceLibrary | None = None,
         storage: S3Storage | None = None,
         progress: Callable[[dict, str], None] | None = None,
+        aligner: Aligner | None = None,
     ):
         self.settings = settings
         self.engine = engine
+        self.aligner = aligner or shared_aligner()
         self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
@@ -171,11 +174,13 @@ class Worker:
             last_update = now
             self.progress(job, message)
 
+        stamps = self.timestamps(plan)
         generate_started = time.perf_counter()
         try:
             results = await asyncio.to_thread(
                 self.engine.synthesize,
-                plan.chunks, plan.voices, plan.params, None, self._should_stop(stop), None, on_progress,
+                plan.chunks, plan.voices, plan.params, lambda result, total: stamps.chunk_done(result),
+                self._should_stop(stop), None, on_progress,
             )  # fmt: skip
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame
@@ -196,7 +201,8 @@ class Worker:
         )
 
         generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
-        warnings = job_warnings(plan, results) + delivery.warnings
+        timed = await asyncio.to_thread(stamps.fields, rendered.placements, plan.captions)
+        warnings = job_warnings(plan, results) + timed["warnings"] + delivery.warnings
         output = {
             "status": "completed",
             "format": plan.output_format,
@@ -207,13 +213,15 @@ class Worker:
             "delivery": delivery.method,
             "seed": plan.params.seed,
             "chunks": len(results),
-            "segments": rendered.segments,
+            "segments": timed["segments"],
+            **({"words": timed["words"]} if "words" in timed else {}),
             "loudness": rendered.loudness,
             "timings": {
                 "model_load_sec": round(self.engine.info.load_seconds, 3),
                 "generate_sec": round(generate_seconds, 3),
                 "postprocess_sec": round(rendered.postprocess_seconds, 3),
                 "encode_sec": round(rendered.encode_seconds, 3),
+                **_align_timings(timed, stamps),
                 "upload_sec": round(delivery.upload_seconds, 3),
                 "total_sec": round(time.perf_counter() - started, 3),
                 "real_time_factor": round(generate_seconds / generated_seconds, 4) if generated_seconds else None,
@@ -221,8 +229,8 @@ class Worker:
         }
         if plan.bitrate_kbps:
             output["bitrate_kbps"] = plan.bitrate_kbps
-        if rendered.captions is not None:
-            output["captions"] = rendered.captions
+        if "captions" in timed:
+            output["captions"] = timed["captions"]
         if warnings:
             output["warnings"] = warnings
         log.info(
@@ -257,17 +265,21 @@ class Worker:
                 return
 
         finished_chunks = 0
+        stamps = self.timestamps(plan)
+        chunks = {chunk.index: chunk for chunk in plan.chunks}
+
+        def send(pieces: list[bytes]) -> None:
+            for piece in pieces:  # words of chunks aligned by now go with the next audio item
+                put(("audio", piece, stamps.ready_words(renderer.layout, renderer.section_scale)))
 
         def on_audio(index: int, samples) -> None:
-            for piece in renderer.audio(samples):
-                put(("audio", piece))
+            send(renderer.audio(samples))
 
         def on_chunk(result: ChunkAudio, total: int) -> None:
             nonlocal finished_chunks
             finished_chunks += 1
-            if finished_chunks < total:
-                for piece in renderer.chunk_done():
-                    put(("audio", piece))
+            stamps.chunk_done(result)
+            send(renderer.chunk_done(chunks[result.index], result.audio.size, last=finished_chunks == total))
 
         def generate() -> None:
             try:
@@ -279,7 +291,7 @@ class Worker:
                 if not stop.is_set():
                     tail = renderer.finish()
                     if tail:
-                        put(("audio", tail))
+                        send([tail])
                 put(("done", results))
             except BaseException as exc:  # handed to the handler, which turns it into the job's error
                 put(("error", exc))
@@ -290,7 +302,7 @@ class Worker:
         sequence = 0
         try:
             while True:
-                kind, value = await queue.get()
+                kind, value, *words = await queue.get()
                 room.release()
                 if kind == "error":
                     raise value
@@ -299,24 +311,30 @@ class Worker:
                     break
                 if first_audio is None:
                     first_audio = time.perf_counter() - started
-                yield {
+                item = {
                     "status": "streaming",
                     "seq": sequence,
                     "format": plan.output_format,
                     "sample_rate": plan.sample_rate,
                     "audio_chunk": base64.b64encode(value).decode("ascii"),
                 }
+                if words and words[0]:
+                    item["words"] = words[0]
+                yield item
                 sequence += 1
         finally:
             stop.set()  # a no-op after a normal end; otherwise the engine stops at its next frame
         await worker
         generate_seconds = time.perf_counter() - generate_started
-        yield self._stream_summary(job, plan, renderer, results, sequence, started, first_audio, generate_seconds)
+        timed = await asyncio.to_thread(stamps.fields, renderer.layout.placements, plan.captions)
+        yield self._stream_summary(job, plan, renderer, results, sequence, started, first_audio, generate_seconds,
+                                   timed, stamps)  # fmt: skip
 
-    def _stream_summary(self, job, plan, renderer, results, items, started, first_audio, generate_seconds) -> dict:
+    def _stream_summary(
+        self, job, plan, renderer, results, items, started, first_audio, generate_seconds, timed, stamps
+    ) -> dict:
         generated_seconds = sum(result.audio.size for result in results) / self.engine.sample_rate
-        segments = build_segments(plan, results, chunk_spans(results, renderer.gap_samples), renderer.time_scale)
-        warnings = job_warnings(plan, results)
+        warnings = job_warnings(plan, results) + timed["warnings"]
         summary = {
             "status": "complete",
             "format": plan.output_format,
@@ -327,21 +345,23 @@ class Worker:
             "items": items,
             "seed": plan.params.seed,
             "chunks": len(results),
-            "segments": segments,
+            "segments": timed["segments"],
+            **({"words": timed["words"]} if "words" in timed else {}),
             "loudness": renderer.loudness_report(),
             "timings": {
                 "model_load_sec": round(self.engine.info.load_seconds, 3),
                 "time_to_first_audio_sec": round(first_audio, 3) if first_audio is not None else None,
                 "generate_sec": round(generate_seconds, 3),
                 "encode_sec": round(renderer.encode_seconds, 3),
+                **_align_timings(timed, stamps),
                 "total_sec": round(time.perf_counter() - started, 3),
                 "real_time_factor": round(generate_seconds / generated_seconds, 4) if generated_seconds else None,
             },
         }
         if plan.bitrate_kbps:
             summary["bitrate_kbps"] = plan.bitrate_kbps
-        if plan.captions:
-            summary["captions"] = captions.build(segments, plan.captions)
+        if "captions" in timed:
+            summary["captions"] = timed["captions"]
         if warnings:
             summary["warnings"] = warnings
         log.info(
@@ -349,6 +369,9 @@ class Worker:
             job.get("id"), items, summary["duration_sec"], summary["timings"]["time_to_first_audio_sec"],
         )  # fmt: skip
         return summary
+
+    def timestamps(self, plan: JobPlan) -> JobTimestamps:
+        return JobTimestamps(self.aligner, plan.script, plan.chunks, plan.timestamps, plan.caption_unit)
 
     async def collect(self, job: dict) -> list | dict:
         """`handle` for the SDK's local modes: the yielded items as a list, or the error.
@@ -362,6 +385,13 @@ class Worker:
         if os.environ.get("VIBEVOICE_TEST_OUTPUT"):
             Path(os.environ["VIBEVOICE_TEST_OUTPUT"]).write_text(json.dumps(result))
         return result
+
+
+def _align_timings(timed: dict, stamps: JobTimestamps) -> dict:
+    """Alignment's own time (in its process, beside generation) and the time the job waited for it."""
+    if timed["align_sec"] is None:
+        return {}
+    return {"align_sec": round(timed["align_sec"], 3), "align_wait_sec": round(stamps.wait_seconds, 3)}
 
 
 def job_warnings(plan, results: list[ChunkAudio]) -> list[str]:

@@ -9,7 +9,6 @@ StreamRenderer  -> the same, piece by piece as frames arrive (no loudness normal
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import audio
-import captions
 from config import MODEL_SAMPLE_RATE, Settings
 from inference import ChunkAudio, GenerationParams
 from schema import JobInput, VoiceSource
 from text import Chunk, Script, ScriptError, chunk_script, parse_script
+from timeline import Layout, Placement, assemble, pause_samples
 from voices import VoiceError, VoiceLibrary
 
 
@@ -46,6 +45,8 @@ class JobPlan:
     return_mode: str
     stream: bool = False
     stream_chunk_ms: int = 400
+    timestamps: str = "none"  # "none" | "sentence" | "word"
+    caption_unit: str | None = None  # "chunk" | "sentence" | "word" with captions
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -62,6 +63,11 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         raise JobError(f"'text': {exc}") from None
     if not script.turns:
         raise JobError("'text' is empty; give the text to speak.")
+    if script.pause_ms > settings.max_pause_sec * 1000:
+        raise JobError(
+            f"'text' asks for {script.pause_ms / 1000:g} s of pauses in all; "
+            f"this deployment allows at most {settings.max_pause_sec:g} s (MAX_PAUSE_SEC)."
+        )
 
     warnings: list[str] = []
     voices: dict[int, np.ndarray] = {}
@@ -97,6 +103,8 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         return_mode=job.return_mode,
         stream=job.stream,
         stream_chunk_ms=job.stream_chunk_ms or settings.stream_chunk_ms,
+        timestamps=job.timestamps,
+        caption_unit=job.caption_unit,
         warnings=warnings,
     )
 
@@ -163,45 +171,17 @@ class Rendered:
     content_type: str
     extension: str
     duration_sec: float
-    segments: list[dict]
+    placements: list[Placement]
     loudness: dict
-    captions: str | None
     postprocess_seconds: float
     encode_seconds: float
 
 
-def chunk_spans(results: list[ChunkAudio], gap_samples: int) -> list[tuple[int, int]]:
-    """Each chunk's sample span in the joined signal (chunks in order, silent gaps between)."""
-    spans = []
-    position = 0
-    for number, result in enumerate(results):
-        if number:
-            position += gap_samples
-        spans.append((position, position + result.audio.size))
-        position += result.audio.size
-    return spans
-
-
-def join_chunks(results: list[ChunkAudio], gap_samples: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Concatenate chunk audio with silent gaps; return the signal and each chunk's sample span."""
-    gap = np.zeros(gap_samples, dtype=np.float32)
-    pieces: list[np.ndarray] = []
-    for number, result in enumerate(results):
-        if number:
-            pieces.append(gap)
-        pieces.append(result.audio)
-    signal = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    return signal.astype(np.float32, copy=False), chunk_spans(results, gap_samples)
-
-
 def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) -> Rendered:
-    """Join, change speed, normalise loudness, resample and encode; build segments and captions."""
+    """Join (with gaps and pauses), change speed, normalise loudness, resample and encode."""
     started = clock()
     gap = round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
-    signal, spans = join_chunks(results, gap)
-    stretched = audio.change_speed(signal, MODEL_SAMPLE_RATE, plan.speed)
-    # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
-    time_scale = stretched.size / signal.size if signal.size else 1.0
+    stretched, layout = assemble(plan.chunks, results, gap, plan.speed, plan.script.lead_pause_ms)
     if plan.normalize:
         # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
         stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
@@ -214,17 +194,14 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, clock) 
     data = audio.encode(output, plan.output_format, plan.sample_rate, plan.bitrate_kbps)
     encode_seconds = clock() - started
 
-    segments = build_segments(plan, results, spans, time_scale)
-    subtitle = captions.build(segments, plan.captions) if plan.captions else None
     _, _, content_type, extension = audio.FORMATS[plan.output_format]
     return Rendered(
         data=data,
         content_type=content_type,
         extension=extension,
         duration_sec=output.size / plan.sample_rate,
-        segments=segments,
+        placements=layout.placements,
         loudness=report.as_dict(),
-        captions=subtitle,
         postprocess_seconds=postprocess_seconds,
         encode_seconds=encode_seconds,
     )
@@ -238,35 +215,38 @@ STREAM_LOUDNESS_REASON = (
 class StreamRenderer:
     """`render` for streamed jobs: model audio in, encoded bytes out, piece by piece.
 
-    Audio arrives in chunk order (`audio()`), with `chunk_done()` between chunks for the silent
-    gap. It passes through the same steps as `render` in the same order, each kept stateful
-    across pieces (speed, resample, encode), and leaves in pieces of at least `stream_chunk_ms`
-    of audio, so the bytes handed out concatenate to one valid file whose pcm_16/wav samples
-    equal `render`'s with normalize off. Loudness is not normalised (it needs the whole signal);
-    it is measured on the way out and reported.
+    Audio arrives in chunk order (`audio()`), with `chunk_done()` after each chunk for the silent
+    gap or the pause that follows it. It passes through the same steps as `render` in the same
+    order, each kept stateful across pieces (speed, resample, encode), and leaves in pieces of at
+    least `stream_chunk_ms` of audio, so the bytes handed out concatenate to one valid file whose
+    pcm_16/wav samples equal `render`'s with normalize off. A pause closes the speed change of its
+    section and goes in after it, as in `render`, so both record the same `layout`. Loudness is
+    not normalised (it needs the whole signal); it is measured on the way out and reported.
     """
 
     def __init__(self, plan: JobPlan, settings: Settings):
         self.plan = plan
         self.gap_samples = round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
         self.piece_samples = max(1, round(plan.stream_chunk_ms * MODEL_SAMPLE_RATE / 1000))
-        self.speed = audio.SpeedChanger(MODEL_SAMPLE_RATE, plan.speed) if plan.speed != 1.0 else None
+        self.speed = self._speed_changer()
         self.resampler = audio.StreamResampler(MODEL_SAMPLE_RATE, plan.sample_rate)
         self.encoder = audio.Encoder(plan.output_format, plan.sample_rate, plan.bitrate_kbps, streaming=True)
         self.loudness = audio.LoudnessMeter(plan.sample_rate)
         self.peak = audio.TruePeakMeter()
-        self.joined_samples = 0  # model-rate samples in, gaps included
-        self.stretched_samples = 0  # model-rate samples after the speed change
+        self.layout = Layout()
+        self.section_joined = 0  # model-rate samples of the open section, gaps included
+        self.section_stretched = 0  # the same after the speed change
         self.output_samples = 0  # samples at the output rate
         self.encode_seconds = 0.0
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
+        self._lead_pause = plan.script.lead_pause_ms
 
     def audio(self, samples: np.ndarray) -> list[bytes]:
         """Take decoded audio; return the encoded pieces now complete (possibly none)."""
+        pieces = self._begin()
         self._pending.append(samples)
         self._pending_samples += samples.size
-        pieces = []
         while self._pending_samples >= self.piece_samples:
             joined = np.concatenate(self._pending)
             pieces.append(self._encode(joined[: self.piece_samples]))
@@ -274,32 +254,69 @@ class StreamRenderer:
             self._pending, self._pending_samples = ([rest] if rest.size else []), rest.size
         return [piece for piece in pieces if piece]
 
-    def chunk_done(self) -> list[bytes]:
-        """Between two chunks: the silent gap `render` puts there."""
-        return self.audio(np.zeros(self.gap_samples, dtype=np.float32))
+    def chunk_done(self, chunk: Chunk, samples: int, last: bool) -> list[bytes]:
+        """After a chunk of `samples` samples: its pause, or (unless it is the last) the gap."""
+        pieces = self._begin()
+        self.layout.chunk(chunk.index, samples)
+        if chunk.pause_after_ms:
+            pieces += self._pause(chunk.pause_after_ms)
+        elif not last:
+            self.layout.gap(self.gap_samples)
+            pieces += self.audio(np.zeros(self.gap_samples, dtype=np.float32))
+        return [piece for piece in pieces if piece]
+
+    @property
+    def section_scale(self) -> float:
+        """The open section's speed ratio as measured so far."""
+        return self.section_stretched / self.section_joined if self.section_joined else 1 / self.plan.speed
 
     def finish(self) -> bytes:
         """The last piece: what is pending, then everything the stateful steps still hold."""
         started = time.perf_counter()
-        data = self._encode(np.concatenate(self._pending)) if self._pending else b""
-        self._pending, self._pending_samples = [], 0
-        tail = np.zeros(0, dtype=np.float32)
-        if self.speed is not None:
-            stretched = self.speed.close()
-            self.stretched_samples += stretched.size
-            tail = self.resampler.write(stretched)
-        tail = np.concatenate([tail, self.resampler.close()])
+        data = b"".join(self._begin() + self._end_section())
+        tail = self.resampler.close()
         self._measure(tail)
         data += self.encoder.write(tail) + self.encoder.close()
         self.encode_seconds += time.perf_counter() - started
         return data
 
+    def _begin(self) -> list[bytes]:
+        """The pause before the first words, once, before anything else."""
+        lead, self._lead_pause = self._lead_pause, 0
+        return self._pause(lead) if lead else []
+
+    def _end_section(self) -> list[bytes]:
+        """Encode what is pending and what the speed change holds; the section's length is known."""
+        pieces = [self._encode(np.concatenate(self._pending))] if self._pending else []
+        self._pending, self._pending_samples = [], 0
+        if self.speed is not None:
+            pieces.append(self._resample_encode(self.speed.close()))
+            self.speed = self._speed_changer()
+        self.layout.end_section(self.section_stretched)
+        self.section_joined = self.section_stretched = 0
+        return pieces
+
+    def _pause(self, milliseconds: int) -> list[bytes]:
+        """Exact silence after the open section's speed change (as `render` puts it)."""
+        pieces = self._end_section()
+        samples = pause_samples(milliseconds)
+        self.layout.pause(samples)
+        pieces.append(self._resample_encode(np.zeros(samples, dtype=np.float32), stretched=False))
+        return pieces
+
+    def _speed_changer(self) -> audio.SpeedChanger | None:
+        return audio.SpeedChanger(MODEL_SAMPLE_RATE, self.plan.speed) if self.plan.speed != 1.0 else None
+
     def _encode(self, samples: np.ndarray) -> bytes:
-        started = time.perf_counter()
-        self.joined_samples += samples.size
+        self.section_joined += samples.size
         if self.speed is not None:
             samples = self.speed.write(samples)
-        self.stretched_samples += samples.size
+        return self._resample_encode(samples)
+
+    def _resample_encode(self, samples: np.ndarray, stretched: bool = True) -> bytes:
+        started = time.perf_counter()
+        if stretched:
+            self.section_stretched += samples.size
         out = self.resampler.write(samples)
         self._measure(out)
         data = self.encoder.write(out)
@@ -311,10 +328,6 @@ class StreamRenderer:
         self.loudness.add(samples)
         self.peak.add(samples)
 
-    @property
-    def time_scale(self) -> float:
-        return self.stretched_samples / self.joined_samples if self.joined_samples else 1.0
-
     def loudness_report(self) -> dict:
         reason = STREAM_LOUDNESS_REASON if self.plan.normalize else "normalize is false"
         report = audio.LoudnessReport(
@@ -325,32 +338,3 @@ class StreamRenderer:
             reason=reason,
         )
         return report.as_dict()
-
-
-def build_segments(
-    plan: JobPlan, results: list[ChunkAudio], spans: list[tuple[int, int]], time_scale: float
-) -> list[dict]:
-    by_index = {chunk.index: chunk for chunk in plan.chunks}
-    segments = []
-    for result, (start, end) in zip(results, spans, strict=True):
-        chunk = by_index[result.index]
-        labels = [plan.script.label(speaker) for speaker in chunk.speakers]
-        if len(chunk.turns) == 1:
-            spoken = chunk.turns[0].text
-        else:
-            spoken = "\n".join(f"{plan.script.label(turn.speaker)}: {turn.text}" for turn in chunk.turns)
-        segments.append(
-            {
-                "index": chunk.index,
-                "speaker": plan.script.label(chunk.turns[0].speaker),
-                "speakers": labels,
-                "text": spoken,
-                "start_sec": _seconds(start * time_scale),
-                "end_sec": _seconds(end * time_scale),
-            }
-        )
-    return segments
-
-
-def _seconds(samples: float) -> float:
-    return math.floor(samples / MODEL_SAMPLE_RATE * 1000 + 0.5) / 1000

@@ -94,6 +94,9 @@ class JobInput(BaseModel):
     normalize: bool = True
     target_lufs: float | None = Field(None, ge=-70, le=-5, allow_inf_nan=False)
     captions: Literal["srt", "vtt"] | None = None
+    # Timestamps from forced alignment of the generated audio: sentence segments, or also words.
+    timestamps: Literal["none", "sentence", "word"] = "none"
+    caption_unit: Literal["chunk", "sentence", "word"] | None = None  # default: chunk, or sentence with timestamps
     return_mode: Literal["auto", "url", "base64"] = Field(
         "auto", validation_alias=AliasChoices("return", "return_mode")
     )
@@ -170,6 +173,10 @@ class JobInput(BaseModel):
             raise ValueError("'return' url cannot be combined with 'stream': true; streamed audio arrives in the items")
         if self.stream_chunk_ms is not None and not self.stream:
             raise ValueError("'stream_chunk_ms' applies only with 'stream': true")
+        if self.caption_unit is not None and self.captions is None:
+            raise ValueError("'caption_unit' applies only with 'captions' (srt or vtt)")
+        if self.captions is not None and self.caption_unit is None:
+            self.caption_unit = "chunk" if self.timestamps == "none" else "sentence"
         if fmt == "opus" and self.sample_rate not in (None, 48000):
             raise ValueError("'sample_rate' for opus must be 48000: Opus always decodes at 48 kHz")
         rate = self.resolved_sample_rate(settings)

@@ -15,6 +15,7 @@ their chunk's start and its section's speed.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 import audio
+import captions
 from aligner import ChunkTiming
 from config import MODEL_SAMPLE_RATE
 from text import Chunk, Script
@@ -237,3 +239,83 @@ def _placed(chunk_seconds: float, placement: Placement) -> float:
 
 def _span(entry: dict) -> dict:
     return {"start_sec": entry["start_sec"], "end_sec": entry["end_sec"]}
+
+
+# --- one job's timestamps ------------------------------------------------------------------------
+
+
+class JobTimestamps:
+    """A job's alignments: each finished chunk goes to the aligner while the next one decodes;
+    the result fields (segments, words, captions) are built from them and the placements.
+
+    `timestamps` is the job's "none" | "sentence" | "word"; `caption_unit` its "chunk" |
+    "sentence" | "word" (or None without captions). Chunks are aligned when either needs more
+    than chunk granularity.
+    """
+
+    def __init__(self, aligner, script: Script, chunks: list[Chunk], timestamps: str, caption_unit: str | None):
+        self.aligner = aligner
+        self.script = script
+        self.turns = {chunk.index: [(turn.speaker, turn.text) for turn in chunk.turns] for chunk in chunks}
+        self.chunks = chunks
+        self.timestamps = timestamps
+        self.caption_unit = caption_unit
+        self.enabled = timestamps != "none" or caption_unit in ("sentence", "word")
+        self._pending: dict[int, tuple[object, np.ndarray]] = {}  # chunk index -> (future, audio)
+        self._done: dict[int, ChunkTiming] = {}
+        self._handed_out: set[int] = set()
+        self.wait_seconds = 0.0
+
+    def chunk_done(self, result: ChunkResult) -> None:
+        """From the generation thread, as each chunk is finished (in chunk order)."""
+        if self.enabled:
+            self._pending[result.index] = (self.aligner.submit(self.turns[result.index], result.audio), result.audio)
+
+    def ready_words(self, layout: Layout, scale: float) -> list[dict]:
+        """Streamed jobs: the words of chunks aligned since the last call, in chunk order, placed
+        with the layout as it stands (the open section's speed ratio as measured so far)."""
+        if self.timestamps != "word":
+            return []
+        words: list[dict] = []
+        for index in sorted(self._pending):
+            future, _ = self._pending[index]
+            if index in self._handed_out:
+                continue
+            if not future.done():
+                break
+            placement = layout.provisional(index, scale)
+            if placement is None:
+                break
+            words += chunk_words(self.script, self._timing(index), placement)
+            self._handed_out.add(index)
+        return words
+
+    def fields(self, placements: list[Placement], captions_kind: str | None) -> dict:
+        """`segments`, and `words` and `captions` when asked for, plus `warnings` about timings."""
+        started = time.perf_counter()
+        timings = {placement.index: self._timing(placement.index) for placement in placements} if self.enabled else {}
+        self.wait_seconds += time.perf_counter() - started
+        fields: dict = {}
+        if self.timestamps == "none":
+            fields["segments"] = chunk_segments(self.script, self.chunks, placements)
+        else:
+            fields["segments"] = sentence_segments(self.script, timings, placements)
+        if self.timestamps == "word":
+            fields["words"] = words(self.script, timings, placements)
+        if captions_kind:
+            if self.caption_unit == "word":
+                cues = word_cues(self.script, timings, placements)
+            elif self.caption_unit == "sentence":
+                cues = sentence_segments(self.script, timings, placements)
+            else:
+                cues = chunk_segments(self.script, self.chunks, placements)
+            fields["captions"] = captions.build(cues, captions_kind)
+        fields["warnings"] = timing_warnings(timings, self.timestamps) if self.enabled else []
+        fields["align_sec"] = sum(timing.seconds for timing in timings.values()) if self.enabled else None
+        return fields
+
+    def _timing(self, index: int) -> ChunkTiming:
+        if index not in self._done:
+            future, audio_samples = self._pending[index]
+            self._done[index] = self.aligner.result(future, self.turns[index], audio_samples)
+        return self._done[index]
