@@ -84,8 +84,9 @@ lint-deploy: $(STAMP)
 
 ## Speed, memory and start-up figures against baselines measured in the same run (not part of
 ## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
-## The design's post-processing baseline needs the ffmpeg command: installed with apt-get if missing.
-bench: $(STAMP)
+## The design's post-processing baseline needs the ffmpeg command, the aligner's figure espeak-ng:
+## installed with apt-get if missing.
+bench: $(STAMP) espeak
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run

@@ -10,18 +10,26 @@ time, in order, inside the chunk.
 
 PocketSphinx holds the GIL while it decodes, so `Aligner` runs it in a process of its own: the
 generation thread keeps decoding the next chunk meanwhile.
+
+    python -m aligner        # the background process (Aligner starts it)
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
-import multiprocessing
+import os
+import pickle
+import queue
 import re
+import subprocess
+import sys
 import threading
 import time
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -297,54 +305,125 @@ def estimate_chunk(turns: list[Turn], audio: np.ndarray, sample_rate: int) -> Ch
 
 # --- the background process --------------------------------------------------------------------
 
+# How long a chunk's alignment may take, beyond this many times its audio's length, before the
+# process is presumed stuck, stopped, and the chunk's words estimated (alignment runs at about
+# 1-3% of real time; the allowance also covers the chunks queued before it and a process start).
+ALIGN_TIMEOUT_SEC = 60.0
+ALIGN_TIMEOUT_PER_AUDIO_SEC = 1.0
+ALIGNER_NICENESS = 10
+
+
+def default_processes() -> int:
+    """Aligner processes: one per four CPU cores, from one to four (a GPU host has cores to spare;
+    chunks of one batch finish together and are aligned side by side)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
 
 class Aligner:
-    """Aligns chunks in one background process, started on first use and kept for the next jobs.
+    """Aligns chunks in background processes (`python -m aligner`), started on first use and kept
+    for the next jobs; each is fed one request at a time by its own thread, from one queue.
 
-    `submit` returns at once; the generation thread hands each finished chunk over and goes on
-    with the next. A failure of the process itself (killed, out of memory) costs no job: the
-    chunk's words are then estimated here, and the next chunk starts a new process.
+    `submit` returns at once, so the generation thread hands each finished chunk over and goes
+    on with the next. A failure of a process (killed, stuck, out of memory) costs no job: the
+    chunk's words are then estimated here, and the next request starts a new process. Plain
+    subprocesses rather than multiprocessing: a spawned child would first import the parent's
+    main module (the worker, with torch).
     """
 
-    def __init__(self, sample_rate: int):
+    def __init__(self, sample_rate: int, processes: int = 1):
         self.sample_rate = sample_rate
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.processes = processes
+        self._requests: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
+        self._feeders: list[threading.Thread] = []
+        self._children: dict[int, subprocess.Popen] = {}  # feeder slot -> its process
 
     def submit(self, turns: list[Turn], audio: np.ndarray) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self._pool is None:
-                # spawn: a fork of a process that holds CUDA and torch threads is not safe.
-                context = multiprocessing.get_context("spawn")
-                self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context)
-            pool = self._pool
-        try:
-            return pool.submit(align_chunk, turns, audio, self.sample_rate)
-        except (concurrent.futures.BrokenExecutor, RuntimeError) as exc:
-            return self._estimated(turns, audio, exc)
+            if not self._feeders:
+                for slot in range(self.processes):
+                    feeder = threading.Thread(target=self._feed, args=(slot,), name=f"aligner-{slot}", daemon=True)
+                    feeder.start()
+                    self._feeders.append(feeder)
+        self._requests.put((future, turns, audio))
+        return future
 
     def result(self, future: concurrent.futures.Future, turns: list[Turn], audio: np.ndarray) -> ChunkTiming:
-        """The alignment, or an estimate if the process failed."""
+        """The alignment, or an estimate if the process failed or took too long."""
+        timeout = ALIGN_TIMEOUT_SEC + ALIGN_TIMEOUT_PER_AUDIO_SEC * audio.size / self.sample_rate
         try:
-            return future.result()
-        except Exception as exc:  # the process died or the aligner raised: estimate instead
-            return self._estimated(turns, audio, exc).result()
-
-    def _estimated(self, turns: list[Turn], audio: np.ndarray, exc: BaseException) -> concurrent.futures.Future:
-        log.warning("aligner failed (%s: %s); word timings estimated", type(exc).__name__, exc)
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_result(estimate_chunk(turns, audio, self.sample_rate))
-        return future
+            return future.result(timeout=timeout)
+        except Exception as exc:  # the process died, hung or raised: estimate instead
+            log.warning("aligner failed (%s: %s); word timings estimated", type(exc).__name__, exc)
+            if isinstance(exc, concurrent.futures.TimeoutError):
+                for slot in list(self._children):
+                    self._stop(slot)
+            return estimate_chunk(turns, audio, self.sample_rate)
 
     def close(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            feeders, self._feeders = self._feeders, []
+        for _ in feeders:
+            self._requests.put(None)
+        for feeder in feeders:
+            feeder.join(timeout=10)
+        for slot in list(self._children):
+            self._stop(slot)
+
+    def _feed(self, slot: int) -> None:
+        while (request := self._requests.get()) is not None:
+            future, turns, audio = request
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._ask(slot, turns, audio))
+            except Exception as exc:
+                self._stop(slot)
+                future.set_exception(exc)
+
+    def _ask(self, slot: int, turns: list[Turn], audio: np.ndarray) -> ChunkTiming:
+        process = self._children.get(slot)
+        if process is None or process.poll() is not None:
+            process = self._children[slot] = subprocess.Popen(
+                [sys.executable, "-m", "aligner"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=Path(__file__).resolve().parent,
+            )
+        assert process.stdin is not None and process.stdout is not None
+        pickle.dump((turns, audio, self.sample_rate), process.stdin)
+        process.stdin.flush()
+        return pickle.load(process.stdout)
+
+    def _stop(self, slot: int) -> None:
+        process = self._children.pop(slot, None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def serve() -> None:
+    """The background process: (turns, audio, rate) in on stdin, ChunkTiming out on stdout, until
+    stdin closes. Anything a library prints goes to stderr, away from the answers. It runs at a
+    lower CPU priority than the worker."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    with contextlib.suppress(OSError):
+        os.nice(ALIGNER_NICENESS)  # where CPU is short, the decode loop goes first
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            turns, audio, rate = pickle.load(requests)
+        except (EOFError, pickle.UnpicklingError):  # the worker has gone
+            return
+        try:
+            timing = align_chunk(turns, audio, rate)
+        except Exception as exc:  # the parent estimates this chunk; the process goes on
+            log.warning("alignment raised %s: %s", type(exc).__name__, exc)
+            timing = estimate_chunk(turns, audio, rate)
+        pickle.dump(timing, answers)
+        answers.flush()
 
 
 _shared: Aligner | None = None
@@ -356,5 +435,11 @@ def shared_aligner() -> Aligner:
     if _shared is None:
         from config import MODEL_SAMPLE_RATE
 
-        _shared = Aligner(MODEL_SAMPLE_RATE)
+        _shared = Aligner(MODEL_SAMPLE_RATE, default_processes())
     return _shared
+
+
+if __name__ == "__main__":  # through the module's own name, so the answers unpickle as aligner.ChunkTiming
+    import aligner
+
+    aligner.serve()

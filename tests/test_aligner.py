@@ -111,6 +111,23 @@ def test_pronunciations_outside_the_dictionary():
     assert spelled("zorblax") == "Z AO R B L AE K S"
 
 
+def test_a_killed_process_costs_no_words(corpus):
+    sentence = corpus[1]
+    turns = [(0, sentence.text)]
+    service = aligner.Aligner(RATE)
+    try:
+        assert service.result(service.submit(turns, sentence.audio), turns, sentence.audio).method == "aligned"
+        for process in list(service._children.values()):
+            process.kill()
+            process.wait()
+        after = service.result(service.submit(turns, sentence.audio), turns, sentence.audio)
+        assert [word.text for word in after.words] == sentence.text.split()  # aligned by a new process
+        assert after.method == "aligned"
+    finally:
+        service.close()
+    assert not service._children
+
+
 @pytest.mark.slow
 def test_background_process_gives_the_same_result(corpus):
     sentence = corpus[2]
