@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+import lifetime
 from aligner import Aligner, shared_aligner
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
@@ -34,7 +35,7 @@ from jobs import JobError, JobPlan, StreamRenderer, plan_job, render
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
 from timeline import JobTimestamps
-from voices import VoiceLibrary, VoiceLimits
+from voices import VoiceLibrary
 
 log = logging.getLogger("vibevoice.handler")
 
@@ -113,7 +114,7 @@ class Worker:
         self.settings = settings
         self.engine = engine
         self.aligner = aligner or shared_aligner()
-        self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
+        self.library = library or VoiceLibrary.for_settings(settings)
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
         self.shutdown = Shutdown(settings.shutdown_timeout)
@@ -410,16 +411,6 @@ def _after_items(message: str, items: int) -> str:
     return f"streaming stopped after {items} item(s): {message[0].lower()}{message[1:]}"
 
 
-def voice_limits(settings: Settings) -> VoiceLimits:
-    return VoiceLimits(
-        max_bytes=settings.voice_max_bytes,
-        min_seconds=settings.voice_min_seconds,
-        max_seconds=settings.voice_max_seconds,
-        fetch_timeout=settings.voice_fetch_timeout,
-        allowed_networks=VoiceLimits.parse_networks(settings.voice_url_allowed_networks),
-    )
-
-
 class RedactSecrets(logging.Filter):
     """Replaces every known secret in log records with '***'."""
 
@@ -484,6 +475,8 @@ def _sdk_local_mode(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    # The SDK's heartbeat is a fork: it must die with the worker, not ping on as an orphan.
+    lifetime.children_die_with_this_process()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         settings = load_settings()
