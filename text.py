@@ -23,6 +23,7 @@ PAUSE_MAX_MS = 10_000  # one tag
 # as in ComfyUI's VibeVoice nodes). Other square brackets are text.
 _PAUSE_LIKE = re.compile(r"\[\s*pause\b[^\]\[\n]*\]?", re.IGNORECASE)
 _PAUSE = re.compile(r"\[\s*pause\s*(?::\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s)?\s*)?\]", re.IGNORECASE)
+_LEADING_PAUSES = re.compile(rf"(?:\s*{_PAUSE_LIKE.pattern})+\s*", re.IGNORECASE)
 
 _LABEL = re.compile(r"^\s*speaker\s*(\d+)\s*:\s*(.*)$", re.IGNORECASE)
 _LOOKS_LIKE_LABEL = re.compile(r"^\s*speaker\b[^:]{0,12}:", re.IGNORECASE)
@@ -196,18 +197,22 @@ def _add_spoken(turns: list[Turn], speaker: int, spoken: str, lead: int) -> int:
     return lead
 
 
-def _only_pauses(line: str) -> bool:
-    return bool(_PAUSE_LIKE.search(line)) and not has_visible(_PAUSE_LIKE.sub("", line))
+def _leading_pauses(line: str) -> tuple[str, str]:
+    """A script line's pause tags before its label (or the whole line of tags), and the rest."""
+    match = _LEADING_PAUSES.match(line)
+    return (match.group(0), line[match.end() :]) if match else ("", line)
 
 
 def parse_script(text: str) -> Script:
     """Plain text becomes one speaker; `Speaker N:` lines become turns with 0-based speakers.
 
     Labels may be written 0-3 or 1-4 (VibeVoice's own scripts use 1-based labels): when no line
-    uses 0, labels are taken as 1-based. In a script, a line of pause tags alone needs no label.
+    uses 0, labels are taken as 1-based. In a script, pause tags may stand before a line's label,
+    and a line of pause tags alone needs none.
     """
     lines = [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
-    labelled = [_LABEL.match(line) for line in lines]
+    split = [_leading_pauses(line) for line in lines]
+    labelled = [_LABEL.match(rest) for _, rest in split]
     if not any(labelled):
         for number, line in enumerate(lines, start=1):
             if _LOOKS_LIKE_LABEL.match(line):
@@ -218,11 +223,12 @@ def parse_script(text: str) -> Script:
         lead = _add_spoken(plain_turns, 0, " ".join(line.strip() for line in lines), 0)
         return Script(turns=tuple(plain_turns), is_script=False, label_base=1, lead_pause_ms=lead)
 
-    found: list[tuple[int, str]] = []  # (label, spoken); label -1: a line of pause tags alone
-    for number, match in enumerate(labelled, start=1):
+    found: list[tuple[int, str]] = []  # (label, spoken); label -1: pause tags before a label or alone
+    for number, ((tags, rest), match) in enumerate(zip(split, labelled, strict=True), start=1):
+        if tags:
+            found.append((-1, tags))
         if match is None:
-            if _only_pauses(lines[number - 1]):
-                found.append((-1, lines[number - 1]))
+            if not rest.strip():
                 continue
             raise ScriptError(
                 f"text line {number} has no 'Speaker N:' label; in a script every line must start with one."

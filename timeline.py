@@ -266,6 +266,11 @@ class JobTimestamps:
         self._handed_out: set[int] = set()
         self.wait_seconds = 0.0
 
+    @classmethod
+    def for_plan(cls, aligner, plan) -> JobTimestamps:
+        """A planned job's (planning.JobPlan) timestamps; `aligner` may be None when it asks for none."""
+        return cls(aligner, plan.script, plan.chunks, plan.timestamps, plan.caption_unit)
+
     def chunk_done(self, result: ChunkResult) -> None:
         """From the generation thread, as each chunk is finished (in chunk order)."""
         if self.enabled:
@@ -312,6 +317,7 @@ class JobTimestamps:
             fields["captions"] = captions.build(cues, captions_kind)
         fields["warnings"] = timing_warnings(timings, self.timestamps) if self.enabled else []
         fields["align_sec"] = sum(timing.seconds for timing in timings.values()) if self.enabled else None
+        fields["align_wait_sec"] = self.wait_seconds if self.enabled else None
         return fields
 
     def _timing(self, index: int) -> ChunkTiming:

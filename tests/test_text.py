@@ -139,6 +139,9 @@ def test_pause_tags_in_scripts() -> None:
     script = parse_script("Speaker 1: Hi. [pause:300ms] Still me.\n[pause:1s]\nSpeaker 2: [pause] Hello.")
     assert script.is_script
     assert script.turns == (Turn(0, "Hi.", 300), Turn(0, "Still me.", 1500), Turn(1, "Hello.", 0))
+    before_labels = parse_script("[pause:2s] Speaker 1: Hi.\n[pause:1s] [pause] Speaker 2: Yo.")
+    assert before_labels.lead_pause_ms == 2000
+    assert before_labels.turns == (Turn(0, "Hi.", 1500), Turn(1, "Yo.", 0))
 
 
 def test_other_square_brackets_stay_text() -> None:
