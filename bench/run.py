@@ -10,9 +10,10 @@ c  post-processing + upload per minute of audio vs the design's ffmpeg/FFT way
 d  peak memory of a ~10-minute job
 e  cold start and import time
 f  streaming: time to first audio / total time
-g  4 single-chunk jobs sent together through the worker vs one after another (wall time)
-h  7B weight bytes per second of audio, 8 concurrent jobs vs 1 (modelled as in a)
-i  time to first audio of a short streamed job sent while a long job runs / the long job's remaining time
+g  word alignment: CPU time per minute of audio, and a job's wall time with word timestamps / without
+h  4 single-chunk jobs sent together through the worker vs one after another (wall time)
+i  7B weight bytes per second of audio, 8 concurrent jobs vs 1 (modelled as in a)
+j  time to first audio of a short streamed job sent while a long job runs / the long job's remaining time
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ FIGURES = {
     "d": "bench.memory",
     "e": "bench.coldstart",
     "f": "bench.streaming",
-    "g": "bench.concurrent_jobs",
-    "h": "bench.concurrent_weights",
-    "i": "bench.join_latency",
+    "g": "bench.alignment",
+    "h": "bench.concurrent_jobs",
+    "i": "bench.concurrent_weights",
+    "j": "bench.join_latency",
 }
 RESULTS_JSON = ROOT / "bench" / "results.json"
 RESULTS_MD = ROOT / "bench" / "results.md"
