@@ -1,4 +1,4 @@
-"""Figure g: four different jobs at once against the same four one after another, through the worker.
+"""Figure h: four different jobs at once against the same four one after another, through the worker.
 
 Four single-chunk jobs (different texts, voices and seeds; 60 frames each, 10 diffusion steps, mp3)
 go through `Worker.handle` as the RunPod SDK runs them with MAX_CONCURRENCY=4: as four concurrent
@@ -45,7 +45,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
         lambda: asyncio.run(together()), lambda: asyncio.run(one_after_another()), REPEATS
     )
     rows = [
-        Row("g", f"wall time of {JOBS} single-chunk jobs ({FRAMES / 7.5:.0f} s of audio each) sent together (s)",
+        Row("h", f"wall time of {JOBS} single-chunk jobs ({FRAMES / 7.5:.0f} s of audio each) sent together (s)",
             ours, baseline, "s", "<= 0.5", f"MAX_CONCURRENCY={JOBS}; baseline: the same jobs one after another"),
     ]  # fmt: skip
     detail.update(jobs=JOBS, frames=FRAMES, repeats=REPEATS)

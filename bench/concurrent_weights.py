@@ -1,4 +1,4 @@
-"""Figure h: 7B weight bytes read per second of audio with 8 jobs running at once, against 1 job.
+"""Figure i: 7B weight bytes read per second of audio with 8 jobs running at once, against 1 job.
 
 The model of figure a (bench/weights.py): module calls counted with forward hooks on the tiny
 checkpoint, each weighed by that module's parameter bytes in the real 7B in bf16. Eight
@@ -53,7 +53,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
     alone, together = run(1), run(JOBS)
     ours, baseline = together["bytes_per_audio_second"] / 1e9, alone["bytes_per_audio_second"] / 1e9
     rows = [
-        Row("h", f"7B weight reads per audio second, {JOBS} concurrent single-chunk jobs (GB)", ours, baseline,
+        Row("i", f"7B weight reads per audio second, {JOBS} concurrent single-chunk jobs (GB)", ours, baseline,
             "GB", "<= 0.2", "baseline: one job alone; module calls counted on the tiny model, weighed as the 7B"),
     ]  # fmt: skip
     return rows, {"jobs": JOBS, "frames": FRAMES, "one_job": alone, "concurrent": together}

@@ -1,4 +1,4 @@
-"""Figure i: a short streamed job sent while a long job decodes: its time to first audio against
+"""Figure j: a short streamed job sent while a long job decodes: its time to first audio against
 the long job's remaining time.
 
 The long job (four ~20 s chunks, 150 frames each) runs through `Worker.handle`; once it reports
@@ -62,7 +62,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
     first = statistics.median(run[0] for run in runs)
     remaining = statistics.median(run[1] for run in runs)
     rows = [
-        Row("i", "time to first audio of a short streamed job sent while a long job decodes (s)", first, remaining,
+        Row("j", "time to first audio of a short streamed job sent while a long job decodes (s)", first, remaining,
             "s", "<= 0.1", f"baseline: the long job's remaining time ({LONG_CHUNKS} chunks of {LONG_FRAMES} frames)"),
     ]  # fmt: skip
     return rows, {"runs": [{"first_audio_s": r[0], "long_remaining_s": r[1]} for r in runs]}

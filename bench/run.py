@@ -2,7 +2,7 @@
 
     python -m bench.run                   # all figures; writes bench/results.json and bench/results.md
     python -m bench.run --only a,f        # some of them (the files are then not written)
-    python -m bench.run --only g --update # some of them, replacing their rows in the files
+    python -m bench.run --only h --update # some of them, replacing their rows in the files
 
 a  weight bytes read per second of audio (7B on a GPU, modelled from calls counted on the tiny model)
 b  wall time of an 8-chunk text: own batched loop vs stock generate chunk by chunk
