@@ -103,7 +103,7 @@ class Worker:
         except USER_ERRORS as exc:
             log.info("job %s failed: %s", job.get("id"), exc)
             yield {"error": after_items(str(exc), streamed)}
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled while the SDK held an item
             log.info("job %s cancelled", job.get("id"))
             raise
         except Exception as exc:  # a bug or a fault: log the traceback, tell the user one sentence
