@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 
+import aac
 import mp3
 from audio import BLOCK_SAMPLES
 
@@ -165,6 +166,27 @@ class LameEncoder(Encoder):
         frames = b"".join([*self._frames, tail])
         self._frames = []
         return mp3.info_frame(frames, self._lame.samples, self._lame) + frames
+
+
+class AacEncoder(Encoder):
+    """AAC-LC in ADTS through FFmpeg's encoder, in segments on several cores (aac.py). Whole files only."""
+
+    def __init__(self, spec: OutputFormat, sample_rate: int, bitrate_kbps: int | None, streaming: bool):
+        super().__init__(spec, sample_rate, bitrate_kbps, streaming)
+        if streaming:
+            raise ValueError("aac is encoded in parallel segments and cannot stream")
+        assert spec.bitrate is not None
+        self._kbps = bitrate_kbps or spec.bitrate.default_at(sample_rate)
+        self._pieces: list[np.ndarray] = []
+
+    def write(self, samples: np.ndarray) -> bytes:
+        self._pieces.append(samples)
+        return b""
+
+    def close(self) -> bytes:
+        samples = self._pieces[0] if len(self._pieces) == 1 else np.concatenate([np.zeros(0, np.float32), *self._pieces])
+        self._pieces = []
+        return aac.encode_adts(samples.astype(np.float32, copy=False), self.sample_rate, self._kbps)
 
 
 class _WriteOnlySink:

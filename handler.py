@@ -44,7 +44,7 @@ from lifecycle import (
 )
 from logs import setup_logging
 from planning import JobError, JobPlan, plan_job
-from rendering import StreamRenderer, render
+from rendering import LevelTracker, StreamRenderer, render
 from reporting import ProgressThrottle, after_items, job_result
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
@@ -105,8 +105,9 @@ class Worker:
     async def run(self, job: dict, job_input: JobInput, started: float) -> dict:
         """A whole-file job: plan, generate, render, deliver; returns the result."""
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
-        results, generate_seconds = await self._generate(job, plan)
-        rendered = await asyncio.to_thread(render, plan, results, self.settings)
+        tracker = LevelTracker(plan, self.settings)  # measures loudness while the audio is generated
+        results, generate_seconds = await self._generate(job, plan, tracker)
+        rendered = await asyncio.to_thread(render, plan, results, self.settings, tracker.level())
         delivery = await asyncio.to_thread(
             deliver,
             data=rendered.data,
@@ -136,7 +137,7 @@ class Worker:
         )  # fmt: skip
         return result
 
-    async def _generate(self, job: dict, plan: JobPlan) -> tuple[list[ChunkAudio], float]:
+    async def _generate(self, job: dict, plan: JobPlan, tracker: LevelTracker) -> tuple[list[ChunkAudio], float]:
         """The engine's audio for every chunk (in a worker thread), and the seconds it took."""
         stop = threading.Event()
         progress = None
@@ -151,6 +152,8 @@ class Worker:
                 plan.params,
                 should_stop=lambda: stop.is_set() or self.shutdown.expired(),
                 on_progress=progress,
+                on_audio=tracker.on_audio if tracker.enabled else None,
+                on_chunk=tracker.on_chunk,
             )
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame

@@ -3,6 +3,8 @@
 render          -> one file: joined, speed-changed, loudness-normalised, resampled and encoded
 StreamRenderer  -> the same piece by piece as frames arrive, for streamed jobs (no loudness
                    normalisation: it needs the whole signal)
+LevelTracker    -> the loudness and true peak `render` normalises by, measured while the engine
+                   generates, so `render` only applies the gain
 build_segments  -> where each chunk lies in the delivered audio, for either of them
 """
 
@@ -63,8 +65,12 @@ def join_chunks(results: list[ChunkAudio], gap_samples: int) -> np.ndarray:
     return signal.astype(np.float32, copy=False)
 
 
-def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rendered:
-    """Join, change speed, normalise loudness, resample and encode into one file."""
+def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, level: audio.Level | None = None) -> Rendered:
+    """Join, change speed, normalise loudness, resample and encode into one file.
+
+    `level` is the joined signal's level measured during generation (`LevelTracker`); without it
+    (or if it was measured on a signal of another length) the level is measured here.
+    """
     started = time.perf_counter()
     gap = gap_samples(settings)
     signal = join_chunks(results, gap)
@@ -73,7 +79,11 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rend
     time_scale = stretched.size / signal.size if signal.size else 1.0
     if plan.normalize:
         # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
-        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
+        if level is not None and level.samples != stretched.size:
+            level = None
+        stretched, report = audio.normalize_loudness(
+            stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True, level=level
+        )
     else:
         report = audio.LoudnessReport(False, plan.target_lufs, reason="normalize is false")
     output = audio.resample(stretched, MODEL_SAMPLE_RATE, plan.sample_rate)
@@ -95,6 +105,35 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rend
 def gap_samples(settings: Settings) -> int:
     """The silence between two chunks, in samples at the model's rate."""
     return round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
+
+
+class LevelTracker:
+    """The level `render` normalises by, measured while the engine generates the audio.
+
+    Takes engine.synthesize's `on_audio` and `on_chunk` callbacks and feeds the joined signal
+    (chunks in order, the gap between them) to an `audio.LevelMeter`, whose result equals the
+    measurement `render` would make on the whole signal, bit for bit. Measured only when `render`
+    normalises the joined signal itself: with a speed change the signal to measure comes out of
+    the time-stretch, which runs after generation.
+    """
+
+    def __init__(self, plan: JobPlan, settings: Settings):
+        self.enabled = plan.normalize and plan.speed == 1.0
+        self.gap = np.zeros(gap_samples(settings), dtype=np.float32)
+        self.meter = audio.LevelMeter(MODEL_SAMPLE_RATE)
+        self._chunks_done = 0
+
+    def on_audio(self, index: int, samples: np.ndarray) -> None:
+        if self.enabled:
+            self.meter.add(samples)
+
+    def on_chunk(self, result: ChunkAudio, total: int) -> None:
+        self._chunks_done += 1
+        if self.enabled and self._chunks_done < total:
+            self.meter.add(self.gap)
+
+    def level(self) -> audio.Level | None:
+        return self.meter.level() if self.enabled else None
 
 
 STREAM_LOUDNESS_REASON = (
