@@ -184,8 +184,8 @@ class AacEncoder(Encoder):
         return b""
 
     def close(self) -> bytes:
-        samples = self._pieces[0] if len(self._pieces) == 1 else np.concatenate([np.zeros(0, np.float32), *self._pieces])
-        self._pieces = []
+        pieces, self._pieces = self._pieces, []
+        samples = pieces[0] if len(pieces) == 1 else np.concatenate([np.zeros(0, np.float32), *pieces])
         return aac.encode_adts(samples.astype(np.float32, copy=False), self.sample_rate, self._kbps)
 
 

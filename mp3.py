@@ -178,7 +178,8 @@ class LameStream:
         if len(self._buffer) < needed:
             self._buffer = ctypes.create_string_buffer(needed)
         pointer = scaled.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        size = self.lib.lame_encode_buffer_float(self.handle, pointer, None, scaled.size, self._buffer, len(self._buffer))
+        buffer = self._buffer
+        size = self.lib.lame_encode_buffer_float(self.handle, pointer, None, scaled.size, buffer, len(buffer))
         if size < 0:
             raise RuntimeError(f"LAME failed to encode (error {size})")
         self.samples += scaled.size

@@ -30,7 +30,7 @@ def speech(rate: int) -> np.ndarray:
 def lag(reference: np.ndarray, decoded: np.ndarray, reach: int = 1200) -> int:
     """How many samples `decoded` is late against `reference` (cross-correlation peak)."""
     middle = reference[reach : reference.size - reach]
-    scores = [float(np.dot(middle, decoded[reach + shift : reach + shift + middle.size])) for shift in range(-reach, reach)]
+    scores = [np.dot(middle, decoded[reach + shift : reach + shift + middle.size]) for shift in range(-reach, reach)]
     return int(np.argmax(scores)) - reach
 
 
