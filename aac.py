@@ -78,21 +78,45 @@ def window_of(packet: bytes) -> tuple[int, int] | None:
         return None
 
 
-def encode_packets(samples: np.ndarray, sample_rate: int, bitrate_kbps: int) -> list[bytes]:
-    """One continuous encode with FFmpeg's AAC encoder: raw frames, the first one the encoder's priming."""
-    context = av.CodecContext.create("aac", "w")
-    context.sample_rate = sample_rate
-    context.layout = "mono"
-    context.format = "fltp"
-    context.bit_rate = bitrate_kbps * 1000
-    packets = []
-    if samples.size:
+class AacStream:
+    """One continuous encode with FFmpeg's AAC encoder, fed piece by piece: raw frames out."""
+
+    def __init__(self, sample_rate: int, bitrate_kbps: int):
+        self.context = av.CodecContext.create("aac", "w")
+        self.context.sample_rate = sample_rate
+        self.context.layout = "mono"
+        self.context.format = "fltp"
+        self.context.bit_rate = bitrate_kbps * 1000
+        self.samples = 0
+
+    def encode(self, samples: np.ndarray) -> list[bytes]:
+        if not samples.size:
+            return []
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1).astype(np.float32), format="fltp", layout="mono")
-        frame.sample_rate = sample_rate
-        frame.pts = 0
-        frame.time_base = Fraction(1, sample_rate)
-        packets = [bytes(packet) for packet in context.encode(frame)]
-    return packets + [bytes(packet) for packet in context.encode(None)]
+        frame.sample_rate = self.context.sample_rate
+        frame.pts = self.samples
+        frame.time_base = Fraction(1, self.context.sample_rate)
+        self.samples += samples.size
+        return [bytes(packet) for packet in self.context.encode(frame)]
+
+    def flush(self) -> list[bytes]:
+        return [bytes(packet) for packet in self.context.encode(None)]
+
+
+def encode_packets(samples: np.ndarray, sample_rate: int, bitrate_kbps: int) -> list[bytes]:
+    """One continuous encode: raw frames, the first one the encoder's priming."""
+    stream = AacStream(sample_rate, bitrate_kbps)
+    return stream.encode(samples) + stream.flush()
+
+
+def adts(frames: list[bytes], sample_rate: int) -> bytes:
+    """Raw AAC frames as an ADTS stream (each frame behind its header)."""
+    return b"".join(adts_header(sample_rate, len(frame)) + frame for frame in frames)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def segment_starts(total_frames: int) -> list[int]:
@@ -126,7 +150,7 @@ def encode_adts(samples: np.ndarray, sample_rate: int, bitrate_kbps: int, thread
     total_frames = math.ceil(samples.size / FRAME)
     starts = segment_starts(total_frames)
     ends: list[int | None] = [*starts[1:], None]
-    workers = min(len(starts), threads or min(MAX_THREADS, len(os.sched_getaffinity(0))))
+    workers = min(len(starts), threads or min(MAX_THREADS, usable_cores()))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         segments = list(pool.map(lambda span: _encode_segment(samples, *span, sample_rate, bitrate_kbps),
                                  zip(starts, ends, strict=True)))  # fmt: skip
@@ -138,4 +162,4 @@ def encode_adts(samples: np.ndarray, sample_rate: int, bitrate_kbps: int, thread
             until = _splice_point(segments[number], segments[number + 1], starts[number + 1])
         frames += packets[taken - first : until - first]
         taken = until
-    return b"".join(adts_header(sample_rate, len(frame)) + frame for frame in frames)
+    return adts(frames, sample_rate)

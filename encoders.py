@@ -169,21 +169,25 @@ class LameEncoder(Encoder):
 
 
 class AacEncoder(Encoder):
-    """AAC-LC in ADTS through FFmpeg's encoder, in segments on several cores (aac.py). Whole files only."""
+    """AAC-LC in ADTS through FFmpeg's encoder: a whole file in segments on several cores (aac.py),
+    a stream by one encoder as the audio comes."""
 
     def __init__(self, spec: OutputFormat, sample_rate: int, bitrate_kbps: int | None, streaming: bool):
         super().__init__(spec, sample_rate, bitrate_kbps, streaming)
-        if streaming:
-            raise ValueError("aac is encoded in parallel segments and cannot stream")
         assert spec.bitrate is not None
         self._kbps = bitrate_kbps or spec.bitrate.default_at(sample_rate)
-        self._pieces: list[np.ndarray] = []
+        self._stream = aac.AacStream(sample_rate, self._kbps) if streaming else None
+        self._pieces: list[np.ndarray] = []  # a whole file's samples: it is cut into segments at the end
 
     def write(self, samples: np.ndarray) -> bytes:
+        if self._stream is not None:
+            return aac.adts(self._stream.encode(samples), self.sample_rate)
         self._pieces.append(samples)
         return b""
 
     def close(self) -> bytes:
+        if self._stream is not None:
+            return aac.adts(self._stream.flush(), self.sample_rate)
         pieces, self._pieces = self._pieces, []
         samples = pieces[0] if len(pieces) == 1 else np.concatenate([np.zeros(0, np.float32), *pieces])
         return aac.encode_adts(samples.astype(np.float32, copy=False), self.sample_rate, self._kbps)

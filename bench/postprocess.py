@@ -69,8 +69,6 @@ def level_during_generation(plan, results, settings):
 
 
 def measure(workspace) -> tuple[list[Row], dict]:
-    import os
-
     import aac
     from handler import Worker
     from inference import ChunkAudio
@@ -86,7 +84,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
         settings = workspace.settings(**server.settings_overrides())
         worker = Worker(settings, workspace.engine())
         samples = one_minute(workspace)
-        rows, detail = [], {"seconds_of_audio": SECONDS, "cores": len(os.sched_getaffinity(0)), "per_format": {}}
+        rows, detail = [], {"seconds_of_audio": SECONDS, "cores": aac.usable_cores(), "per_format": {}}
         with tempfile.TemporaryDirectory() as scratch:
 
             def baseline():

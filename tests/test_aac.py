@@ -22,7 +22,7 @@ SPEECH = np.concatenate([synthetic_voice(f0, seed, seconds=3.0) for f0, seed in 
 
 
 def continuous(samples: np.ndarray, kbps: int = 128) -> bytes:
-    return b"".join(aac.adts_header(RATE, len(frame)) + frame for frame in aac.encode_packets(samples, RATE, kbps))
+    return aac.adts(aac.encode_packets(samples, RATE, kbps), RATE)
 
 
 def decoded(data: bytes, size: int) -> np.ndarray:
