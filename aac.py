@@ -1,7 +1,8 @@
 """AAC-LC in ADTS: FFmpeg's encoder on several cores at once, its segments spliced at frame boundaries.
 
 FFmpeg's AAC encoder (the two-loop coder, its default and best) is single-threaded and the slowest
-step of a whole-file job. The signal is cut into segments of `SEGMENT_FRAMES` frames, each encoded
+step of a whole-file job. The signal is cut into one segment per core (up to `MAX_THREADS`, each at
+least `MIN_SEGMENT_FRAMES` long, all of equal length so the cores finish together), each encoded
 by its own encoder in a thread (PyAV releases the GIL while FFmpeg encodes) together with
 `WARMUP_FRAMES` frames before it and `LOOKAHEAD_FRAMES` after it, so that around the cut both
 encoders have seen the same signal for a while. Segments start on multiples of 1024 samples, so the
@@ -15,7 +16,7 @@ second half with frame k's first half, and with equal windows on the same input 
 time-domain aliasing exactly as within one encode. The splice is therefore as transparent as any
 frame of a continuous encode (tests/test_aac.py compares them).
 
-Segments have a fixed length, so the bytes do not depend on how many cores the machine has.
+The bytes depend on the number of segments, so on the machine's core count, and on nothing else.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import av
 import numpy as np
 
 FRAME = 1024  # samples per AAC-LC frame
-SEGMENT_FRAMES = 256  # about 11 s at 24 kHz; shorter signals are encoded in one piece
+MIN_SEGMENT_FRAMES = 128  # about 5.5 s at 24 kHz: below that, warm-up and look-ahead cost too much
 WARMUP_FRAMES = 10  # frames an encoder sees before its segment (psychoacoustic and rate state settle)
 LOOKAHEAD_FRAMES = 6  # frames after it (the window decision looks ahead; the end is flushed)
 SPLICE_REACH = 3  # a splice may move this many frames either way from the cut
@@ -119,10 +120,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def segment_starts(total_frames: int) -> list[int]:
-    """The frame where each segment begins (0 first); the last segment takes any remainder."""
-    count = max(1, total_frames // SEGMENT_FRAMES)
-    return [index * SEGMENT_FRAMES for index in range(count)]
+def segment_starts(total_frames: int, segments: int) -> list[int]:
+    """The frame where each of (at most) `segments` equal segments begins, 0 first."""
+    count = max(1, min(segments, total_frames // MIN_SEGMENT_FRAMES))
+    return [index * total_frames // count for index in range(count)]
 
 
 def _encode_segment(samples: np.ndarray, start: int, end: int | None, rate: int, kbps: int) -> tuple[int, list[bytes]]:
@@ -146,12 +147,11 @@ def _splice_point(left: tuple[int, list[bytes]], right: tuple[int, list[bytes]],
 
 
 def encode_adts(samples: np.ndarray, sample_rate: int, bitrate_kbps: int, threads: int | None = None) -> bytes:
-    """A whole signal as one ADTS file, its segments encoded in parallel and spliced."""
-    total_frames = math.ceil(samples.size / FRAME)
-    starts = segment_starts(total_frames)
+    """A whole signal as one ADTS file, its segments (one per thread) encoded in parallel and spliced."""
+    workers = threads or min(MAX_THREADS, usable_cores())
+    starts = segment_starts(math.ceil(samples.size / FRAME), workers)
     ends: list[int | None] = [*starts[1:], None]
-    workers = min(len(starts), threads or min(MAX_THREADS, usable_cores()))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
         segments = list(pool.map(lambda span: _encode_segment(samples, *span, sample_rate, bitrate_kbps),
                                  zip(starts, ends, strict=True)))  # fmt: skip
     frames: list[bytes] = []

@@ -34,9 +34,12 @@ def snr_db(reference: np.ndarray, signal: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - signal) ** 2)))
 
 
+THREADS = 3  # 3 segments of about 3 s: 2 splices in 9 s of speech
+
+
 @pytest.fixture()
 def short_segments(monkeypatch):
-    monkeypatch.setattr(aac, "SEGMENT_FRAMES", 64)  # about 2.7 s: 2 splices in 9 s of speech
+    monkeypatch.setattr(aac, "MIN_SEGMENT_FRAMES", 64)
 
 
 def test_one_segment_is_ffmpegs_own_adts_file_byte_for_byte() -> None:
@@ -47,7 +50,7 @@ def test_one_segment_is_ffmpegs_own_adts_file_byte_for_byte() -> None:
 
 
 def test_splices_are_as_transparent_as_a_continuous_encode(short_segments) -> None:
-    spliced = aac.encode_adts(SPEECH, RATE, 128, threads=2)
+    spliced = aac.encode_adts(SPEECH, RATE, 128, threads=THREADS)
     whole = continuous(SPEECH)
     ours, reference = decoded(spliced, SPEECH.size), decoded(whole, SPEECH.size)
     assert probe(spliced, container="aac").samples.size == probe(whole, container="aac").samples.size
@@ -56,7 +59,7 @@ def test_splices_are_as_transparent_as_a_continuous_encode(short_segments) -> No
     assert snr_db(SPEECH, ours) > snr_db(SPEECH, reference) - 0.3
     assert len(spliced) == pytest.approx(len(whole), rel=0.03)
     # Around every splice: no click, no aliasing left over (error as small as the continuous encode's there).
-    starts = aac.segment_starts(-(-SPEECH.size // aac.FRAME))
+    starts = aac.segment_starts(-(-SPEECH.size // aac.FRAME), THREADS)
     assert len(starts) == 3
     for cut in starts[1:]:
         around = slice((cut - 6) * aac.FRAME, (cut + 6) * aac.FRAME)
@@ -68,7 +71,7 @@ def test_splices_are_as_transparent_as_a_continuous_encode(short_segments) -> No
 
 def test_splices_join_equal_windows(short_segments) -> None:
     """Each splice is at a frame whose predecessor has the same window in both encoders."""
-    starts = aac.segment_starts(-(-SPEECH.size // aac.FRAME))
+    starts = aac.segment_starts(-(-SPEECH.size // aac.FRAME), THREADS)
     ends = [*starts[1:], None]
     segments = [aac._encode_segment(SPEECH, start, end, RATE, 128) for start, end in zip(starts, ends, strict=True)]
     for number, cut in enumerate(starts[1:]):
@@ -78,8 +81,11 @@ def test_splices_join_equal_windows(short_segments) -> None:
         assert aac.window_of(left[1][frame - 1 - left[0]]) == aac.window_of(right[1][frame - 1 - right[0]])
 
 
-def test_bytes_do_not_depend_on_the_number_of_threads(short_segments) -> None:
-    assert aac.encode_adts(SPEECH, RATE, 64, threads=1) == aac.encode_adts(SPEECH, RATE, 64, threads=3)
+def test_segments_follow_the_cores_and_the_bytes_nothing_else(short_segments) -> None:
+    frames = -(-SPEECH.size // aac.FRAME)
+    assert aac.segment_starts(frames, 1) == [0] and aac.segment_starts(frames, 16) == [0, 70, 140]  # >= 64 each
+    assert aac.encode_adts(SPEECH, RATE, 64, threads=THREADS) == aac.encode_adts(SPEECH, RATE, 64, threads=THREADS)
+    assert aac.encode_adts(SPEECH, RATE, 64, threads=1) == aac.adts(aac.encode_packets(SPEECH, RATE, 64), RATE)
 
 
 def test_window_of_reads_ffmpegs_frames() -> None:
