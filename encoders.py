@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 
-import aac
 import mp3
 from audio import BLOCK_SAMPLES
 
@@ -166,31 +165,6 @@ class LameEncoder(Encoder):
         frames = b"".join([*self._frames, tail])
         self._frames = []
         return mp3.info_frame(frames, self._lame.samples, self._lame) + frames
-
-
-class AacEncoder(Encoder):
-    """AAC-LC in ADTS through FFmpeg's encoder: a whole file in segments on several cores (aac.py),
-    a stream by one encoder as the audio comes."""
-
-    def __init__(self, spec: OutputFormat, sample_rate: int, bitrate_kbps: int | None, streaming: bool):
-        super().__init__(spec, sample_rate, bitrate_kbps, streaming)
-        assert spec.bitrate is not None
-        self._kbps = bitrate_kbps or spec.bitrate.default_at(sample_rate)
-        self._stream = aac.AacStream(sample_rate, self._kbps) if streaming else None
-        self._pieces: list[np.ndarray] = []  # a whole file's samples: it is cut into segments at the end
-
-    def write(self, samples: np.ndarray) -> bytes:
-        if self._stream is not None:
-            return aac.adts(self._stream.encode(samples), self.sample_rate)
-        self._pieces.append(samples)
-        return b""
-
-    def close(self) -> bytes:
-        if self._stream is not None:
-            return aac.adts(self._stream.flush(), self.sample_rate)
-        pieces, self._pieces = self._pieces, []
-        samples = pieces[0] if len(pieces) == 1 else np.concatenate([np.zeros(0, np.float32), *pieces])
-        return aac.encode_adts(samples.astype(np.float32, copy=False), self.sample_rate, self._kbps)
 
 
 class _WriteOnlySink:

@@ -72,7 +72,7 @@ FORMATS: dict[str, OutputFormat] = {
             streams=True, note="Ogg Opus; players decode it at 48 kHz whatever rate it was encoded at",
         ),
         OutputFormat(
-            "aac", "audio/aac", "aac", codec="aac", container="adts", encoder=encoders.AacEncoder,
+            "aac", "audio/aac", "aac", codec="aac", container="adts", encoder=encoders.FFmpegEncoder,
             bitrate=Bitrate(128, ((0, 16, 320),)), note="AAC-LC in ADTS",
         ),
         OutputFormat("flac", "audio/flac", "flac", codec="flac", container="flac", encoder=encoders.FFmpegEncoder),

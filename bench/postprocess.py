@@ -1,8 +1,8 @@
 """Figure c: post-processing seconds per minute of audio, against the original design's way.
 
 Ours: what follows generation, `rendering.render` (join, gain to -20 LUFS within a true-peak
-ceiling, polyphase resample, in-process encoding: LAME directly for mp3, FFmpeg's AAC encoder in
-parallel segments, PyAV for the rest) and `storage.deliver` (upload to moto's S3 server on 127.0.0.1,
+ceiling, polyphase resample, in-process encoding: LAME directly for mp3, FFmpeg's encoders through
+PyAV for the rest) and `storage.deliver` (upload to moto's S3 server on 127.0.0.1,
 presigned URL), once per output format at the default sample rate. The loudness and true peak are
 measured while the engine generates (`rendering.LevelTracker`, fed frame by frame as the engine
 feeds it); that cost is its own row, so it can be added back.
@@ -69,7 +69,6 @@ def level_during_generation(plan, results, settings):
 
 
 def measure(workspace) -> tuple[list[Row], dict]:
-    import aac
     from handler import Worker
     from inference import ChunkAudio
     from planning import plan_job
@@ -84,7 +83,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
         settings = workspace.settings(**server.settings_overrides())
         worker = Worker(settings, workspace.engine())
         samples = one_minute(workspace)
-        rows, detail = [], {"seconds_of_audio": SECONDS, "cores": aac.usable_cores(), "per_format": {}}
+        rows, detail = [], {"seconds_of_audio": SECONDS, "per_format": {}}
         with tempfile.TemporaryDirectory() as scratch:
 
             def baseline():
@@ -109,8 +108,6 @@ def measure(workspace) -> tuple[list[Row], dict]:
                 per_minute = 60.0 / SECONDS
                 target = "<= 0.5" if fmt in ("mp3", "aac") and rate is None else None
                 note = f"default output ({fmt} at 24 kHz) vs the design's mp3 at 48 kHz" if target else ""
-                if fmt == "aac":
-                    note += f"; encoded on {min(detail['cores'], aac.MAX_THREADS)} core(s)"
                 if rate:
                     note = "like for like: both mp3 at 48 kHz"
                 rows.append(
