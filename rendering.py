@@ -78,9 +78,9 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, level: 
     # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
     time_scale = stretched.size / signal.size if signal.size else 1.0
     if plan.normalize:
-        # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
         if level is not None and level.samples != stretched.size:
-            level = None
+            level = None  # measured on another signal than the one built here: measure this one
+        # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
         stretched, report = audio.normalize_loudness(
             stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True, level=level
         )
