@@ -7,12 +7,13 @@ export const TOKEN = env.AUTH_TOKEN;
 export const RUNPOD_KEY = env.RUNPOD_API_KEY;
 const STANDIN = new URL(env.RUNPOD_ENDPOINT_URL).origin;
 
-// Calls the bridge; `envOverrides` replaces bindings (undefined removes one).
+// Calls the bridge; `envOverrides` replaces bindings (undefined removes one). `signal` becomes
+// request.signal: aborting it is the client disconnecting.
 export async function call(
   path,
-  { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true } = {},
+  { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true, signal } = {},
 ) {
-  const init = { method, headers: { ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}), ...headers } };
+  const init = { method, headers: { ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}), ...headers }, signal };
   if (body !== undefined) {
     if (
       typeof body === "string" ||
@@ -52,6 +53,11 @@ export async function jobs(text) {
   return (await fetch(`${STANDIN}/__jobs?text=${encodeURIComponent(text)}`)).json();
 }
 
+// Submissions for `text` that the stand-in refused before starting a job.
+export async function refused(text) {
+  return (await (await fetch(`${STANDIN}/__refused?text=${encodeURIComponent(text)}`)).json()).count;
+}
+
 export async function release(text) {
   await fetch(`${STANDIN}/__release?text=${encodeURIComponent(text)}`, { method: "POST" });
 }
@@ -85,18 +91,22 @@ export function base64(text) {
   return btoa(String.fromCharCode(...bytesOf(text)));
 }
 
-// Server-sent events: the JSON of every `data:` line.
+// Server-sent events: the JSON of every `data:` line; each block's `event:` line must name its type.
 export function parseSse(text) {
   return text
     .split("\n\n")
     .filter((block) => block.trim())
     .map((block) => {
-      const data = block
-        .split("\n")
-        .filter((line) => line.startsWith("data: "))
-        .map((line) => line.slice(6))
-        .join("\n");
-      return JSON.parse(data);
+      const lines = block.split("\n");
+      const data = JSON.parse(
+        lines
+          .filter((line) => line.startsWith("data: "))
+          .map((line) => line.slice(6))
+          .join("\n"),
+      );
+      const event = lines.find((line) => line.startsWith("event: "))?.slice(7);
+      if (event !== data.type) throw new Error(`event line ${event} does not match the type ${data.type}`);
+      return data;
     });
 }
 
