@@ -271,9 +271,10 @@ function httpError(response, operation) {
     return upstreamFailed(`RunPod refused the API key (HTTP ${status}); check RUNPOD_API_KEY.`, "upstream_auth");
   }
   if (status === 429) {
-    const seconds = Math.ceil(retryAfterMs(response.headers.get("retry-after")) / 1000) || 1;
+    const waitMs = retryAfterMs(response.headers.get("retry-after"));
+    const seconds = Math.max(1, Math.ceil(waitMs / 1000));
     const error = rateLimited(`RunPod is rate-limiting this endpoint; try again in ${seconds} s.`, seconds, false);
-    error.retryAfterMs = seconds * 1000;
+    error.retryAfterMs = waitMs;
     return transient(error);
   }
   if (status === 404 && (operation === "status" || operation === "stream")) {

@@ -35,6 +35,22 @@ export async function call(
   return response;
 }
 
+// A speech request whose client can disconnect mid-way: `abort()` aborts request.signal.
+// `response` is the bridge's answer (a 499 when the client left before it); `settled()` waits
+// for the bridge's background work (the cancellation) to end.
+export function disconnectable(body, options = {}) {
+  const controller = new AbortController();
+  const ctx = createExecutionContext();
+  const request = new Request("http://bridge.test/v1/audio/speech", {
+    method: "POST",
+    headers: { authorization: `Bearer ${TOKEN}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "tts-1", voice: "alloy", ...body }),
+    signal: controller.signal,
+  });
+  const response = worker.fetch(request, { ...env, ...(options.envOverrides || {}) }, ctx);
+  return { response, abort: () => controller.abort(), settled: () => waitOnExecutionContext(ctx) };
+}
+
 export function speech(body, options = {}) {
   return call("/v1/audio/speech", { method: "POST", body: { model: "tts-1", voice: "alloy", ...body }, ...options });
 }
@@ -56,6 +72,16 @@ export async function jobs(text) {
 // Submissions for `text` that the stand-in refused before starting a job.
 export async function refused(text) {
   return (await (await fetch(`${STANDIN}/__refused?text=${encodeURIComponent(text)}`)).json()).count;
+}
+
+// Waits (bounded) until the stand-in has a job for `text` that passes `check`; returns it.
+export async function waitForJob(text, check = () => true) {
+  for (let i = 0; i < 200; i++) {
+    const [job] = await jobs(text);
+    if (job && check(job)) return job;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  throw new Error(`no job for ${text} reached the expected state`);
 }
 
 export async function release(text) {
