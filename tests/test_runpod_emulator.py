@@ -22,7 +22,13 @@ import pytest
 from audio_helpers import check_audio
 from conftest import RunpodAPI, start_runpod_api
 
-from tools.runpod_emulator import RunpodBehaviour, RunpodEmulator, add_behaviour_arguments, behaviour_from
+from tools.runpod_emulator import (
+    RATE_LIMITS,
+    RunpodBehaviour,
+    RunpodEmulator,
+    add_behaviour_arguments,
+    behaviour_from,
+)
 
 pytestmark = pytest.mark.slow
 FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
@@ -398,15 +404,15 @@ def _raw_call(api: RunpodAPI, method: str, path: str, body: dict | None = None) 
 
 def test_rate_limit_answers_429_with_retry_after(bare_api: RunpodAPI) -> None:
     emulator: RunpodEmulator = bare_api.emulator  # type: ignore[assignment]
-    with behaving(emulator, rate_limit=(2, 1.0)):
+    with behaving(emulator, rate_limits={"run": (2, 1.0)}):
         answers = [_raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}}) for _ in range(3)]
         assert [status for status, _, _ in answers] == [200, 200, 429]
         assert answers[2][1]["Retry-After"] == "1" and answers[2][2] == {"error": "rate limit exceeded"}
-        assert _raw_call(bare_api, "GET", "/status/x")[0] == 404  # each operation has its own budget
+        assert _raw_call(bare_api, "GET", "/status/x")[0] == 404  # only /run is limited here
         time.sleep(1.05)
         assert _raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}})[0] == 200
     assert len(emulator.submissions("limited")) == 3  # the refused call started no job
-    with behaving(emulator, documented_rates=True):
+    with behaving(emulator, rate_limits=RATE_LIMITS):
         assert all(_raw_call(bare_api, "GET", "/status/x")[0] == 404 for _ in range(20))
 
 
@@ -438,6 +444,8 @@ def test_make_serve_flags_switch_the_behaviours_on() -> None:
     add_behaviour_arguments(parser)
     flags = ["--running-state", "--stream-reply-bytes", "1000000", "--rate-limit", "5/2", "--transient-every", "7"]
     behaviour = behaviour_from(parser.parse_args(flags))
-    assert behaviour == RunpodBehaviour(True, 1_000_000, (5, 2.0), False, 7)
-    assert behaviour_from(parser.parse_args(["--rate-limit", "documented"])).documented_rates
+    assert behaviour == RunpodBehaviour(
+        True, 1_000_000, dict.fromkeys(["run", "runsync", "status", "stream"], (5, 2.0)), 7
+    )
+    assert behaviour_from(parser.parse_args(["--rate-limit", "documented"])).rate_limits == RATE_LIMITS
     assert behaviour_from(parser.parse_args([])) == RunpodBehaviour()

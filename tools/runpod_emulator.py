@@ -190,16 +190,15 @@ class RunpodBehaviour:
     running_state       a job on a worker reads RUNNING (a documented state) instead of IN_PROGRESS
     stream_reply_bytes  a /stream reply carries items up to this many bytes (RunPod: 1 MB); the rest
                         waits for the next call, while the reply already shows the job's final status
-    rate_limit          (requests, seconds) per public operation; more get 429 with Retry-After
-                        (`documented_rates=True` instead: RunPod's published limits, RATE_LIMITS)
+    rate_limits         {operation: (requests, seconds)}, e.g. {"run": (1, 2.0)} or RATE_LIMITS (RunPod's
+                        published limits); calls past the limit get 429 with Retry-After
     transient_every     every Nth /status and /stream call answers `transient_status` (a gateway
                         failure) before anything is handed out
     """
 
     running_state: bool = False
     stream_reply_bytes: int | None = None
-    rate_limit: tuple[int, float] | None = None
-    documented_rates: bool = False
+    rate_limits: dict[str, tuple[int, float]] | None = None
     transient_every: int = 0
     transient_status: int = 503
     _calls: dict[str, int] = field(default_factory=dict, repr=False)
@@ -207,7 +206,7 @@ class RunpodBehaviour:
 
     def refusal(self, operation: str) -> web.Response | None:
         """The 429 or passing 5xx this call gets instead of an answer, if any."""
-        limit = RATE_LIMITS.get(operation) if self.documented_rates else self.rate_limit
+        limit = (self.rate_limits or {}).get(operation)
         if limit:
             count, seconds = limit
             now = time.monotonic()
@@ -1024,7 +1023,8 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--rate-limit",
         metavar="N/SECONDS",
-        help="429 past N calls per SECONDS per operation, or 'documented' for RunPod's published limits",
+        help="429 past N calls per SECONDS to each of /run, /runsync, /status, /stream, or 'documented' for "
+        "RunPod's published limits",
     )
     group.add_argument(
         "--transient-every", type=int, default=0, metavar="N", help="every Nth /status and /stream call answers 503"
@@ -1032,16 +1032,16 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
-    documented = args.rate_limit == "documented"
-    rate_limit = None
-    if args.rate_limit and not documented:
+    rate_limits = None
+    if args.rate_limit == "documented":
+        rate_limits = dict(RATE_LIMITS)
+    elif args.rate_limit:
         count, _, seconds = args.rate_limit.partition("/")
-        rate_limit = (int(count), float(seconds or 1))
+        rate_limits = dict.fromkeys(RATE_LIMITS, (int(count), float(seconds or 1)))
     return RunpodBehaviour(
         running_state=args.running_state,
         stream_reply_bytes=args.stream_reply_bytes,
-        rate_limit=rate_limit,
-        documented_rates=documented,
+        rate_limits=rate_limits,
         transient_every=args.transient_every,
     )
 

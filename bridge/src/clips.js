@@ -46,9 +46,13 @@ export async function serveClip(request, env, config, key) {
 
 async function sign(config, key, expires) {
   const secret = config.clipUrlSecret || `vibevoice clip urls\n${config.runpodApiKey}`;
-  const hmacKey = await crypto.subtle.importKey("raw", encoder.encode(secret), { name: "HMAC", hash: "SHA-256" }, false, [
-    "sign",
-  ]);
+  const hmacKey = await crypto.subtle.importKey(
+    "raw",
+    encoder.encode(secret),
+    { name: "HMAC", hash: "SHA-256" },
+    false,
+    ["sign"],
+  );
   const mac = await crypto.subtle.sign("HMAC", hmacKey, encoder.encode(`${key}\n${expires}`));
   return Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
 }

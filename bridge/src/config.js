@@ -12,7 +12,7 @@ const NUMBERS = {
   UPSTREAM_TIMEOUT_SECONDS: { fallback: 30, min: 1, max: 600 },
   // At most 25 s: a client that disconnects while /runsync waits is only known to RunPod by the
   // job id /runsync returns, and Workers keep running for about 30 s after a disconnect.
-  RUNSYNC_WAIT_SECONDS: { fallback: 20, min: 1, max: 25 },
+  RUNSYNC_WAIT_SECONDS: { fallback: 10, min: 1, max: 25 },
   POLL_INITIAL_MS: { fallback: 250, min: 10, max: 60_000 },
   POLL_MAX_MS: { fallback: 1000, min: 10, max: 60_000 },
   STREAM_POLL_INITIAL_MS: { fallback: 200, min: 10, max: 60_000 },

@@ -302,8 +302,9 @@ function sseResponse(pieces, summary, speech, headers, ctx, tie) {
     }
   })();
   ctx?.waitUntil?.(pump);
+  const { "content-disposition": _file, ...eventHeaders } = headers; // events, not a file
   return new Response(readable, {
-    headers: { ...headers, "content-type": "text/event-stream", "cache-control": "no-cache" },
+    headers: { ...eventHeaders, "content-type": "text/event-stream", "cache-control": "no-cache" },
   });
 }
 

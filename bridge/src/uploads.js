@@ -33,7 +33,9 @@ export async function readUpload(request, config, fileField, names) {
   const type = (request.headers.get("content-type") || "").toLowerCase();
   if (type.startsWith("multipart/form-data")) return multipartFields(request, config, fileField, names);
   if (type.startsWith("application/json")) return jsonFields(request, config, fileField, names);
-  const how = fileField ? `multipart/form-data (${[...names, fileField].join(", ")}) or as JSON with base64 audio` : "JSON";
+  const how = fileField
+    ? `multipart/form-data (${[...names, fileField].join(", ")}) or as JSON with base64 audio`
+    : "JSON";
   throw invalid(`Send the request body as ${how}.`, null, "unsupported_content_type");
 }
 

@@ -61,7 +61,8 @@ describe("/v1/audio/voice_consents", () => {
 
   it("pages with limit and after, as the SDKs' cursor pages do", async () => {
     const ids = [];
-    for (let i = 0; i < 5; i++) ids.push((await (await post("/v1/audio/voice_consents", consentForm(`c${i}`))).json()).id);
+    for (let i = 0; i < 5; i++)
+      ids.push((await (await post("/v1/audio/voice_consents", consentForm(`c${i}`))).json()).id);
     const first = await (await call("/v1/audio/voice_consents?limit=2")).json();
     expect(first.has_more).toBe(true);
     const seen = [...first.data.map((consent) => consent.id)];

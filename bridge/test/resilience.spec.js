@@ -22,7 +22,12 @@ describe("reads survive passing failures", () => {
   for (const [name, body, options] of MODES) {
     it(`${name}: 503s and 429s on /status and /stream are retried`, async () => {
       const text = uniqueText();
-      await plan(text, { polls: 2, chunks: ["a", "b"], flaky: { status: 2, stream: 2 }, limited: { status: 1, stream: 1 } });
+      await plan(text, {
+        polls: 2,
+        chunks: ["a", "b"],
+        flaky: { status: 2, stream: 2 },
+        limited: { status: 1, stream: 1 },
+      });
       const response = await speech({ input: text, ...body }, options);
       expect(response.status).toBe(200);
       expect(textOf(await response.arrayBuffer())).toMatch(/^(ab|AUDIO:mp3:.*)$/);

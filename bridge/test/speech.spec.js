@@ -103,7 +103,9 @@ describe("the worker's limits, checked first", () => {
     expect(await jobs(text)).toEqual([]);
     const start = uniqueText();
     const fits = start + "😀".repeat(2000 - start.length); // 2000 characters, 4000 UTF-16 units
-    expect((await speech({ input: fits }, { envOverrides: { MAX_TEXT_LENGTH: "2000", ...WHOLE.envOverrides } })).status).toBe(200);
+    expect(
+      (await speech({ input: fits }, { envOverrides: { MAX_TEXT_LENGTH: "2000", ...WHOLE.envOverrides } })).status,
+    ).toBe(200);
   });
 
   it("refuses control characters and lone surrogates, as the worker would; keeps tabs and line breaks", async () => {
@@ -114,7 +116,10 @@ describe("the worker's limits, checked first", () => {
       ["\ud83d", "lone surrogate"],
     ]) {
       const text = uniqueText() + bad + "after";
-      const error = await expectError(await speech({ input: text }), 400, { param: "input", code: "invalid_characters" });
+      const error = await expectError(await speech({ input: text }), 400, {
+        param: "input",
+        code: "invalid_characters",
+      });
       expect(error.message).toContain(what);
       expect(error.message).toContain(`at position ${[...text].indexOf([...bad][0])}`);
       if (what !== "lone surrogate") expect(await jobs(text)).toEqual([]);

@@ -91,10 +91,7 @@ describe("GET /v1/audio/voices", () => {
     expect(withToken.map((voice) => voice.id)).toContain(created.id);
     // A wrong token is still wrong; PUBLIC_LISTINGS=false closes the listing.
     await expectError(await call("/v1/audio/voices", { auth: false, headers: { authorization: "Bearer no" } }), 401);
-    await expectError(
-      await call("/v1/audio/voices", { auth: false, envOverrides: { PUBLIC_LISTINGS: "false" } }),
-      401,
-    );
+    await expectError(await call("/v1/audio/voices", { auth: false, envOverrides: { PUBLIC_LISTINGS: "false" } }), 401);
     // One voice, creating and deleting stay behind the token.
     await expectError(await call(`/v1/audio/voices/${created.id}`, { auth: false }), 401);
     await expectError(await createVoice(wavForm("Anonymous"), { auth: false }), 401);
@@ -176,7 +173,10 @@ describe("voices in speech requests", () => {
 
   it("points clip URLs at PUBLIC_URL when set", async () => {
     const text = uniqueText();
-    await speech({ input: text, voice: "narrator" }, { envOverrides: { ...WHOLE.envOverrides, PUBLIC_URL: "https://tts.example/" } });
+    await speech(
+      { input: text, voice: "narrator" },
+      { envOverrides: { ...WHOLE.envOverrides, PUBLIC_URL: "https://tts.example/" } },
+    );
     expect((await jobs(text))[0].input.voice_url).toMatch(/^https:\/\/tts\.example\/voice-clips\//);
   });
 
