@@ -37,11 +37,11 @@ export class JobTie {
     return this.signal.aborted;
   }
 
-  // Starts the job with `submit` (a function returning RunPod's first answer). The submission is
+  // Starts the job with `start` (a function returning RunPod's first answer). The submission is
   // not interrupted by a disconnect: its answer carries the id that the cancellation needs.
-  submit(submit) {
+  submit(start) {
     if (this.gone) return Promise.reject(this.signal.reason);
-    this.submission = submit().then((job) => {
+    this.submission = start().then((job) => {
       this.id = job.id;
       if (TERMINAL.has(job.status)) this.ended = true;
       return job;

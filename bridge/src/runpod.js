@@ -116,7 +116,7 @@ export class RunPod {
   }
 
   // Polls /status until the job ends; returns the COMPLETED job, or throws the error that fits.
-  async finish(job, { deadline, signal }) {
+  async pollStatus(job, { deadline, signal }) {
     const delays = backoff(this.config.POLL_INITIAL_MS, this.config.POLL_MAX_MS);
     while (!TERMINAL.has(job.status)) {
       if (!PENDING.has(job.status)) throw unknownStatus();

@@ -93,7 +93,7 @@ async function wholeFile(runpod, tie, job, format, headers, speech, ctx) {
   const submitted = await tie.submit(() =>
     runpod.submit(job.input, { sync: true, deadline, characters: job.characters }),
   );
-  const finished = await runpod.finish(submitted, { deadline, signal: tie.signal });
+  const finished = await runpod.pollStatus(submitted, { deadline, signal: tie.signal });
   tie.settle();
   const { bytes, result } = await runpod.fetchAudio(finished.output, deadline, tie.signal);
   checkFormat(result, format);
