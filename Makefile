@@ -25,7 +25,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve soak test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ run: $(STAMP)
 ## SERVE_FLAGS adds RunPod's rough edges (--running-state, --stream-reply-bytes, --rate-limit, --transient-every).
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) $(SERVE_FLAGS)
+
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
+## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 ## The whole test suite (CI runs this through .ci/run).
 test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
