@@ -15,6 +15,7 @@ export const EXTRAS = {
   max_new_tokens: {},
   stream_chunk_ms: { streamedOnly: true },
   captions: { returned: true },
+  caption_unit: {},
 };
 
 export const RETURNED = Object.keys(EXTRAS).filter((name) => EXTRAS[name].returned);

@@ -42,6 +42,7 @@ const CLIENT_FIELDS = {
   output_format: "response_format",
   speed: "speed",
   ...Object.fromEntries(Object.keys(EXTRAS).map((name) => [name, name])),
+  timestamps: "timestamps",
 };
 
 // Worker failures caused by the deployment (storage, bugs, a worker stopped by RunPod), whatever

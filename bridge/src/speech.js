@@ -14,6 +14,7 @@ import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { fromBase64, readJsonObject, toBase64 } from "./http.js";
 import { JobTie } from "./lifecycle.js";
 import { CallerGone, RunPod } from "./runpod.js";
+import { timedReply, wantsTimestamps } from "./timed_speech.js";
 import { VoiceStore } from "./voices.js";
 
 // Every name runs the same VibeVoice model. Any other name is accepted too (OpenAI types `model`
@@ -35,7 +36,7 @@ export async function createSpeech(request, env, ctx, config) {
   RunPod.requireConfigured(config);
   const voice = await new VoiceStore(env.VOICES, config).resolve(speech.voice, request);
   const format = FORMATS[speech.responseFormat];
-  const mode = deliveryMode(speech, format, config);
+  const mode = speech.timestamps ? "timed" : deliveryMode(speech, format, config);
   const job = {
     input: {
       text: speech.input,
@@ -44,7 +45,8 @@ export async function createSpeech(request, env, ctx, config) {
       ...(format.sampleRate ? { sample_rate: format.sampleRate } : {}),
       ...(speech.speed !== undefined ? { speed: speech.speed } : {}),
       ...speech.extras,
-      ...(mode === "whole" ? {} : speech.streamExtras),
+      ...(mode === "stream" ? speech.streamExtras : {}),
+      ...(mode === "timed" ? { timestamps: "word" } : {}),
       return: "auto",
     },
     characters: [...speech.input].length,
@@ -61,8 +63,8 @@ export async function createSpeech(request, env, ctx, config) {
   const runpod = new RunPod(config);
   const tie = new JobTie(runpod, request, ctx);
   try {
-    if (mode === "whole") return await wholeFile(runpod, tie, job, format, headers, speech, ctx);
-    return await streamed(runpod, tie, job, format, headers, speech, ctx);
+    if (mode === "stream") return await streamed(runpod, tie, job, format, headers, speech, ctx);
+    return await wholeFile(runpod, tie, job, format, headers, speech, ctx);
   } catch (error) {
     tie.abandon(error);
     tie.finish();
@@ -70,7 +72,8 @@ export async function createSpeech(request, env, ctx, config) {
   }
 }
 
-// "whole": one file from /runsync; "stream": /run + /stream items, as raw bytes or as SSE.
+// "whole": one file from /runsync; "stream": /run + /stream items, as raw bytes or as SSE;
+// "timed" (`"timestamps": true`): a whole file with the words' times, as JSON (timed_speech.js).
 function deliveryMode(speech, format, config) {
   const wantsReturned = RETURNED.some((name) => name in speech.extras);
   if (!format.streams) return "whole";
@@ -98,6 +101,10 @@ async function wholeFile(runpod, tie, job, format, headers, speech, ctx) {
   const { bytes, result } = await runpod.fetchAudio(finished.output, deadline, tie.signal);
   checkFormat(result, format);
   headers["x-runpod-job-id"] = finished.id;
+  if (speech.timestamps) {
+    tie.finish();
+    return timedReply(bytes, result, format, speech.responseFormat, headers);
+  }
   if (speech.streamFormat === "sse") {
     return sseResponse(single({ bytes, base64: null }), result, speech, headers, ctx, tie);
   }
@@ -178,6 +185,7 @@ export function parseSpeechRequest(body, config) {
     streamFormat,
     extras,
     streamExtras,
+    timestamps: wantsTimestamps(body),
   };
 }
 

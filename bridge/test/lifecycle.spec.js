@@ -15,6 +15,7 @@ const MODES = {
   "whole file as SSE": { body: { response_format: "flac", stream_format: "sse" }, submit: "runsync" },
   "audio stream": { body: { response_format: "pcm", stream_format: "audio" }, submit: "run" },
   "SSE stream": { body: { response_format: "mp3", stream_format: "sse" }, submit: "run" },
+  "word timestamps": { body: { timestamps: true }, submit: "runsync" },
 };
 
 async function expectCancelled(text, request) {
