@@ -170,6 +170,7 @@ class Batch:
     mask: torch.Tensor | None = None  # [2n, L] long, 1 = visible; the last column holds the latest pass
     acoustic: object | None = None  # acoustic decoder conv state, n rows
     semantic: object | None = None  # semantic encoder conv state, n rows
+    static: object | None = None  # framestep.Slots: the rows in the compiled step's buffers (COMPILE on)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -179,7 +180,8 @@ class Batch:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     def kv_bytes(self) -> int:
-        return sum(keys.nbytes + values.nbytes for keys, values in self.kv)
+        static = self.static.tensors.nbytes() if self.static is not None else 0
+        return static + sum(keys.nbytes + values.nbytes for keys, values in self.kv)
 
 
 @dataclass
@@ -235,7 +237,7 @@ class NonFiniteStateError(RuntimeError):
 class BatchDecoder:
     """Prefills sequences and decodes a batch of them frame by frame with the model's own modules."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile_mode: str = "off"):
         self.model = model
         config = model.config
         generation_config = model.generation_config
@@ -270,6 +272,35 @@ class BatchDecoder:
         self.lock = threading.Lock()
         self._negative_start: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.voice_cache = VoiceLatentCache(VOICE_CACHE_BYTES)
+        self.frame_step = self._frame_step(compile_mode)
+
+    def _frame_step(self, compile_mode: str):
+        """The static frame step (framestep.py) when COMPILE resolves to on; None runs this module's loop.
+
+        auto is on for CUDA and off on the CPU, where the compiled step is not faster (make bench, k)."""
+        if compile_mode not in ("off", "on", "auto"):
+            raise ValueError(f"compile_mode must be off, on or auto, not {compile_mode!r}")
+        if compile_mode == "off" or (compile_mode == "auto" and self.device.type != "cuda"):
+            return None
+        from framestep import FrameStep  # imports this module
+
+        try:
+            return FrameStep(self, compile_frame=True)
+        except Exception as exc:  # noqa: BLE001 - an unsupported model or torch: the eager loop serves
+            log.warning("the compiled decode step is unavailable; decoding eagerly: %s", exc)
+            return None
+
+    @property
+    def compiled(self) -> bool:
+        """The compiled static step is in use (False with COMPILE off, or after a compile failure)."""
+        return self.frame_step is not None and self.frame_step.compiled
+
+    @torch.inference_mode()
+    def warm_up(self, batch_sizes: list[int]) -> None:
+        """Compile the step for these batch sizes before jobs come (nothing to do when not compiled)."""
+        if self.frame_step is not None and self.frame_step.compiled:
+            with self.lock:
+                self.frame_step.warm_up(batch_sizes)
 
     @property
     def device(self) -> torch.device:
@@ -441,6 +472,8 @@ class BatchDecoder:
         so the last column is the latest pass of every row (the negative rows' speculative one)."""
         if not sequences:
             return
+        if self.frame_step is not None:
+            return self.frame_step.join(batch, sequences)
         states = [sequence.state for sequence in sequences]
         n = len(batch)
         width = max(
@@ -488,6 +521,8 @@ class BatchDecoder:
         n = len(batch)
         if keep == list(range(n)):
             return
+        if self.frame_step is not None:
+            return self.frame_step.drop(batch, keep)
         if not keep:
             batch.__dict__.update(Batch().__dict__)
             return
@@ -504,6 +539,8 @@ class BatchDecoder:
 
     def park(self, batch: Batch, rows: list[int]) -> list[Sequence]:
         """Take rows out of the batch with their state (`sequence.state`), to join again later."""
+        if self.frame_step is not None:
+            return self.frame_step.park(batch, rows) if rows else []
         n = len(batch)
         parked = []
         for row in rows:
@@ -543,6 +580,8 @@ class BatchDecoder:
         Output: the batch one frame later, with rows that ended still in it (the caller drops them
         at the next boundary, with any others that leave). If it raises (out of memory), the
         batch and the sequences are as they were, so the frame can be retried with fewer rows."""
+        if self.frame_step is not None:
+            return self.frame_step.step(batch)
         tokens, finite = self.choose_tokens(batch)  # [n] host ints, [n] host bools
         speaking = [row for row, token in enumerate(tokens) if token == self.audio_token_id and finite[row]]
         generators = [batch.sequences[row].generator for row in speaking]
