@@ -2,7 +2,8 @@
 # Start-up of the VibeVoice worker container: prepare the network volume once, then run the worker.
 #
 # First boot (or after requirements.txt / the torch spec changed, or the venv broke):
-#   1. create the volume layout under VIBEVOICE_HOME (hf_home, hf_cache, models, output, demo/voices, venv)
+#   1. create the volume layout under VIBEVOICE_HOME (hf_home, hf_cache, models, output, demo/voices, venv,
+#      compile_cache)
 #   2. build a virtual environment on the volume: torch (CUDA 12.8), flash-attn, requirements.txt
 #   3. find the model (MODEL_PATH, MODEL_SOURCE, a model baked into the image, RunPod's cached models,
 #      or download MODEL_ID into the volume's cache; resumable)
@@ -44,6 +45,9 @@ TOKENIZER=${TOKENIZER:-}
 FLAG="$VIBEVOICE_HOME/.first_run_complete"
 LOCK="$VIBEVOICE_HOME/.bootstrap.lock"
 export HF_HOME="$VIBEVOICE_HOME/hf_home"
+# torch.compile's caches (COMPILE): on the volume, so a later cold start reuses the compiled step.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$VIBEVOICE_HOME/compile_cache/inductor}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$VIBEVOICE_HOME/compile_cache/triton}"
 export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 STEP="starting"
@@ -246,7 +250,7 @@ main() {
         MODEL_PATH=$BAKED_MODEL
     fi
     STEP="creating the volume layout in $VIBEVOICE_HOME"
-    mkdir -p "$VIBEVOICE_HOME"/{hf_home,hf_cache,models,output,demo/voices,venv}
+    mkdir -p "$VIBEVOICE_HOME"/{hf_home,hf_cache,models,output,demo/voices,venv,compile_cache}
     local voice
     for voice in "$APP_DIR"/demo/voices/*.wav; do # voices shipped with the image; never overwrite the volume's
         [ -f "$voice" ] && [ ! -e "$VIBEVOICE_HOME/demo/voices/${voice##*/}" ] && cp "$voice" "$VIBEVOICE_HOME/demo/voices/"

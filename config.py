@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     # --- decoding and streaming ----------------------------------------------------------------
     decode_loop: Literal["own", "stock"] = "own"  # "stock": transformers' generate, one chunk at a time
     batch_size: int = Field(0, ge=0, le=64)  # chunks of all jobs decoded together; 0 = automatic (scheduler.py)
+    # The compiled static frame step (framestep.py): auto = on for CUDA, off on the CPU (not faster there).
+    compile: Literal["auto", "on", "off"] = "auto"
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
 
     # --- worker ------------------------------------------------------------------------------
@@ -145,6 +147,11 @@ class Settings(BaseSettings):
     @cached_property
     def hf_cache(self) -> Path:
         return self.vibevoice_home / "hf_cache"
+
+    @cached_property
+    def compile_cache(self) -> Path:
+        """torch.compile's caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR), reused by later cold starts."""
+        return self.vibevoice_home / "compile_cache"
 
     @cached_property
     def voices_dir(self) -> Path:

@@ -286,7 +286,7 @@ class BatchDecoder:
 
         try:
             return FrameStep(self, compile_frame=True)
-        except Exception as exc:  # noqa: BLE001 - an unsupported model or torch: the eager loop serves
+        except Exception as exc:  # an unsupported model or torch: the eager loop serves
             log.warning("the compiled decode step is unavailable; decoding eagerly: %s", exc)
             return None
 

@@ -35,6 +35,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -57,8 +58,19 @@ def bucket_for(rows: int) -> int:
     raise ValueError(f"at most {BUCKETS[-1]} rows decode together in the compiled step, not {rows}")
 
 
+# Buckets compiled at start-up (up to the batch cap); a larger bucket compiles when a batch first needs it.
+WARM_UP_BUCKETS = (1, 2, 4, 8, 16)
+
+
 def capacity_for(columns: int) -> int:
     return -(-columns // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def use_compile_caches(folder: Path) -> None:
+    """Keep torch.compile's caches in `folder` (on the volume), so a later cold start reuses them
+    instead of compiling again. Variables already set (by bootstrap.sh or the operator) win."""
+    for variable, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(variable, str(folder / name))
 
 
 # --- data types ---------------------------------------------------------------------------------
@@ -296,6 +308,7 @@ class FrameStep:
     def __init__(self, decoder, compile_frame: bool):
         self.decoder = decoder
         self.model = decoder.model
+        _use_sdpa(self.model)
         self.frame = StaticFrame(
             self.model, decoder.token_head, decoder._allowed, decoder.audio_token_id, decoder.audio_bos_token_id
         )
@@ -324,7 +337,7 @@ class FrameStep:
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
                 return self._run(tensors)
-            except Exception as exc:  # noqa: BLE001 - any compiler fault: never fail a job for it
+            except Exception as exc:  # any compiler fault: never fail a job for it
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise
                 log.warning("compiling the decode step failed; it runs uncompiled: %s", _one_line(exc))
@@ -368,7 +381,8 @@ class FrameStep:
               for _ in range(text.num_hidden_layers)]  # fmt: skip
         longs = lambda: torch.zeros(bucket, dtype=torch.long, device=device)  # noqa: E731
         acoustic, semantic = self.codec_templates()
-        conv = lambda cache: {k: layer.cache.new_zeros(bucket, *layer.cache.shape[1:]) for k, layer in cache.layers.items()}  # noqa: E731
+        conv = lambda cache: {key: layer.cache.new_zeros(bucket, *layer.cache.shape[1:])  # noqa: E731
+                              for key, layer in cache.layers.items()}  # fmt: skip
         head_hidden = model.model.diffusion_head.cond_proj.out_features
         tensors = SlotTensors(
             kv=kv,
@@ -427,8 +441,9 @@ class FrameStep:
         b = slots.bucket
         positive, negative = state.positive_mask.bool(), state.negative_mask.bool()
         for (keys, values), (pk, pv), (nk, nv) in zip(t.kv, state.positive_kv, state.negative_kv, strict=True):
-            for cache, part, visible, at in ((keys, pk, positive, row), (values, pv, positive, row),
-                                            (keys, nk, negative, b + row), (values, nv, negative, b + row)):  # fmt: skip
+            parts = ((keys, pk, positive, row), (values, pv, positive, row),
+                     (keys, nk, negative, b + row), (values, nv, negative, b + row))  # fmt: skip
+            for cache, part, visible, at in parts:
                 cache[at].zero_()  # a masked column must not hold NaN from an earlier holder
                 columns = part[0][:, visible]  # [kv_heads, visible, head_dim]: holes dropped, positions are in the keys
                 cache[at, :, : columns.shape[1]] = columns
@@ -478,25 +493,12 @@ class FrameStep:
     def park(self, batch: Batch, rows: list[int]) -> list[Sequence]:
         """Take rows out with their state (`sequence.state`) and their generator where the eager loop has it."""
         slots: Slots = batch.static
-        t, b = slots.tensors, slots.bucket
-        acoustic, semantic = self.codec_templates()
         parked = []
         for row in rows:
             sequence = batch.sequences[row]
-            r = slots.row_of(sequence)
             rng, negative_columns = slots.joined[id(sequence)]
-            positive = sequence.next_position
-            sequence.state = RowState(
-                positive_hidden=t.positive_hidden[r].clone(),
-                negative_hidden=t.negative_hidden[r].clone(),
-                positive_kv=[(k[r : r + 1, :, :positive].clone(), v[r : r + 1, :, :positive].clone()) for k, v in t.kv],
-                negative_kv=[(k[b + r : b + r + 1, :, : negative_columns + 1].clone(),
-                              v[b + r : b + r + 1, :, : negative_columns + 1].clone()) for k, v in t.kv],  # fmt: skip
-                positive_mask=torch.ones(positive, dtype=torch.long, device=self.device),
-                negative_mask=torch.ones(negative_columns + 1, dtype=torch.long, device=self.device),
-                acoustic=_codec_map(acoustic, lambda key, layer: t.acoustic[key][r : r + 1].clone()),
-                semantic=_codec_map(semantic, lambda key, layer: t.semantic[key][r : r + 1].clone()),
-            )
+            row_state = self._row_state(slots, slots.row_of(sequence), sequence.next_position, negative_columns + 1)
+            sequence.state = row_state
             sequence.generator.set_state(rng)  # as if drawn frame by frame: the draws it used
             used = slots.diffused[id(sequence)]
             if used:
@@ -504,6 +506,24 @@ class FrameStep:
             parked.append(sequence)
         self.drop(batch, [row for row in range(len(batch)) if row not in rows])
         return parked
+
+    def _row_state(self, slots: Slots, r: int, positive: int, negative: int) -> RowState:
+        """Row `r` as the eager loop keeps a sequence outside the batch: `positive` and `negative` columns."""
+        t, b = slots.tensors, slots.bucket
+        acoustic, semantic = self.codec_templates()
+        return RowState(
+            positive_hidden=t.positive_hidden[r].clone(),
+            negative_hidden=t.negative_hidden[r].clone(),
+            positive_kv=[(k[r : r + 1, :, :positive].clone(), v[r : r + 1, :, :positive].clone()) for k, v in t.kv],
+            negative_kv=[
+                (k[b + r : b + r + 1, :, :negative].clone(), v[b + r : b + r + 1, :, :negative].clone())
+                for k, v in t.kv
+            ],
+            positive_mask=torch.ones(positive, dtype=torch.long, device=self.device),
+            negative_mask=torch.ones(negative, dtype=torch.long, device=self.device),
+            acoustic=_codec_map(acoustic, lambda key, layer: t.acoustic[key][r : r + 1].clone()),
+            semantic=_codec_map(semantic, lambda key, layer: t.semantic[key][r : r + 1].clone()),
+        )
 
     # --- one frame ------------------------------------------------------------------------------
 
@@ -558,6 +578,15 @@ class FrameStep:
                 self.run(slots.tensors)
             if not self.compiled:
                 return
+
+
+def _use_sdpa(model) -> None:
+    """The static step hands attention a 4-D boolean mask over the slot cache: sdpa (or eager) reads it;
+    flash-attention 2 cannot, and its unpadding reads the host in every layer, so it cannot be captured."""
+    language_model = model.model.language_model
+    if language_model.config._attn_implementation not in ("sdpa", "eager"):
+        language_model.set_attn_implementation("sdpa")
+        log.info("the compiled decode step runs the language model with sdpa attention")
 
 
 def _tensors_of(tensors: SlotTensors) -> list[torch.Tensor]:

@@ -37,6 +37,7 @@ from decoder import (
     VoiceClip,
     ended_by_cap,
 )
+from framestep import WARM_UP_BUCKETS, use_compile_caches
 from scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
 from text import Chunk, max_frames_for
 
@@ -110,6 +111,7 @@ class VibeVoiceEngine:
         info: EngineInfo,
         batch_size: int = 0,
         decode_loop: str = "own",
+        compile_mode: str = "off",
     ):
         self.model = model
         self.processor = processor
@@ -118,7 +120,7 @@ class VibeVoiceEngine:
         self.hop_length = int(model.config.audio_config.hop_length)
         self.frame_rate = self.sample_rate / self.hop_length  # 7.5 frames per second
         self.decode_loop = decode_loop
-        self.decoder = BatchDecoder(model)
+        self.decoder = BatchDecoder(model, compile_mode)
         self.budget = BatchBudget(batch_size, model.device, self.kv_bytes_per_token(), self.prefill_bytes())
         self.scheduler = DecodeScheduler(self.decoder, self.budget)
 
@@ -139,6 +141,7 @@ class VibeVoiceEngine:
         # The KV cache grows every frame and rows join and leave: expandable segments keep the
         # CUDA allocator from fragmenting (read at its first allocation, so set before loading).
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        use_compile_caches(settings.compile_cache)
         path, source = resolve_model_path(settings)
         check_native_layout(path)
         device = pick_device(settings.device)
@@ -157,7 +160,18 @@ class VibeVoiceEngine:
             "model loaded from %s on %s (%s, %s attention) in %.1f s",
             source, device, info.dtype, attention, info.load_seconds,
         )  # fmt: skip
-        return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop)
+        return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
+                   compile_mode=settings.compile)  # fmt: skip
+
+    def warm_up_compiled(self) -> None:
+        """Compile the frame step for the batch buckets up to the batch cap (COMPILE on), before jobs come."""
+        if not self.decoder.compiled:
+            return
+        sizes = [bucket for bucket in WARM_UP_BUCKETS if bucket <= self.budget.cap()] or [1]
+        started = time.perf_counter()
+        self.decoder.warm_up(sizes)
+        outcome = "compiled" if self.decoder.compiled else "failed to compile (decoding uncompiled)"
+        log.info("decode step %s for batch sizes %s in %.1f s", outcome, sizes, time.perf_counter() - started)
 
     # --- prompts --------------------------------------------------------------------------
 

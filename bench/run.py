@@ -14,6 +14,9 @@ g  word alignment: CPU time per minute of audio, and a job's wall time with word
 h  4 single-chunk jobs sent together through the worker vs one after another (wall time)
 i  7B weight bytes per second of audio, 8 concurrent jobs vs 1 (modelled as in a)
 j  time to first audio of a short streamed job sent while a long job runs / the long job's remaining time
+k  wall time per frame, compiled static step vs the eager loop (batch 1 and 8); start-up compile, warm vs empty cache
+l  operator dispatches per frame outside a compiled region, compiled step vs eager loop
+m  host synchronisations per frame of the compiled step (at most one)
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ FIGURES = {
     "h": "bench.concurrent_jobs",
     "i": "bench.concurrent_weights",
     "j": "bench.join_latency",
+    "k": "bench.compiled_step:measure_frame_time",
+    "l": "bench.compiled_step:measure_dispatches",
+    "m": "bench.compiled_step:measure_syncs",
 }
 RESULTS_JSON = ROOT / "bench" / "results.json"
 RESULTS_MD = ROOT / "bench" / "results.md"
@@ -68,7 +74,8 @@ def main() -> None:
             print(f"figure {letter} ...", file=sys.stderr, flush=True)
             figure_started = time.perf_counter()
             try:
-                figure_rows, detail = importlib.import_module(FIGURES[letter]).measure(workspace)
+                module, _, function = FIGURES[letter].partition(":")  # several figures may share a module
+                figure_rows, detail = getattr(importlib.import_module(module), function or "measure")(workspace)
             except Exception as exc:  # one failing figure must not hide the others
                 traceback.print_exc()
                 failures[letter] = f"{type(exc).__name__}: {exc}"

@@ -18,8 +18,8 @@ import torch
 import framestep
 from decoder import Batch, BatchDecoder
 from framestep import FrameStep, solver_coefficients
-from text import Chunk, Turn
 from tests.test_decoder import STEPS, TOLERANCE, decode_by_hand, max_difference, request
+from text import Chunk, Turn
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,11 @@ def chunks():
 
 
 def static_decoder(engine, compile_frame: bool = False) -> BatchDecoder:
-    """A decoder over the session's model whose join/step/drop/park run the static step."""
+    """A decoder over the session's model whose join/step/drop/park run the static step, with the
+    tests' diffusion steps unrolled (a smaller graph to compile than the default 10)."""
     decoder = BatchDecoder(engine.model)
     decoder.frame_step = FrameStep(decoder, compile_frame=compile_frame)
+    decoder.frame_step.default_steps = STEPS
     return decoder
 
 
@@ -89,13 +91,16 @@ def test_one_chunk_and_a_batch_equal_the_eager_loop(engine, voices, chunks) -> N
 def test_speech_start_end_and_end_of_text_equal_the_eager_loop(engine, voices, chunks) -> None:
     """Forced speech-end, speech-start (negative branch back to length 0) and end of text."""
     config = engine.model.config
-    frame, start, end, eos = config.audio_token_id, config.audio_bos_token_id, config.audio_eos_token_id, config.eos_token_id
+    frame, start, end = config.audio_token_id, config.audio_bos_token_id, config.audio_eos_token_id
+    eos = config.eos_token_id
     patterns = [
         [frame, frame, end, start, frame, frame, frame],
         [end, frame, frame, start, frame, eos],
         [start, frame, end, end, frame, start, start, frame],
     ]
-    requests = [request(engine, c, voices, len(p), 11, forced_tokens=tuple(p)) for c, p in zip(chunks, patterns)]
+    requests = [
+        request(engine, c, voices, len(p), 11, forced_tokens=tuple(p)) for c, p in zip(chunks, patterns, strict=True)
+    ]
     eager = engine.decoder.decode(requests)
     static = static_decoder(engine).decode(requests)
     for got, want, pattern in zip(static, eager, patterns, strict=True):
@@ -146,7 +151,7 @@ def test_a_parked_sequence_rejoins_the_eager_loop_where_it_left(engine, voices, 
 def test_one_host_synchronisation_per_frame(engine, voices, chunks) -> None:
     """Counted: host reads (tolist, item, numpy, bool/int of a tensor) and the operators that read
     the device on CUDA (nonzero, masked_select, _local_scalar_dense, ...), inside `step` only."""
-    from bench.syncs import count_syncs
+    from bench.step_counters import count_syncs
 
     requests = [request(engine, c, voices, 4, 5) for c in chunks]
     static_counts = count_syncs(static_decoder(engine), requests)
