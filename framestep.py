@@ -318,6 +318,7 @@ class FrameStep:
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._codec_templates: tuple[object, object] | None = None
         self._pinned: torch.Tensor | None = None
+        self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}  # idle buffers by (bucket, capacity, steps)
 
     @property
     def device(self) -> torch.device:
@@ -372,7 +373,22 @@ class FrameStep:
         return self._codec_templates
 
     def allocate(self, bucket: int, capacity: int, steps: int) -> Slots:
-        """Zeroed slots for `bucket` rows, `capacity` KV columns and `steps` diffusion steps."""
+        """Slots for `bucket` rows, `capacity` KV columns and `steps` diffusion steps, every row idle.
+
+        Buffers of a shape are allocated once and reused (`release` gives them back): CUDA graphs
+        replay on the addresses they were captured with, so a batch that moves back to a bucket
+        finds its graph. They are kept for the process: every shape used, at most once at a time each."""
+        free = self._free.setdefault((bucket, capacity, steps), [])
+        tensors = free.pop() if free else self._new_tensors(bucket, capacity, steps)
+        for counter in (tensors.positive_length, tensors.negative_length, tensors.negative_position,
+                        tensors.emitted, tensors.diffused, tensors.live):  # fmt: skip
+            counter.zero_()
+        return Slots(tensors, bucket, capacity, steps, [None] * bucket)
+
+    def release(self, slots: Slots) -> None:
+        self._free.setdefault((slots.bucket, slots.capacity, slots.steps), []).append(slots.tensors)
+
+    def _new_tensors(self, bucket: int, capacity: int, steps: int) -> SlotTensors:
         model, device, dtype = self.model, self.device, self.model.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -401,7 +417,7 @@ class FrameStep:
         )  # fmt: skip
         for tensor in _tensors_of(tensors):
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs use them in place, never copy them
-        return Slots(tensors, bucket, capacity, steps, [None] * bucket)
+        return tensors
 
     # --- rows joining and leaving -----------------------------------------------------------------
 
@@ -418,8 +434,9 @@ class FrameStep:
             if (bucket, capacity, steps) == (old.bucket, old.capacity, old.steps):
                 return old
         new = self.allocate(bucket, capacity, steps)
-        if old is not None and batch.sequences:
+        if old is not None:
             _move(old, new, [old.row_of(s) for s in batch.sequences])
+            self.release(old)
         batch.static = new
         return new
 
@@ -486,6 +503,7 @@ class FrameStep:
                 slots.diffused.pop(id(sequence), None)
         batch.sequences = staying
         if not staying:
+            self.release(slots)
             batch.static = None
             return
         self.slots(batch, len(staying), [])
@@ -576,6 +594,7 @@ class FrameStep:
             slots = self.allocate(bucket, CAPACITY_STEP, self.default_steps)
             for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on the 2nd-3rd call
                 self.run(slots.tensors)
+            self.release(slots)
             if not self.compiled:
                 return
 
@@ -610,7 +629,7 @@ def _columns_needed(sequence: Sequence) -> int:
 
 def _move(old: Slots, new: Slots, rows: list[int]) -> None:
     """Copy the rows `rows` of `old` (in that order) into rows 0.. of `new` (bucket, capacity or steps differ)."""
-    index = torch.tensor(rows, device=old.tensors.live.device)
+    index = torch.tensor(rows, dtype=torch.long, device=old.tensors.live.device)
     k, ob, nb = len(rows), old.bucket, new.bucket
     columns = min(old.capacity, new.capacity)
     for (nk, nv), (ok, ov) in zip(new.tensors.kv, old.tensors.kv, strict=True):
