@@ -218,3 +218,47 @@ def test_compile_mode_is_resolved_once(engine) -> None:
     with pytest.raises(ValueError, match="compile_mode"):
         BatchDecoder(engine.model, "fast")
     assert framestep.bucket_for(3) == 4 and framestep.bucket_for(1) == 1
+
+
+# --- through the scheduler ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def static_engine(engine):
+    """An engine over the session's model whose scheduler decodes with the static step (uncompiled)."""
+    from inference import VibeVoiceEngine
+
+    static = VibeVoiceEngine(engine.model, engine.processor, engine.info)
+    static.decoder.frame_step = FrameStep(static.decoder, compile_frame=False)
+    yield static
+    static.scheduler.close()
+
+
+def test_jobs_through_the_scheduler_equal_their_eager_solo_decode(engine, static_engine, voices) -> None:
+    """A job alone, a job joining one that decodes, and one of three cancelled mid-flight: the
+    scheduler drives the static step exactly as the eager one (same audio within 1e-4)."""
+    from tests.test_scheduler import JobThread, assert_solo, chunks_of, params, solo
+
+    job = (chunks_of("Static", 2), params(77, 5))
+    expected = solo(engine, job[0], voices, job[1])
+    assert_solo(static_engine.synthesize(job[0], voices, job[1]), expected)
+    long = JobThread(static_engine, chunks_of("Long", 1), voices, params(5, 24))
+    long.start()
+    assert long.progress.wait(60)
+    assert_solo(static_engine.synthesize(job[0], voices, job[1]), expected)  # joins the running batch
+    assert_solo(long.finish(), solo(engine, chunks_of("Long", 1), voices, params(5, 24)))
+
+    import threading
+
+    stop = threading.Event()
+    jobs = [(chunks_of(f"Three {k}", 1), params(300 + k, 12)) for k in range(3)]
+    threads = [JobThread(static_engine, c, voices, p, **({"should_stop": stop.is_set} if k == 1 else {}))
+               for k, (c, p) in enumerate(jobs)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    assert threads[1].progress.wait(60)
+    stop.set()
+    assert threads[1].finish()[0].frames < 12  # cut short: its row left the slots
+    for k in (0, 2):
+        assert_solo(threads[k].finish(), solo(engine, jobs[k][0], voices, jobs[k][1]))
+    assert static_engine.wait_idle(30)
