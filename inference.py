@@ -169,7 +169,7 @@ class VibeVoiceEngine:
             return
         sizes = [bucket for bucket in WARM_UP_BUCKETS if bucket <= self.budget.cap()] or [1]
         started = time.perf_counter()
-        self.decoder.warm_up(sizes)
+        self.scheduler.call(lambda: self.decoder.warm_up(sizes))  # its CUDA graphs belong to the decode thread
         outcome = "compiled" if self.decoder.compiled else "failed to compile (decoding uncompiled)"
         log.info("decode step %s for batch sizes %s in %.1f s", outcome, sizes, time.perf_counter() - started)
 

@@ -176,6 +176,7 @@ class DecodeScheduler:
         self.batch = Batch()
         self._jobs: list[Job] = []  # decode thread only
         self._incoming: list[Job] = []
+        self._calls: list[Callable[[], None]] = []  # run in the decode thread at the next boundary
         self._prefilling: tuple[Sequence, Iterator[None]] | None = None
         self._numbers = itertools.count()
         self._ticks = itertools.count()
@@ -194,12 +195,42 @@ class DecodeScheduler:
             job.waiting.extend(Sequence(request, owner=job) for request in requests)
             self._incoming.append(job)
             self._active += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
-                self._thread.start()
-                atexit.register(self.close)
+            self._start_thread()
             self._wake.notify_all()
         return job
+
+    def call(self, function: Callable[[], object], timeout: float | None = None) -> object:
+        """Run `function` in the decode thread at the next frame boundary and return its result.
+
+        For what must happen in the thread that decodes: CUDA graphs recorded by the compiled step
+        belong to the thread that records them (PyTorch keeps them per thread)."""
+        done, box = threading.Event(), {}
+
+        def task() -> None:
+            try:
+                box["value"] = function()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the engine is shutting down")
+            self._calls.append(task)
+            self._start_thread()
+            self._wake.notify_all()
+        if not done.wait(timeout):
+            raise TimeoutError("the decode thread did not run the call in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def _start_thread(self) -> None:  # with self._wake held
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
 
     def stop(self, job: Job) -> None:
         """The job's thread gives up on it: its rows leave at the next frame boundary."""
@@ -228,6 +259,7 @@ class DecodeScheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             while self._wait_for_work():
+                self._run_calls()
                 try:
                     with self.decoder.lock:
                         self._leave()
@@ -249,11 +281,17 @@ class DecodeScheduler:
     def _wait_for_work(self) -> bool:
         """Block until some job is there; False once the scheduler is closed."""
         with self._wake:
-            while not (self._jobs or self._incoming or self._closed):
+            while not (self._jobs or self._incoming or self._calls or self._closed):
                 self._wake.wait()
             self._jobs += self._incoming
             self._incoming.clear()
             return not self._closed
+
+    def _run_calls(self) -> None:
+        with self._wake:
+            calls, self._calls = self._calls, []
+        for task in calls:
+            task()
 
     def _leave(self) -> None:
         """Rows of stopped or failed jobs leave; jobs with nothing left are done."""

@@ -165,9 +165,12 @@ def test_one_host_synchronisation_per_frame(engine, voices, chunks) -> None:
 
 @pytest.fixture(scope="module")
 def compiled(engine):
+    from torch._dynamo.utils import counters
+
     decoder = static_decoder(engine, compile_frame=True)
+    graphs = counters["stats"]["unique_graphs"]
     decoder.warm_up([1, 2])
-    assert decoder.compiled
+    assert decoder.compiled and counters["stats"]["unique_graphs"] >= graphs + 2  # really compiled, per bucket
     return decoder
 
 
@@ -262,3 +265,14 @@ def test_jobs_through_the_scheduler_equal_their_eager_solo_decode(engine, static
     for k in (0, 2):
         assert_solo(threads[k].finish(), solo(engine, jobs[k][0], voices, jobs[k][1]))
     assert static_engine.wait_idle(30)
+
+
+def test_the_warm_up_runs_in_the_decode_thread(static_engine, monkeypatch) -> None:
+    """CUDA graphs belong to the thread that records them: the start-up warm-up runs where frames run."""
+    import threading
+
+    ran_in = []
+    monkeypatch.setattr(static_engine.decoder.frame_step, "compiled", True)  # as if COMPILE were on
+    monkeypatch.setattr(static_engine.decoder, "warm_up", lambda sizes: ran_in.append(threading.current_thread().name))
+    static_engine.warm_up_compiled()
+    assert ran_in == ["decode-scheduler"]
