@@ -45,9 +45,10 @@ log = logging.getLogger("vibevoice.framestep")
 
 # Batch sizes that get their own compiled graph; a batch runs in the smallest bucket that holds it.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-# KV capacity (columns) grows in these steps (each capacity is one more compiled shape), so a
-# batch of ordinary chunks stays in one shape for its whole life.
-CAPACITY_STEP = 1024
+# KV capacity (columns) grows in these steps, each capacity one more compiled shape. Every frame
+# attends over the whole capacity (masked): on a GPU that costs little next to the weights and one
+# step holds ordinary chunks (prompt + frames) for their whole life; on the CPU it is compute.
+CAPACITY_STEP = {"cuda": 1024, "cpu": 256}
 
 
 def bucket_for(rows: int) -> int:
@@ -62,8 +63,9 @@ def bucket_for(rows: int) -> int:
 WARM_UP_BUCKETS = (1, 2, 4, 8, 16)
 
 
-def capacity_for(columns: int) -> int:
-    return -(-columns // CAPACITY_STEP) * CAPACITY_STEP
+def capacity_for(columns: int, device: torch.device) -> int:
+    step = CAPACITY_STEP.get(torch.device(device).type, CAPACITY_STEP["cuda"])
+    return -(-max(columns, 1) // step) * step
 
 
 def use_compile_caches(folder: Path) -> None:
@@ -327,7 +329,9 @@ class FrameStep:
     def _compile(self, frame: StaticFrame) -> Callable:
         """torch.compile of the frame; on CUDA with CUDA graphs (reduce-overhead), one per shape."""
         # Each bucket, capacity and step count is one graph; leave room for all of them.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, name, max(getattr(config, name), 64))
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         return torch.compile(frame, mode=mode, dynamic=False, fullgraph=True)
 
@@ -426,7 +430,7 @@ class FrameStep:
         need more; shrunk to a smaller bucket if the rows fit one. Rows keep their order."""
         old: Slots | None = batch.static
         members = list(batch.sequences) + sequences
-        capacity = capacity_for(max(_columns_needed(s) for s in members)) if members else CAPACITY_STEP
+        capacity = capacity_for(max([_columns_needed(s) for s in members], default=1), self.device)
         steps = max([self.default_steps] + [s.request.diffusion_steps for s in members])
         bucket = bucket_for(max(rows, 1))
         if old is not None:
@@ -591,7 +595,7 @@ class FrameStep:
     def warm_up(self, batch_sizes: list[int]) -> None:
         """Compile (and on CUDA capture) the frame for these batch sizes' buckets, with idle rows."""
         for bucket in sorted({bucket_for(n) for n in batch_sizes}):
-            slots = self.allocate(bucket, CAPACITY_STEP, self.default_steps)
+            slots = self.allocate(bucket, capacity_for(1, self.device), self.default_steps)
             for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on the 2nd-3rd call
                 self.run(slots.tensors)
             self.release(slots)
