@@ -17,8 +17,9 @@ same per-frame steps with the model's own modules, batched over every sequence t
 The batch's rows are `[pos_0 .. pos_n-1, neg_0 .. neg_n-1]` in one KV cache, right-aligned (left
 padding, masked) with explicit position ids, so a row sees exactly the positions it would see alone.
 `step` is the one per-frame function: its input is the batch at a frame boundary, its output the
-batch one frame later plus what each sequence produced; a static, graph-captured step can replace
-it without changing the scheduler, as long as join/drop/park keep their contract.
+batch one frame later plus what each sequence produced. With COMPILE on, framestep.FrameStep
+replaces join/step/drop/park (a static, compiled step over preallocated slots, equal per sequence);
+the scheduler does not change.
 
 Per sequence the result equals transformers' stock `generate` for that chunk alone (the tests
 check both): its random draws come from its own generator, seeded with the job seed, consumed in
@@ -277,7 +278,8 @@ class BatchDecoder:
     def _frame_step(self, compile_mode: str):
         """The static frame step (framestep.py) when COMPILE resolves to on; None runs this module's loop.
 
-        auto is on for CUDA and off on the CPU, where the compiled step is not faster (make bench, k)."""
+        auto is on for CUDA and off on the CPU, where compiling each bucket costs more than a minute
+        at every start (make bench, figure k; docs/operations.md)."""
         if compile_mode not in ("off", "on", "auto"):
             raise ValueError(f"compile_mode must be off, on or auto, not {compile_mode!r}")
         if compile_mode == "off" or (compile_mode == "auto" and self.device.type != "cuda"):

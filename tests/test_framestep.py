@@ -216,7 +216,7 @@ def test_a_compile_failure_logs_one_line_and_decodes_uncompiled(engine, voices, 
 
 def test_compile_mode_is_resolved_once(engine) -> None:
     assert BatchDecoder(engine.model, "off").frame_step is None
-    assert BatchDecoder(engine.model, "auto").frame_step is None  # the CPU: not faster (make bench, k)
+    assert BatchDecoder(engine.model, "auto").frame_step is None  # the CPU: off (compiling costs minutes)
     assert BatchDecoder(engine.model, "on").frame_step is not None
     with pytest.raises(ValueError, match="compile_mode"):
         BatchDecoder(engine.model, "fast")
