@@ -298,11 +298,11 @@ class BatchDecoder:
         return self.frame_step is not None and self.frame_step.compiled
 
     @torch.inference_mode()
-    def warm_up(self, batch_sizes: list[int]) -> None:
+    def warm_up(self, batch_sizes: list[int], diffusion_steps: int | None = None) -> None:
         """Compile the step for these batch sizes before jobs come (nothing to do when not compiled)."""
         if self.frame_step is not None and self.frame_step.compiled:
             with self.lock:
-                self.frame_step.warm_up(batch_sizes)
+                self.frame_step.warm_up(batch_sizes, diffusion_steps)
 
     @property
     def device(self) -> torch.device:

@@ -320,7 +320,8 @@ class FrameStep:
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._codec_templates: tuple[object, object] | None = None
         self._pinned: torch.Tensor | None = None
-        self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}  # idle buffers by (bucket, capacity, steps)
+        self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}
+        self._warming = False  # idle buffers by (bucket, capacity, steps)
 
     @property
     def device(self) -> torch.device:
@@ -393,6 +394,9 @@ class FrameStep:
         self._free.setdefault((slots.bucket, slots.capacity, slots.steps), []).append(slots.tensors)
 
     def _new_tensors(self, bucket: int, capacity: int, steps: int) -> SlotTensors:
+        if self.compiled and not self._warming:  # a shape the warm-up did not cover: this frame waits for it
+            log.info("compiling the decode step for %d rows, %d cache columns, %d diffusion steps", bucket, capacity,
+                     steps)  # fmt: skip
         model, device, dtype = self.model, self.device, self.model.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -431,7 +435,8 @@ class FrameStep:
         old: Slots | None = batch.static
         members = list(batch.sequences) + sequences
         capacity = capacity_for(max([_columns_needed(s) for s in members], default=1), self.device)
-        steps = max([self.default_steps] + [s.request.diffusion_steps for s in members])
+        # Rows with fewer steps pad with no-op steps, which still run the head: as many as the batch needs.
+        steps = max([s.request.diffusion_steps for s in members], default=self.default_steps)
         bucket = bucket_for(max(rows, 1))
         if old is not None:
             capacity, steps = max(capacity, old.capacity), max(steps, old.steps)
@@ -592,15 +597,18 @@ class FrameStep:
 
     # --- start-up ---------------------------------------------------------------------------------
 
-    def warm_up(self, batch_sizes: list[int]) -> None:
-        """Compile (and on CUDA capture) the frame for these batch sizes' buckets, with idle rows."""
+    def warm_up(self, batch_sizes: list[int], steps: int | None = None) -> None:
+        """Compile (and on CUDA capture) the frame for these batch sizes' buckets, with idle rows, for
+        chunks of up to one capacity step and `steps` diffusion steps (default: the generation config's)."""
+        self._warming = True
         for bucket in sorted({bucket_for(n) for n in batch_sizes}):
-            slots = self.allocate(bucket, capacity_for(1, self.device), self.default_steps)
+            slots = self.allocate(bucket, capacity_for(1, self.device), steps or self.default_steps)
             for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on the 2nd-3rd call
                 self.run(slots.tensors)
             self.release(slots)
             if not self.compiled:
-                return
+                break
+        self._warming = False
 
 
 def _use_sdpa(model) -> None:

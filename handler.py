@@ -280,7 +280,7 @@ def main() -> None:
         engine = None
     else:
         if not local:
-            register_warm_up(runpod, engine)
+            register_warm_up(runpod, engine, settings.default_diffusion_steps)
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
     log.info("taking up to %d job(s) at once (MAX_CONCURRENCY=%d)", worker.concurrency, settings.max_concurrency)
 

@@ -163,13 +163,14 @@ class VibeVoiceEngine:
         return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
                    compile_mode=settings.compile)  # fmt: skip
 
-    def warm_up_compiled(self) -> None:
+    def warm_up_compiled(self, diffusion_steps: int | None = None) -> None:
         """Compile the frame step for the batch buckets up to the batch cap (COMPILE on), before jobs come."""
         if not self.decoder.compiled:
             return
         sizes = [bucket for bucket in WARM_UP_BUCKETS if bucket <= self.budget.cap()] or [1]
         started = time.perf_counter()
-        self.scheduler.call(lambda: self.decoder.warm_up(sizes))  # its CUDA graphs belong to the decode thread
+        # In the decode thread: CUDA graphs belong to the thread that records them.
+        self.scheduler.call(lambda: self.decoder.warm_up(sizes, diffusion_steps))
         outcome = "compiled" if self.decoder.compiled else "failed to compile (decoding uncompiled)"
         log.info("decode step %s for batch sizes %s in %.1f s", outcome, sizes, time.perf_counter() - started)
 

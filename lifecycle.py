@@ -78,7 +78,7 @@ def register_failed_load(runpod_module, reason: str) -> None:
     runpod_module.serverless.register_fitness_check(model_loaded)
 
 
-def register_warm_up(runpod_module, engine: VibeVoiceEngine) -> None:
+def register_warm_up(runpod_module, engine: VibeVoiceEngine, diffusion_steps: int | None = None) -> None:
     """A start-up fitness check that generates one frame, so a worker whose GPU or kernels are
     broken is reported unhealthy before it takes a job rather than failing every job. With COMPILE
     on it first compiles the decode step's batch buckets, so no job waits for a compilation."""
@@ -87,7 +87,7 @@ def register_warm_up(runpod_module, engine: VibeVoiceEngine) -> None:
         from inference import GenerationParams
         from text import Chunk, Turn
 
-        engine.warm_up_compiled()
+        engine.warm_up_compiled(diffusion_steps)  # the deployment's default steps: the common shape
 
         params = GenerationParams(cfg_scale=1.3, diffusion_steps=1, seed=0, max_new_tokens=1, use_voice_prompt=False)
         result = engine.generate_chunk(Chunk(0, (Turn(0, "Hello."),)), {}, params)

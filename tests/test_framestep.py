@@ -273,6 +273,10 @@ def test_the_warm_up_runs_in_the_decode_thread(static_engine, monkeypatch) -> No
 
     ran_in = []
     monkeypatch.setattr(static_engine.decoder.frame_step, "compiled", True)  # as if COMPILE were on
-    monkeypatch.setattr(static_engine.decoder, "warm_up", lambda sizes: ran_in.append(threading.current_thread().name))
-    static_engine.warm_up_compiled()
-    assert ran_in == ["decode-scheduler"]
+
+    def warm_up(sizes, steps):
+        ran_in.append((threading.current_thread().name, sizes, steps))
+
+    monkeypatch.setattr(static_engine.decoder, "warm_up", warm_up)
+    static_engine.warm_up_compiled(7)
+    assert ran_in == [("decode-scheduler", [1, 2, 4, 8], 7)]  # the buckets up to the CPU's batch cap (8)
