@@ -222,10 +222,11 @@ class StaticFrame:
         rows = torch.arange(b, device=s.noise.device)
         latent = s.noise[rows, s.diffused.clamp(max=s.noise.shape[1] - 1)]  # [B, latent]
         condition = head.cond_proj(torch.cat([s.positive_hidden, s.negative_hidden]))  # [2B, head_hidden], once
+        timesteps = torch.cat([s.timestep_embeds, s.timestep_embeds]).transpose(0, 1)  # [steps, 2B, head_hidden]
+        modulations = self._modulations(head, condition[None] + timesteps)
         previous = torch.zeros_like(latent)  # the last step's x0
         for step in range(s.solver.shape[1]):
-            timestep = s.timestep_embeds[:, step]  # [B, head_hidden]
-            eps = self._head(head, torch.cat([latent, latent]), condition + torch.cat([timestep, timestep]))
+            eps = self._head(head, torch.cat([latent, latent]), [m[step] for m in modulations])  # [2B, latent]
             cond_eps, uncond_eps = eps[:b], eps[b:]  # [B, latent] each
             # As the eager loop: the difference in the model dtype, scaled at float precision.
             guided = uncond_eps + (s.guidance[:, None] * (cond_eps - uncond_eps).float()).to(eps.dtype)
@@ -236,12 +237,27 @@ class StaticFrame:
         return latent.unsqueeze(1)
 
     @staticmethod
-    def _head(head, noisy: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """The diffusion head's layers with the condition already projected: [2B, latent] -> [2B, latent]."""
+    def _modulations(head, conditions: torch.Tensor) -> list[torch.Tensor]:
+        """Every step's adaLN shift/scale/gate at once: they depend on the condition and the timestep, not
+        on the latent, so each layer's projection is one matrix product over all steps (its weights read
+        once per frame, not once per step). conditions [steps, 2B, hh] -> per layer [steps, 2B, 3 * hh],
+        then the final layer's [steps, 2B, 2 * hh]."""
+        out = [layer.linear(layer.act_fn(conditions)) for layer in head.layers]
+        final = head.final_layer
+        return [*out, final.linear_1(final.act_fn(conditions))]
+
+    @staticmethod
+    def _head(head, noisy: torch.Tensor, modulations: list[torch.Tensor]) -> torch.Tensor:
+        """The diffusion head for one step with its modulations: [2B, latent] -> [2B, latent] (the
+        arithmetic of transformers' VibeVoiceDiffusionHeadAdaLayerNorm and FinalLayer)."""
         hidden = head.noisy_images_proj(noisy)
-        for layer in head.layers:
-            hidden = layer(hidden, condition)
-        return head.final_layer(hidden, condition)
+        for layer, modulation in zip(head.layers, modulations, strict=False):
+            shift, scale, gate = modulation.chunk(3, dim=-1)
+            hidden = hidden + gate * layer.ffn(layer.norm(hidden) * (1 + scale) + shift)
+        final = head.final_layer
+        shift, scale = modulations[-1].chunk(2, dim=-1)
+        normed = torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=final.rms_norm_eps)
+        return final.linear_2(normed * (1 + scale) + shift)
 
     def codec_step(self, s: SlotTensors, latent: torch.Tensor, speak: torch.Tensor):
         """Acoustic decode and semantic encode of every row; only speaking rows keep their new conv state."""
