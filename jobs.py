@@ -70,7 +70,7 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         if job.speakers or job.speaker or job.voice_audio_base64 or job.voice_url:
             warnings.append("disable_prefill is set, so the given voices were not used.")
     else:
-        sources = _voice_sources(job, script, settings, warnings)
+        sources = _voice_sources(job, script, settings, warnings, library)
         for speaker, (field_name, source) in sources.items():
             voices[speaker], names[speaker] = _load_voice(source, field_name, library)
 
@@ -85,7 +85,7 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
             diffusion_steps=job.diffusion_steps or settings.default_diffusion_steps,
             seed=seed,
             max_new_tokens=job.max_new_tokens,
-            use_voice_prompt=not job.disable_prefill,
+            use_voice_prompt=bool(voices),  # none: disable_prefill, or no default voice to fall back on
         ),
         output_format=job.resolved_format(settings),
         sample_rate=job.resolved_sample_rate(settings),
@@ -102,9 +102,13 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
 
 
 def _voice_sources(
-    job: JobInput, script: Script, settings: Settings, warnings: list[str]
+    job: JobInput, script: Script, settings: Settings, warnings: list[str], library: VoiceLibrary
 ) -> dict[int, tuple[str, str | VoiceSource]]:
-    """Which field gives each speaker's voice: `speakers[i]` for scripts, else the single voice."""
+    """Which field gives each speaker's voice: `speakers[i]` for scripts, else the single voice.
+
+    A job that names no voice gets DEFAULT_SPEAKER; when that preset is not on the volume (its
+    download failed, or it was removed), the job runs without a voice prompt and says so.
+    """
     if job.speakers is not None:
         if not script.is_script:
             raise JobError(
@@ -137,8 +141,14 @@ def _voice_sources(
         source = ("voice_url", VoiceSource(audio_url=job.voice_url))
     elif job.speaker is not None:
         source = ("speaker", job.speaker)
-    else:
+    elif library.has(settings.default_speaker):
         source = ("speaker", settings.default_speaker)
+    else:
+        warnings.append(
+            f"no voice was given and the default voice {settings.default_speaker!r} is not in the voices folder, "
+            "so the audio was generated without a voice prompt (the model picks a voice)."
+        )
+        return {}
     return {script.speakers[0]: source}
 
 
