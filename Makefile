@@ -24,7 +24,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve test test-deploy bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,12 @@ test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
 	$(PY) -m pytest
+
+## The production stack (not part of `make test`; downloads several GB on every run): bootstrap.sh builds
+## the production venv (Python 3.12, torch 2.8.0, requirements.txt) in .local/test-deploy, boots twice,
+## runs a job through handler.py, then the fast test suite on that venv. Results: docs' testing section.
+test-deploy: $(STAMP)
+	bash tools/test_deploy.sh
 
 ## shellcheck on every shell script, hadolint on the Dockerfile.
 lint-deploy: $(STAMP)

@@ -48,7 +48,8 @@ def log(message: str) -> None:
 
 
 def gigabytes(size: float) -> str:
-    return f"{size / 1e9:.2f} GB"
+    """A byte count for the log: GB with two decimals, or MB below a gigabyte."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def duration(seconds: float) -> str:
@@ -256,6 +257,7 @@ def find_model(model_id: str, runpod_cache: Path, cache: Path) -> Path | None:
 
 def download_model(model_id: str, cache: Path, interval: float, stall_after: float) -> Path:
     """Download (or resume) `model_id` into `cache` with progress lines, after a disk-space check."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # terminal bars; the lines below replace them
     from huggingface_hub import snapshot_download
 
     token = os.environ.get("HF_TOKEN") or None
@@ -328,6 +330,8 @@ def _env_float(name: str, default: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bootstrap: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
         if args.command == "voices":
