@@ -48,7 +48,7 @@ BOOTSTRAP_HEARTBEAT_SECONDS=${BOOTSTRAP_HEARTBEAT_SECONDS:-15}    # owner files 
 BOOTSTRAP_STALE_SECONDS=${BOOTSTRAP_STALE_SECONDS:-120}           # a heartbeat this old means its owner died
 BOOTSTRAP_PROGRESS_SECONDS=${BOOTSTRAP_PROGRESS_SECONDS:-15}      # one progress line per long step this often
 BOOTSTRAP_STALL_SECONDS=${BOOTSTRAP_STALL_SECONDS:-60}            # a download without new bytes is "stalled"
-BOOTSTRAP_VENV_BYTES=${BOOTSTRAP_VENV_BYTES:-9000000000}          # free space a venv build needs (measured 7.3 GB)
+BOOTSTRAP_VENV_BYTES=${BOOTSTRAP_VENV_BYTES:-9000000000}          # free space a venv build needs (measured 7.5 GB)
 BOOTSTRAP_EXEC=${BOOTSTRAP_EXEC:-1}
 WORKER_SCRIPT=${WORKER_SCRIPT:-$APP_DIR/handler.py}
 MODEL_ID=${MODEL_ID:-vibevoice/VibeVoice-7B-hf}
@@ -515,7 +515,8 @@ main() {
     if [ -n "$VIBEVOICE_PYTHON" ]; then
         hash="image"
     else
-        [ -x "$PYTHON_BIN" ] || die "no Python interpreter found (set PYTHON_BIN)."
+        STEP="checking the Python interpreter $PYTHON_BIN"
+        "$PYTHON_BIN" -c 'import venv' >/dev/null 2>&1 || die "no working Python interpreter with venv at '$PYTHON_BIN' (set PYTHON_BIN)."
         [ -r "$REQUIREMENTS_FILE" ] || die "the requirements file $REQUIREMENTS_FILE is missing."
         hash=$(requirements_hash)
     fi

@@ -188,15 +188,18 @@ def fetch_voices(manifest_path: Path, dest: Path, urls: list[str], timeout: floa
     is always complete. Files already in `dest` are never replaced.
     """
     manifest = json.loads(manifest_path.read_text())
-    bases = urls or manifest["urls"]
+    bases = [base.rstrip("/") + "/" for base in urls or manifest["urls"]]
     dest.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
+    unreachable: set[str] = set()  # a source that cannot be connected to is not tried for the other files
     missing = []
     for name, spec in manifest["files"].items():
         target = dest / name
         if target.exists():
             continue
-        if not any(_fetch_one(base.rstrip("/") + "/" + name, spec, target, deadline) for base in bases):
+        if not any(
+            _fetch_one(base, name, spec, target, deadline, unreachable) for base in bases if base not in unreachable
+        ):
             missing.append(name)
     present = len(manifest["files"]) - len(missing)
     if missing:
@@ -210,29 +213,34 @@ def fetch_voices(manifest_path: Path, dest: Path, urls: list[str], timeout: floa
     return missing
 
 
-def _fetch_one(url: str, spec: dict, target: Path, deadline: float) -> bool:
+def _fetch_one(base: str, name: str, spec: dict, target: Path, deadline: float, unreachable: set[str]) -> bool:
+    url = base + name
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        log(f"voice {target.name}: no time left to fetch it from {url}")
+        log(f"voice {name}: no time left to fetch it from {url}")
         return False
     request = urllib.request.Request(url, headers={"User-Agent": "vibevoice-worker-bootstrap"})
     try:
         with urllib.request.urlopen(request, timeout=min(remaining, 30.0)) as response:
             data = response.read(spec["bytes"] + 1)
+    except urllib.error.HTTPError as exc:
+        log(f"voice {name}: could not fetch {url} (HTTP {exc.code})")
+        return False
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        log(f"voice {target.name}: could not fetch {url} ({getattr(exc, 'reason', exc)})")
+        unreachable.add(base)
+        log(f"voice {name}: could not reach {base} ({getattr(exc, 'reason', exc)}); not trying it for other voices")
         return False
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != spec["bytes"] or digest != spec["sha256"]:
         log(
-            f"voice {target.name}: {url} gave {len(data)} bytes with sha256 {digest[:16]}..., expected "
+            f"voice {name}: {url} gave {len(data)} bytes with sha256 {digest[:16]}..., expected "
             f"{spec['bytes']} bytes with sha256 {spec['sha256'][:16]}...; not used"
         )
         return False
     partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
     partial.write_bytes(data)
     os.replace(partial, target)
-    log(f"voice {target.name}: fetched from {url} (sha256 verified)")
+    log(f"voice {name}: fetched from {url} (sha256 verified)")
     return True
 
 

@@ -533,7 +533,7 @@ def test_download_logs_progress_and_a_stall_then_checks_space_first(deploy, hub)
     assert done.returncode == 1
     line = last_line(done)
     assert line.startswith("bootstrap: FAILED not enough disk space for downloading acme/other-vibevoice: "), line
-    assert " GB needed (19.0 MB plus " in line and "that must stay free on / for the worker's start-up disk check" in line
+    assert " GB needed (19.0 MB plus " in line and "must stay free on / for the worker's start-up disk check" in line
     assert not list((deploy.home / "hf_cache").glob("models--acme--other-vibevoice/blobs/*")), "nothing downloaded"
 
 

@@ -21,9 +21,24 @@ DEV_PYTHON=${DEV_PYTHON:-$ROOT/.venv/bin/python}
 TORCH_INDEX_ARGS=${TORCH_INDEX_ARGS-}
 
 say() { printf '\ntest-deploy: %s\n' "$*"; }
-elapsed() { echo $((SECONDS - $1)); }
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+elapsed() {
+    local ms
+    ms=$(($(now_ms) - $1))
+    printf '%d.%03d' $((ms / 1000)) $((ms % 1000))
+}
 
-PYTHON_BIN=${PYTHON_BIN:-$(command -v python3.12 || true)}
+# Python 3.12 as in production: on PATH, from pyenv, or from uv; else python3, said loudly.
+find_python312() {
+    local candidate
+    for candidate in "$(command -v python3.12 || true)" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 \
+        "$(uv python find 3.12 2>/dev/null || true)"; do
+        [ -n "$candidate" ] && "$candidate" -c 'import sys, venv; assert sys.version_info[:2] == (3, 12)' 2>/dev/null &&
+            echo "$candidate" && return 0
+    done
+    return 1
+}
+PYTHON_BIN=${PYTHON_BIN:-$(find_python312 || true)}
 if [ -z "$PYTHON_BIN" ]; then
     PYTHON_BIN=$(command -v python3)
     say "Python 3.12 was not found; using $("$PYTHON_BIN" --version) instead (production runs 3.12)"
@@ -32,12 +47,18 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
 "$DEV_PYTHON" "$ROOT/tiny_checkpoint.py" "$WORK/tiny-community" --community >/dev/null
-export VIBEVOICE_HOME="$WORK/vibevoice" PYTHON_BIN TORCH_INDEX_ARGS MODEL_SOURCE="$WORK/tiny-community"
-export RUNPOD_HF_CACHE="$WORK/no-runpod-cache" DEVICE=cpu
+VIBEVOICE_HOME="$WORK/vibevoice"
+# bootstrap.sh with this run's volume and pins (not exported: the test suite later sees a clean environment).
+boot() {
+    env VIBEVOICE_HOME="$VIBEVOICE_HOME" PYTHON_BIN="$PYTHON_BIN" TORCH_INDEX_ARGS="$TORCH_INDEX_ARGS" \
+        MODEL_SOURCE="$WORK/tiny-community" RUNPOD_HF_CACHE="$WORK/no-runpod-cache" DEVICE=cpu "$@" \
+        bash "$ROOT/bootstrap.sh" "${BOOT_ARGS[@]}"
+}
+BOOT_ARGS=()
 
 say "1. first boot with $("$PYTHON_BIN" --version), torch==2.8.0 and requirements.txt (several GB to download)"
-started=$SECONDS
-BOOTSTRAP_EXEC=0 bash "$ROOT/bootstrap.sh" 2>&1 | tee "$WORK/first-boot.log"
+started=$(now_ms)
+boot BOOTSTRAP_EXEC=0 2>&1 | tee "$WORK/first-boot.log"
 first_boot=$(elapsed "$started")
 PYTHON=$(sed -n 's/^python=//p' "$VIBEVOICE_HOME/.first_run_complete")
 VENV=$(dirname "$(dirname "$PYTHON")")
@@ -47,14 +68,14 @@ venv_bytes=$(du -sb "$VENV" | cut -f1)
 nvidia_bytes=$(du -scb "$VENV"/lib/python*/site-packages/nvidia 2>/dev/null | tail -1 | cut -f1)
 
 say "2. second boot (offline)"
-started=$SECONDS
-BOOTSTRAP_EXEC=0 HF_HUB_OFFLINE=1 bash "$ROOT/bootstrap.sh" 2>&1 | tee "$WORK/second-boot.log"
+started=$(now_ms)
+boot BOOTSTRAP_EXEC=0 HF_HUB_OFFLINE=1 2>&1 | tee "$WORK/second-boot.log"
 grep -q "already set up" "$WORK/second-boot.log"
 second_boot=$(elapsed "$started")
 
 say "3. a job: {\"text\": \"Hello!\"}"
-VIBEVOICE_TEST_OUTPUT="$WORK/job.json" bash "$ROOT/bootstrap.sh" --test_input '{"input": {"text": "Hello!"}}' \
-    2>&1 | tail -n 20
+BOOT_ARGS=(--test_input '{"input": {"text": "Hello!"}}')
+boot VIBEVOICE_TEST_OUTPUT="$WORK/job.json" 2>&1 | tail -n 20
 "$DEV_PYTHON" - "$WORK/job.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))[0]
@@ -65,7 +86,7 @@ PY
 say "4. the fast test suite on the production venv"
 "$PYTHON" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
 cd "$ROOT"
-started=$SECONDS
+started=$(now_ms)
 status=0
 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" tests/ 2>&1 | tee "$WORK/fast-suite.log" | tail -n 15 ||
     status=1
