@@ -133,7 +133,7 @@ class Progress:
         so_far = f"{gigabytes(size)} of {gigabytes(self.total)}" if self.total else f"{gigabytes(size)} written"
         if self.stall_after is not None and idle >= self.stall_after:
             return f"{self.label}: stalled, no new bytes for {duration(idle)} ({so_far}, {duration(elapsed)} so far)"
-        rate = grown / self.interval
+        rate = max(0, grown) / self.interval  # a step may also delete (pip's temporary files)
         text = f"{self.label}: {so_far}"
         if self.total:
             text += f" ({min(100, int(100 * size / self.total))}%)"
