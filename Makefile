@@ -24,7 +24,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test test-deploy bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve soak test test-deploy espeak bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,8 +69,14 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
-## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP)
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
+## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+soak: $(STAMP)
+	$(PY) -m bench.soak
+
+## The whole test suite (CI runs this through .ci/run). The aligner's accuracy test speaks with
+## espeak-ng (Debian's package): installed with apt-get if missing.
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
@@ -89,11 +95,16 @@ lint-deploy: $(STAMP)
 
 ## Speed, memory and start-up figures against baselines measured in the same run (not part of
 ## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
-## The design's post-processing baseline needs the ffmpeg command: installed with apt-get if missing.
-bench: $(STAMP)
+## The design's post-processing baseline needs the ffmpeg command, the aligner's figure espeak-ng:
+## installed with apt-get if missing.
+bench: $(STAMP) espeak
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
+
+espeak:
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \
+		|| { echo "the tests need the espeak-ng command (apt-get install espeak-ng)"; exit 1; }
 
 lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .

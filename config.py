@@ -7,6 +7,7 @@ folder of their own. An invalid value stops start-up with a message naming the v
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-# Output sample rates the worker can deliver; 24000 is the model's own rate.
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
-MODEL_SAMPLE_RATE = 24000
+from formats import FORMATS, SAMPLE_RATES
+
+MODEL_SAMPLE_RATE = 24000  # the rate the model's audio (and reference voices) come in
 
 
 class SettingsError(ValueError):
@@ -60,19 +61,26 @@ class Settings(BaseSettings):
 
     # --- job limits and defaults -----------------------------------------------------------
     max_text_length: int = Field(2000, ge=1, le=1_000_000)
+    # Every cost a job can drive is bounded before work starts (see the failure section of the docs).
+    max_chunks: int = Field(100, ge=1, le=10_000)  # chunks one job's text may be cut into
+    # The longest audio a job may ask for: every chunk's frame cap, slowed down by `speed`.
+    max_output_seconds: float = Field(3600.0, gt=0, le=24 * 3600)
     default_sample_rate: int = 24000
     max_chunk_chars: int = Field(300, ge=40, le=5000)
     default_speaker: str = "Alice"
     default_cfg_scale: float = Field(1.3, gt=0, le=10)
     default_diffusion_steps: int = Field(10, ge=1, le=50)
-    default_output_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"] = "mp3"
+    default_output_format: Literal[tuple(FORMATS)] = "mp3"  # type: ignore[valid-type]
     target_lufs: float = Field(-20.0, ge=-70, le=-5)
     chunk_gap_ms: int = Field(150, ge=0, le=5000)
+    # Pause tags ([pause:2s]): the silence they may add to one job in all (each tag is at most 10 s).
+    max_pause_sec: float = Field(60.0, ge=0, le=3600)
 
     # --- voice cloning from the request ----------------------------------------------------
     voice_max_bytes: int = Field(20_000_000, ge=1_000, le=200_000_000)
     voice_min_seconds: float = Field(0.5, gt=0)
-    voice_max_seconds: float = Field(300.0, gt=0)
+    voice_max_seconds: float = Field(300.0, gt=0, le=3600)
+    voice_max_total_seconds: float = Field(600.0, gt=0, le=4 * 3600)  # all voices of one job together
     voice_fetch_timeout: float = Field(15.0, gt=0, le=300)
     # Comma-separated networks that voice URLs may reach although they are not public
     # (e.g. "127.0.0.0/8" for a local test server). Empty: only public addresses.
@@ -100,8 +108,6 @@ class Settings(BaseSettings):
     @field_validator("voice_url_allowed_networks")
     @classmethod
     def _networks(cls, value: str) -> str:
-        import ipaddress
-
         for part in filter(None, (p.strip() for p in value.split(","))):
             try:
                 ipaddress.ip_network(part, strict=False)
@@ -139,20 +145,14 @@ class Settings(BaseSettings):
         return self.vibevoice_home / "hf_cache"
 
     @cached_property
-    def models_dir(self) -> Path:
-        return self.vibevoice_home / "models"
-
-    @cached_property
-    def output_dir(self) -> Path:
-        return self.vibevoice_home / "output"
-
-    @cached_property
     def voices_dir(self) -> Path:
         return self.vibevoice_home / "demo" / "voices"
 
     @cached_property
-    def venv_dir(self) -> Path:
-        return self.vibevoice_home / "venv"
+    def voice_url_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """VOICE_URL_ALLOWED_NETWORKS, parsed (the validator has checked every part)."""
+        parts = (part.strip() for part in self.voice_url_allowed_networks.split(","))
+        return tuple(ipaddress.ip_network(part, strict=False) for part in parts if part)
 
     @property
     def s3_configured(self) -> bool:

@@ -8,6 +8,7 @@ come from the settings passed in the validation context.
 from __future__ import annotations
 
 import math
+import reprlib
 import unicodedata
 from typing import Any, Literal
 
@@ -23,12 +24,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-import audio
-from config import SAMPLE_RATES, Settings
+from config import Settings
+from formats import ALL_SAMPLE_RATES, FORMATS, OutputFormat, bitrate_names, join_words, resolve_name, streaming_names
 from text import MAX_SPEAKERS, has_visible
 
-OutputFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"]
-FORMAT_ALIASES = {"pcm": "pcm_16", "pcm16": "pcm_16", "pcm_s16le": "pcm_16"}
+OutputFormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 # Human descriptions of numeric ranges, used in error messages.
 RANGES = {
@@ -42,8 +42,6 @@ RANGES = {
     "bitrate_kbps": "an integer number of kbit/s",
     "stream_chunk_ms": "an integer from 100 to 5000 (milliseconds of audio per streamed item)",
 }
-# Formats that can be sent as they are encoded (a stream of bytes that concatenates to one file).
-STREAM_FORMATS = ("pcm_16", "wav", "mp3", "opus")
 
 
 class VoiceSource(BaseModel):
@@ -65,7 +63,11 @@ SpeakerVoice = str | VoiceSource
 
 
 class JobInput(BaseModel):
-    """What a synthesis job may contain (see IMPLEMENTATION.md for the full contract)."""
+    """What a synthesis job may contain (docs/api.md has the contract).
+
+    Once validated, every value the job runs with is filled in: the deployment's defaults (format,
+    sample rate, bitrate, generation settings) are applied here and nowhere else.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -87,13 +89,16 @@ class JobInput(BaseModel):
     disable_prefill: bool = False
 
     # Output.
-    output_format: OutputFormat | None = None
+    output_format: OutputFormatName | None = None
     sample_rate: int | None = None
     bitrate_kbps: int | None = Field(None, ge=1, le=512)
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     normalize: bool = True
     target_lufs: float | None = Field(None, ge=-70, le=-5, allow_inf_nan=False)
     captions: Literal["srt", "vtt"] | None = None
+    # Timestamps from forced alignment of the generated audio: sentence segments, or also words.
+    timestamps: Literal["none", "sentence", "word"] = "none"
+    caption_unit: Literal["chunk", "sentence", "word"] | None = None  # default: chunk, or sentence with timestamps
     return_mode: Literal["auto", "url", "base64"] = Field(
         "auto", validation_alias=AliasChoices("return", "return_mode")
     )
@@ -110,8 +115,8 @@ class JobInput(BaseModel):
         if "text" in data and "input" in data:
             raise ValueError("give the text in 'text' or in 'input', not both")
         fmt = data.get("output_format")
-        if isinstance(fmt, str) and fmt.lower() in FORMAT_ALIASES:
-            data = {**data, "output_format": FORMAT_ALIASES[fmt.lower()]}
+        if isinstance(fmt, str) and resolve_name(fmt) != fmt:
+            data = {**data, "output_format": resolve_name(fmt)}
         return data
 
     @field_validator("text")
@@ -120,11 +125,11 @@ class JobInput(BaseModel):
         if value is None:
             return None
         settings: Settings = info.context["settings"]
+        if len(value) > settings.max_text_length:  # first: the checks below cost time per character
+            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         check_printable(value, "text")
         if not has_visible(value):
             raise ValueError("is empty; give the text to speak")
-        if len(value) > settings.max_text_length:
-            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         return value
 
     @field_validator("speaker", "voice_url")
@@ -146,8 +151,8 @@ class JobInput(BaseModel):
     @field_validator("sample_rate")
     @classmethod
     def _sample_rate(cls, value: int | None) -> int | None:
-        if value is not None and value not in SAMPLE_RATES:
-            raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        if value is not None and value not in ALL_SAMPLE_RATES:
+            raise ValueError(f"must be one of {join_words([str(rate) for rate in ALL_SAMPLE_RATES])}")
         return value
 
     @model_validator(mode="after")
@@ -162,41 +167,50 @@ class JobInput(BaseModel):
         if self.speakers is not None and shorthand:
             raise ValueError(f"give voices either in 'speakers' or in {shorthand[0]!r}, not both")
         settings: Settings = info.context["settings"]
-        fmt = self.resolved_format(settings)
-        if self.stream and fmt not in STREAM_FORMATS:
-            allowed = ", ".join(STREAM_FORMATS[:-1]) + " or " + STREAM_FORMATS[-1]
-            raise ValueError(f"'output_format' {fmt} cannot be streamed; with 'stream': true use {allowed}")
+        spec = FORMATS[self.output_format or settings.default_output_format]
+        if self.stream and not spec.streams:
+            allowed = join_words(streaming_names())
+            raise ValueError(f"'output_format' {spec.name} cannot be streamed; with 'stream': true use {allowed}")
         if self.stream and self.return_mode == "url":
             raise ValueError("'return' url cannot be combined with 'stream': true; streamed audio arrives in the items")
         if self.stream_chunk_ms is not None and not self.stream:
             raise ValueError("'stream_chunk_ms' applies only with 'stream': true")
-        if fmt == "opus" and self.sample_rate not in (None, 48000):
-            raise ValueError("'sample_rate' for opus must be 48000: Opus always decodes at 48 kHz")
-        rate = self.resolved_sample_rate(settings)
-        if self.bitrate_kbps is not None:
-            allowed = audio.bitrate_range(fmt, rate)
-            if allowed is None:
-                raise ValueError("'bitrate_kbps' applies only to mp3, aac and opus")
-            low, high = allowed
-            if not low <= self.bitrate_kbps <= high:
-                raise ValueError(
-                    f"'bitrate_kbps' for {fmt} at {rate} Hz must be from {low} to {high} (got {self.bitrate_kbps})"
-                )
+        if self.caption_unit is not None and self.captions is None:
+            raise ValueError("'caption_unit' applies only with 'captions' (srt or vtt)")
+        self._fill_output_defaults(spec, settings)
+        self._fill_generation_defaults(settings)
         return self
 
-    # --- values with deployment defaults --------------------------------------------------
+    # --- deployment defaults, filled once: a validated job has every value it runs with ----------
 
-    def resolved_format(self, settings: Settings) -> str:
-        return self.output_format or settings.default_output_format
+    def _fill_output_defaults(self, spec: OutputFormat, settings: Settings) -> None:
+        """Sample rate and bitrate: the job's own, checked against the format, or the defaults."""
+        if self.sample_rate is not None and self.sample_rate not in spec.sample_rates:
+            allowed = join_words([str(rate) for rate in spec.sample_rates])
+            raise ValueError(f"'sample_rate' for {spec.name} must be one of {allowed} (got {self.sample_rate})")
+        rate = self.sample_rate or spec.default_sample_rate or settings.default_sample_rate
+        if self.bitrate_kbps is not None:
+            if spec.bitrate is None:
+                raise ValueError(f"'bitrate_kbps' applies only to {join_words(bitrate_names(), 'and')}")
+            low, high = spec.bitrate.range_at(rate)
+            if not low <= self.bitrate_kbps <= high:
+                where = f"'bitrate_kbps' for {spec.name} at {rate} Hz"
+                raise ValueError(f"{where} must be from {low} to {high} (got {self.bitrate_kbps})")
+        self.output_format, self.sample_rate = spec.name, rate
+        if self.bitrate_kbps is None and spec.bitrate is not None:
+            self.bitrate_kbps = spec.bitrate.default_at(rate)
 
-    def resolved_sample_rate(self, settings: Settings) -> int:
-        if self.resolved_format(settings) == "opus":
-            return 48000
-        return self.sample_rate or settings.default_sample_rate
-
-    def resolved_bitrate(self, settings: Settings) -> int | None:
-        fmt = self.resolved_format(settings)
-        return self.bitrate_kbps or audio.default_bitrate(fmt, self.resolved_sample_rate(settings))
+    def _fill_generation_defaults(self, settings: Settings) -> None:
+        if self.cfg_scale is None:
+            self.cfg_scale = settings.default_cfg_scale
+        self.diffusion_steps = self.diffusion_steps or settings.default_diffusion_steps
+        self.max_chunk_chars = self.max_chunk_chars or settings.max_chunk_chars
+        if self.target_lufs is None:
+            self.target_lufs = settings.target_lufs
+        if self.stream:
+            self.stream_chunk_ms = self.stream_chunk_ms or settings.stream_chunk_ms
+        if self.captions is not None and self.caption_unit is None:
+            self.caption_unit = "chunk" if self.timestamps == "none" else "sentence"
 
 
 def _speaker_voice(entry: Any, field: str) -> SpeakerVoice:
@@ -282,7 +296,9 @@ def describe_error(exc: ValidationError, prefix: str = "") -> str:
 def _field_path(loc: list) -> str:
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if not isinstance(part, int):  # a client's own key: control characters escaped, length bounded
+            part = _SHOWN.repr(str(part))[1:-1]
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
     return path
 
 
@@ -321,6 +337,11 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Values shown in messages: short, and shallow (a value nested thousands deep has no safe full repr).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 40
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = _SHOWN.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -195,9 +195,10 @@ def test_reference_voices_are_pinned_by_commit_and_checksum():
 
 def test_the_default_voice_and_the_bridge_presets_are_among_the_fetched_voices(tmp_path):
     """Every preset name that ships as a default resolves to exactly one fetched file."""
+    library = VoiceLibrary.for_settings(Settings(vibevoice_home=tmp_path))
+    library.folder.mkdir(parents=True)
     for name in VOICES["files"]:
-        (tmp_path / name).write_bytes(b"")  # names only: find() never opens the files
-    library = VoiceLibrary(tmp_path)
+        (library.folder / name).write_bytes(b"")  # names only: find() never opens the files
     assert library.find(Settings.model_fields["default_speaker"].default).name == "en-Alice_woman"
     bridge = json.loads((ROOT / "bridge" / "voices.example.json").read_text())["voices"]
     for voice in bridge.values():
