@@ -10,8 +10,8 @@ REF_VENV := .venv-reference
 REF_PY := $(REF_VENV)/bin/python
 REF_STAMP := $(REF_VENV)/.installed
 
-# Every shell script in the repository (outside virtual environments and node_modules).
-SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
+# Every shell script in the repository (outside virtual environments, node_modules and .local).
+SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git -o -path ./.local \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
 SERVE_PORT ?= 8000
 
