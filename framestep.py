@@ -336,8 +336,8 @@ class FrameStep:
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._codec_templates: tuple[object, object] | None = None
         self._pinned: torch.Tensor | None = None
-        self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}
-        self._warming = False  # idle buffers by (bucket, capacity, steps)
+        self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}  # idle buffers by (bucket, capacity, steps)
+        self._warming = False
 
     @property
     def device(self) -> torch.device:
@@ -411,8 +411,8 @@ class FrameStep:
 
     def _new_tensors(self, bucket: int, capacity: int, steps: int) -> SlotTensors:
         if self.compiled and not self._warming:  # a shape the warm-up did not cover: this frame waits for it
-            log.info("compiling the decode step for %d rows, %d cache columns, %d diffusion steps", bucket, capacity,
-                     steps)  # fmt: skip
+            log.info("a new decode shape (%d rows, %d cache columns, %d diffusion steps): compiled at its first frame",
+                     bucket, capacity, steps)  # fmt: skip
         model, device, dtype = self.model, self.device, self.model.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
