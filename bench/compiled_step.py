@@ -21,7 +21,7 @@ import time
 from bench.common import ROOT, Row
 
 FRAMES = 12
-REPEATS = 3
+REPEATS = 5
 STEPS = 10
 
 
