@@ -50,6 +50,7 @@ def static_decoder(engine, compile_frame: bool = False) -> BatchDecoder:
 
 
 def with_decoder(engine, decoder):
+    """The session's engine with another decoder, for helpers that take an engine (decode_by_hand)."""
     swapped = object.__new__(type(engine))
     swapped.__dict__.update(engine.__dict__)
     swapped.decoder = decoder
