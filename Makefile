@@ -42,7 +42,8 @@ bridge-deps: $(BRIDGE_STAMP)
 
 ## The OpenAI-compatible bridge in workerd on 127.0.0.1:$(BRIDGE_PORT), calling RUNPOD_URL (default: `make serve`).
 bridge: $(BRIDGE_STAMP)
-	cd bridge && BRIDGE_PORT=$(BRIDGE_PORT) RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
+	cd bridge && MINIFLARE_WORKERD_PATH=$(CURDIR)/tools/workerd_with_parent.py BRIDGE_PORT=$(BRIDGE_PORT) \
+		RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
 
 ## The bridge's own tests, inside workerd.
 bridge-test: $(BRIDGE_STAMP)
