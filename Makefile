@@ -70,8 +70,8 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
 
-## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
-## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the CPU time trend
+## (about 5 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
