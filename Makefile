@@ -14,6 +14,7 @@ REF_STAMP := $(REF_VENV)/.installed
 SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
 SERVE_PORT ?= 8000
+SERVE_FLAGS ?=
 
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
@@ -67,8 +68,9 @@ run: $(STAMP)
 	$(PY) -m tools.run_job
 
 ## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
+## SERVE_FLAGS adds RunPod's rough edges (--running-state, --stream-reply-bytes, --rate-limit, --transient-every).
 serve: $(STAMP)
-	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT)
+	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) $(SERVE_FLAGS)
 
 ## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the CPU time trend
 ## (about 5 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.

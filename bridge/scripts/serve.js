@@ -11,31 +11,19 @@ import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
+import { SETTING_NAMES } from "../src/config.js";
 
 const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
-const SETTINGS = [
-  "JOB_TIMEOUT_SECONDS",
-  "UPSTREAM_TIMEOUT_SECONDS",
-  "RUNSYNC_WAIT_SECONDS",
-  "POLL_INITIAL_MS",
-  "POLL_MAX_MS",
-  "STREAM_POLL_INITIAL_MS",
-  "STREAM_POLL_MAX_MS",
-  "VOICES_CACHE_SECONDS",
-  "MAX_VOICE_BYTES",
-  "MAX_REQUEST_BYTES",
-  "CORS_ALLOW_ORIGIN",
-  "STREAM_AUDIO",
-];
 
 // wrangler.jsonc with its whole-line comments removed.
 const wrangler = JSON.parse(readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""));
 const port = Number(process.env.BRIDGE_PORT || 8787);
 const runpodUrl = process.env.RUNPOD_URL || `http://127.0.0.1:${process.env.SERVE_PORT || 8000}/v2/vibevoice-local`;
 const bindings = { ...wrangler.vars, RUNPOD_ENDPOINT_ID: "", RUNPOD_ENDPOINT_URL: runpodUrl };
-for (const name of SETTINGS) if (process.env[name]) bindings[name] = process.env[name];
+for (const name of SETTING_NAMES) if (process.env[name]) bindings[name] = process.env[name];
 bindings.RUNPOD_API_KEY = process.env.RUNPOD_API_KEY || process.env.SERVE_API_KEY || "";
 bindings.AUTH_TOKEN = process.env.AUTH_TOKEN || "";
+if (process.env.CLIP_URL_SECRET) bindings.CLIP_URL_SECRET = process.env.CLIP_URL_SECRET;
 
 const miniflare = new Miniflare({
   name: wrangler.name,
