@@ -43,7 +43,8 @@ bridge-deps: $(BRIDGE_STAMP)
 
 ## The OpenAI-compatible bridge in workerd on 127.0.0.1:$(BRIDGE_PORT), calling RUNPOD_URL (default: `make serve`).
 bridge: $(BRIDGE_STAMP)
-	cd bridge && BRIDGE_PORT=$(BRIDGE_PORT) RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
+	cd bridge && MINIFLARE_WORKERD_PATH=$(CURDIR)/tools/workerd_with_parent.py BRIDGE_PORT=$(BRIDGE_PORT) \
+		RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
 
 ## The bridge's own tests, inside workerd.
 bridge-test: $(BRIDGE_STAMP)
@@ -71,8 +72,8 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) $(SERVE_FLAGS)
 
-## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
-## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the CPU time trend
+## (about 5 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
 soak: $(STAMP)
 	$(PY) -m bench.soak
 

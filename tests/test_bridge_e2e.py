@@ -115,6 +115,7 @@ def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: s
         "RUNPOD_API_KEY": runpod_key,
         "WRANGLER_SEND_METRICS": "false",
         "DO_NOT_TRACK": "1",
+        "MINIFLARE_WORKERD_PATH": str(ROOT / "tools" / "workerd_with_parent.py"),  # workerd dies with Node
         **settings,
     }
     with log_path.open("ab") as log:  # the child keeps its own handle
