@@ -7,11 +7,13 @@
 //   DELETE /v1/audio/voices/{id}     delete a created voice
 //   GET    /v1/models                the accepted model names (and /v1/audio/models, as Open WebUI reads them)
 //   GET    /health                   whether the bridge is configured (no secrets, no auth)
+//   GET    /, /playground            the web playground (no auth for the page; its API calls send the token)
 // Settings and deployment: README.md beside this file.
 
 import { ConfigError, loadConfig } from "./src/config.js";
 import { ApiError, errorResponse } from "./src/errors.js";
 import { checkAuth, corsHeaders, json, preflight, withHeaders } from "./src/http.js";
+import { playgroundAsset, playgroundPage } from "./src/playground.js";
 import { MODELS, createSpeech } from "./src/speech.js";
 import { createVoice, deleteVoice, getVoice, listVoices } from "./src/voice_routes.js";
 
@@ -38,6 +40,12 @@ const ROUTES = [
     methods: { GET: () => json({ models: MODELS.map(model), data: MODELS.map(model) }) },
   },
   { path: /^\/health\/?$/, public: true, methods: { GET: (c) => health(c.env, c.config) } },
+  { path: /^\/(?:playground\/?)?$/, public: true, methods: page((c) => playgroundPage(c.config, c.path)) },
+  {
+    path: /^\/playground\/([\w.-]+)$/,
+    public: true,
+    methods: page((c, name) => playgroundAsset(c.config, c.path, name)),
+  },
 ];
 
 export default {
@@ -74,10 +82,15 @@ async function route(request, env, ctx, config) {
         headers: { allow: `${allowed}, OPTIONS` },
       });
     }
-    return handler({ request, env, ctx, config }, ...match.slice(1).map(decodeSegment));
+    return handler({ request, env, ctx, config, path }, ...match.slice(1).map(decodeSegment));
   }
   await checkAuth(request, config.authToken);
   throw new ApiError(404, `Unknown route: ${request.method} ${path}.`, { code: "unknown_route" });
+}
+
+// The playground's pages answer HEAD as well (the runtime sends no body for it).
+function page(handler) {
+  return { GET: handler, HEAD: handler };
 }
 
 function decodeSegment(segment) {

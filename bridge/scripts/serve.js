@@ -11,6 +11,7 @@ import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
+import { loadConfig } from "../src/config.js";
 
 const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
 const SETTINGS = [
@@ -26,6 +27,7 @@ const SETTINGS = [
   "MAX_REQUEST_BYTES",
   "CORS_ALLOW_ORIGIN",
   "STREAM_AUDIO",
+  "PLAYGROUND",
 ];
 
 // wrangler.jsonc with its whole-line comments removed.
@@ -42,7 +44,11 @@ const miniflare = new Miniflare({
   scriptPath: join(BRIDGE, wrangler.main),
   modules: true,
   modulesRoot: BRIDGE,
-  modulesRules: [{ type: "ESModule", include: ["**/*.js"] }],
+  // wrangler.jsonc's rules first (the playground's files are text), then every other .js is code.
+  modulesRules: [
+    ...(wrangler.rules || []).map((rule) => ({ type: rule.type, include: rule.globs })),
+    { type: "ESModule", include: ["**/*.js"] },
+  ],
   compatibilityDate: wrangler.compatibility_date,
   compatibilityFlags: wrangler.compatibility_flags || [],
   r2Buckets: wrangler.r2_buckets.map((bucket) => bucket.binding),
@@ -58,6 +64,7 @@ const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
 await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
 const auth = bindings.AUTH_TOKEN ? "on" : "off";
 console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
+if (loadConfig(bindings).playground) console.log(`bridge: playground at ${url.origin}/ (open it in a browser)`);
 
 if (!bindings.RUNPOD_API_KEY) {
   console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");

@@ -42,6 +42,7 @@ export function loadConfig(env) {
   config.corsOrigin = env.CORS_ALLOW_ORIGIN || "*";
   config.streamAudio = !["false", "0", "no", "off"].includes(String(env.STREAM_AUDIO ?? "true").toLowerCase());
   config.voicesKey = env.VOICES_OBJECT_KEY || "voices.json";
+  config.playground = !["false", "0", "no", "off"].includes(String(env.PLAYGROUND ?? "on").toLowerCase());
   return config;
 }
 

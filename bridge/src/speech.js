@@ -10,10 +10,11 @@ import { ApiError, invalid } from "./errors.js";
 import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { fromBase64, readJsonObject, toBase64 } from "./http.js";
 import { RunPod } from "./runpod.js";
+import { parseSpeakers, parseVoice, resolveVoices } from "./speakers.js";
 import { VoiceStore } from "./voices.js";
 
 export const MODELS = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15", "vibevoice-7b"];
-const INPUT_MAX = 4096;
+export const INPUT_MAX = 4096;
 // VibeVoice's acoustic tokenizer runs at 7.5 frames per second; usage counts those frames.
 const FRAMES_PER_SECOND = 7.5;
 // VibeVoice knobs a client may add to OpenAI's fields (extra_body in the SDKs); the worker checks them.
@@ -26,7 +27,7 @@ export async function createSpeech(request, env, ctx, config) {
   const speech = parseSpeechRequest(body);
   RunPod.requireConfigured(config);
   const runpod = new RunPod(config, ctx);
-  const voice = await new VoiceStore(env.VOICES, config).resolve(speech.voice);
+  const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech);
   const format = FORMATS[speech.responseFormat];
 
   const jobInput = {
@@ -101,13 +102,10 @@ export function parseSpeechRequest(body) {
       "string_above_max_length",
     );
   }
-  if (voice === undefined || voice === null) throw invalid("'voice' is required.", "voice");
-  if (typeof voice === "string") {
-    if (!voice.trim() || voice.length > 200)
-      throw invalid("'voice' must be a voice name of 1 to 200 characters.", "voice");
-  } else if (!(typeof voice === "object" && !Array.isArray(voice) && typeof voice.id === "string" && voice.id)) {
-    throw invalid('\'voice\' must be a voice name or an object {"id": "voice_..."}.', "voice");
-  }
+  const speakers = parseSpeakers(body.speakers);
+  const hasVoice = voice !== undefined && voice !== null;
+  if (!hasVoice && !speakers) throw invalid("'voice' is required.", "voice");
+  const parsedVoice = hasVoice ? parseVoice(voice) : undefined;
   if (instructions !== undefined && instructions !== null && typeof instructions !== "string") {
     throw invalid("'instructions' must be a string.", "instructions");
   }
@@ -136,7 +134,8 @@ export function parseSpeechRequest(body) {
   return {
     model,
     input,
-    voice: typeof voice === "string" ? voice.trim() : { id: voice.id },
+    voice: parsedVoice,
+    speakers,
     instructions: instructions ?? undefined,
     responseFormat,
     speed: speed ?? undefined,
