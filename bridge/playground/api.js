@@ -26,6 +26,7 @@ export function onUnauthorized(callback) {
 // GET /health: public, says whether a token is needed.
 export async function health() {
   const response = await send("/health", {});
+  if (!response.ok) throw await errorOf(response); // a broken setting, in the bridge's words
   return response.json();
 }
 

@@ -6,7 +6,7 @@
 // JSON with words when the bridge has them, plain audio when it does not.
 
 import { ApiError, call, chunks, events, fromBase64, health, onUnauthorized, token } from "./api.js";
-import { Recorder, createVoice, deleteVoice, recordingName } from "./clone.js";
+import { MAX_RECORDING_SECONDS, Recorder, createVoice, deleteVoice, recordingName } from "./clone.js";
 import { FORMATS, createPlayer } from "./player.js";
 import { Highlighter, wordsOf } from "./words.js";
 
@@ -78,7 +78,7 @@ async function loadVoices() {
     if (error.status !== 401) showError(error.message);
     return false;
   }
-  renderPickers();
+  renderPickers({ voicesChanged: true });
   renderCreated();
   return true;
 }
@@ -94,11 +94,15 @@ function speakerLabels() {
   return Array.from({ length: count }, (_, index) => `Speaker ${base + index}`);
 }
 
-function renderPickers() {
+// One picker per speaker; rebuilt when the speakers change, refilled when the voices do.
+function renderPickers({ voicesChanged = false } = {}) {
   const container = $("voice-pickers");
   const chosen = [...container.querySelectorAll("select")].map((select) => select.value);
   const labels = speakerLabels();
-  if (container.dataset.labels === labels.join("|") && chosen.length) return refreshOptions(chosen);
+  if (container.dataset.labels === labels.join("|")) {
+    if (voicesChanged) refreshOptions(chosen);
+    return;
+  }
   container.dataset.labels = labels.join("|");
   container.replaceChildren(
     ...labels.map((label, index) => {
@@ -377,6 +381,7 @@ async function toggleRecording() {
     state.recorder = new Recorder();
     await state.recorder.start((seconds) => {
       $("record-time").textContent = `Recording: ${seconds.toFixed(0)} s`;
+      if (seconds >= MAX_RECORDING_SECONDS) toggleRecording();
     });
     record.textContent = "Stop recording";
   } catch (error) {

@@ -2,11 +2,12 @@
 
 import { ApiError, call } from "./api.js";
 
-// Recordings stop by themselves here: VibeVoice needs 10 to 30 seconds, the bridge takes 5 MB.
+// The page stops a recording here: VibeVoice needs 10 to 30 seconds, the bridge takes 5 MB.
 export const MAX_RECORDING_SECONDS = 60;
 const RECORDING_TYPES = ["audio/webm;codecs=opus", "audio/mp4", "audio/webm"];
 
-// One microphone recording: `start()`, then `stop()` resolves to the clip as a Blob.
+// One microphone recording: `start(onTick)` (called with the seconds so far), then `stop()`
+// resolves to the clip as a Blob.
 export class Recorder {
   async start(onTick) {
     if (!navigator.mediaDevices?.getUserMedia || !globalThis.MediaRecorder) {
@@ -24,11 +25,7 @@ export class Recorder {
     this.done = new Promise((resolve) => this.recorder.addEventListener("stop", resolve, { once: true }));
     this.recorder.start(250);
     const started = performance.now();
-    this.timer = setInterval(() => {
-      const seconds = (performance.now() - started) / 1000;
-      onTick(seconds);
-      if (seconds >= MAX_RECORDING_SECONDS) this.stop();
-    }, 200);
+    this.timer = setInterval(() => onTick((performance.now() - started) / 1000), 200);
   }
 
   get recording() {

@@ -46,7 +46,7 @@ const miniflare = new Miniflare({
   modulesRoot: BRIDGE,
   // wrangler.jsonc's rules first (the playground's files are text), then every other .js is code.
   modulesRules: [
-    ...(wrangler.rules || []).map((rule) => ({ type: rule.type, include: rule.globs })),
+    ...(wrangler.rules || []).map((rule) => ({ type: rule.type, include: rule.globs, fallthrough: rule.fallthrough })),
     { type: "ESModule", include: ["**/*.js"] },
   ],
   compatibilityDate: wrangler.compatibility_date,
