@@ -178,6 +178,7 @@ def test_accessibility_and_phone_layout(run: Run) -> None:
     assert plain["axeBefore"] == [] and plain["axeAfter"] == []
     assert phone["axe"] == []  # a 390 px wide screen in dark mode
     assert phone["overflow"] <= 0  # nothing wider than the screen
+    assert phone["visibleBeforeAJob"] == {"download": False, "transcript": False}
 
 
 def test_security_headers(run: Run) -> None:

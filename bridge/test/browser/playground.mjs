@@ -371,8 +371,13 @@ async function phone(browser) {
   try {
     const page = await open(context);
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    // Before any job there is nothing to download or highlight.
+    const visibleBeforeAJob = {
+      download: await page.isVisible("#download"),
+      transcript: await page.isVisible("#transcript"),
+    };
     await page.screenshot({ path: join(outDir, "phone.png"), fullPage: true });
-    return { overflow, axe: await axe(page), console: page.seen.console };
+    return { overflow, visibleBeforeAJob, axe: await axe(page), console: page.seen.console };
   } finally {
     await context.close();
   }
