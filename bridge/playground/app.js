@@ -61,6 +61,7 @@ async function useToken(event) {
   }
   token.set(value);
   if (await loadVoices()) $("token-dialog").close();
+  else if (!$("token-error").textContent) $("token-error").textContent = $("error").textContent;
 }
 
 onUnauthorized((message) => {

@@ -138,6 +138,24 @@ async function axe(page) {
   return result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
 }
 
+// Confirms consent, presses Create voice and waits for the outcome.
+async function createVoice(page) {
+  await page.check("#clone-consent");
+  await page.click("#clone-create");
+  await page.waitForFunction(
+    () =>
+      !document.querySelector("#clone-create").disabled &&
+      !/Creating/.test(document.querySelector("#clone-status").textContent),
+    null,
+    { timeout: WAIT },
+  );
+  return page.evaluate(() => ({
+    status: document.querySelector("#clone-status").textContent,
+    error: document.querySelector("#clone-error").textContent,
+    picked: document.querySelector("#voice-0").value,
+  }));
+}
+
 async function voiceIds(page) {
   return page.evaluate(async (token) => {
     const response = await fetch("/v1/audio/voices", { headers: token ? { authorization: `Bearer ${token}` } : {} });
@@ -191,21 +209,7 @@ async function voice(context) {
   const page = await open(context);
   await page.fill("#clone-name", "Test clone");
   await page.setInputFiles("#clone-file", process.env.CLIP);
-  await page.check("#clone-consent");
-  await page.click("#clone-create");
-  await page.waitForFunction(
-    () =>
-      /Created|error/i.test(
-        document.querySelector("#clone-status").textContent + document.querySelector("#clone-error").textContent,
-      ),
-    null,
-    { timeout: WAIT },
-  );
-  const created = await page.evaluate(() => ({
-    status: document.querySelector("#clone-status").textContent,
-    error: document.querySelector("#clone-error").textContent,
-    picked: document.querySelector("#voice-0").value,
-  }));
+  const created = await createVoice(page);
   const listedAfterCreate = await voiceIds(page);
   await page.fill("#text", "Spoken in a cloned voice.");
   await settings(page, { ...TINY, "#max-frames": "8" });
@@ -241,21 +245,7 @@ async function recording(context) {
     timeout: WAIT,
   });
   await page.fill("#clone-name", "Microphone");
-  await page.check("#clone-consent");
-  await page.click("#clone-create");
-  await page.waitForFunction(
-    () =>
-      /Created|./.test(
-        document.querySelector("#clone-status").textContent + document.querySelector("#clone-error").textContent,
-      ) && !document.querySelector("#clone-create").disabled,
-    null,
-    { timeout: WAIT },
-  );
-  const created = await page.evaluate(() => ({
-    status: document.querySelector("#clone-status").textContent,
-    error: document.querySelector("#clone-error").textContent,
-    picked: document.querySelector("#voice-0").value,
-  }));
+  const created = await createVoice(page);
   await page.fill("#text", "Spoken in a recorded voice.");
   await settings(page, { ...TINY, "#max-frames": "8" });
   const job = await speak(page);
