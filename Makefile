@@ -30,7 +30,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
+.PHONY: venv run serve soak test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,11 @@ run: $(STAMP)
 ## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
 serve: $(STAMP)
 	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY)
+
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
+## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 ## The whole test suite (CI runs this through .ci/run).
 test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) $(CHROMIUM)

@@ -1,7 +1,8 @@
-"""Audio in and out, in-process: decoding, resampling, loudness, speed, and encoding every format.
+"""Audio out, in-process: resampling, loudness, speed, and encoding every format.
 
-Everything works on float32 mono numpy arrays. Decoding and encoding go through PyAV (FFmpeg's
-libraries linked into the process), so no job starts a subprocess.
+Everything works on float32 mono numpy arrays. Encoding goes through PyAV (FFmpeg's libraries
+linked into the process), so no job starts a subprocess. Untrusted audio coming in (reference
+voices) is decoded by audio_input.py, within limits.
 """
 
 from __future__ import annotations
@@ -65,46 +66,6 @@ def default_bitrate(fmt: str, sample_rate: int) -> int | None:
         return None
     low, high = bitrate_range(fmt, sample_rate) or (0, 0)
     return min(max(DEFAULT_BITRATE_KBPS[fmt], low), high)
-
-
-# --- decoding -------------------------------------------------------------------------------
-
-
-def decode(data: bytes, sample_rate: int = 24000) -> np.ndarray:
-    """Decode any audio file FFmpeg knows (wav, mp3, flac, ogg/opus, m4a/aac, ...) to mono float32.
-
-    Channels are averaged and the rate converted by libswresample's filter.
-    """
-    if not data:
-        raise AudioError("the audio is empty.")
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise AudioError("the file has no audio stream.")
-            stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            pieces = []
-            for frame in container.decode(stream):
-                frame.pts = None  # let the resampler count samples itself (some demuxers give none)
-                for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                pieces.append(out.to_ndarray().reshape(-1))
-    except AudioError:
-        raise
-    except (av.error.FFmpegError, ValueError, IndexError) as exc:
-        raise AudioError(f"the audio could not be decoded ({_ffmpeg_reason(exc)}).") from None
-    if not pieces:
-        raise AudioError("the audio has no samples.")
-    samples = np.concatenate(pieces).astype(np.float32, copy=False)
-    if not np.all(np.isfinite(samples)):
-        raise AudioError("the audio contains invalid sample values.")
-    return samples
-
-
-def _ffmpeg_reason(exc: Exception) -> str:
-    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return reason.split(":")[0].strip().rstrip(".").lower()
 
 
 # --- resampling, speed, loudness -------------------------------------------------------------

@@ -7,6 +7,7 @@ folder of their own. An invalid value stops start-up with a message naming the v
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
@@ -60,6 +61,10 @@ class Settings(BaseSettings):
 
     # --- job limits and defaults -----------------------------------------------------------
     max_text_length: int = Field(2000, ge=1, le=1_000_000)
+    # Every cost a job can drive is bounded before work starts (see the failure section of the docs).
+    max_chunks: int = Field(100, ge=1, le=10_000)  # chunks one job's text may be cut into
+    # The longest audio a job may ask for: every chunk's frame cap, slowed down by `speed`.
+    max_output_seconds: float = Field(3600.0, gt=0, le=24 * 3600)
     default_sample_rate: int = 24000
     max_chunk_chars: int = Field(300, ge=40, le=5000)
     default_speaker: str = "Alice"
@@ -72,7 +77,8 @@ class Settings(BaseSettings):
     # --- voice cloning from the request ----------------------------------------------------
     voice_max_bytes: int = Field(20_000_000, ge=1_000, le=200_000_000)
     voice_min_seconds: float = Field(0.5, gt=0)
-    voice_max_seconds: float = Field(300.0, gt=0)
+    voice_max_seconds: float = Field(300.0, gt=0, le=3600)
+    voice_max_total_seconds: float = Field(600.0, gt=0, le=4 * 3600)  # all voices of one job together
     voice_fetch_timeout: float = Field(15.0, gt=0, le=300)
     # Comma-separated networks that voice URLs may reach although they are not public
     # (e.g. "127.0.0.0/8" for a local test server). Empty: only public addresses.
@@ -100,8 +106,6 @@ class Settings(BaseSettings):
     @field_validator("voice_url_allowed_networks")
     @classmethod
     def _networks(cls, value: str) -> str:
-        import ipaddress
-
         for part in filter(None, (p.strip() for p in value.split(","))):
             try:
                 ipaddress.ip_network(part, strict=False)
@@ -153,6 +157,12 @@ class Settings(BaseSettings):
     @cached_property
     def venv_dir(self) -> Path:
         return self.vibevoice_home / "venv"
+
+    @cached_property
+    def voice_url_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """VOICE_URL_ALLOWED_NETWORKS, parsed (the validator has checked every part)."""
+        parts = (part.strip() for part in self.voice_url_allowed_networks.split(","))
+        return tuple(ipaddress.ip_network(part, strict=False) for part in parts if part)
 
     @property
     def s3_configured(self) -> bool:

@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 
 import captions
+import lifetime
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
 from jobs import JobError, StreamRenderer, build_segments, chunk_spans, plan_job, render
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
-from voices import VoiceLibrary, VoiceLimits
+from voices import VoiceLibrary
 
 log = logging.getLogger("vibevoice.handler")
 
@@ -110,7 +111,7 @@ class Worker:
     ):
         self.settings = settings
         self.engine = engine
-        self.library = library or VoiceLibrary(settings.voices_dir, voice_limits(settings))
+        self.library = library or VoiceLibrary.for_settings(settings)
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
         self.shutdown = Shutdown(settings.shutdown_timeout)
@@ -380,16 +381,6 @@ def _after_items(message: str, items: int) -> str:
     return f"streaming stopped after {items} item(s): {message[0].lower()}{message[1:]}"
 
 
-def voice_limits(settings: Settings) -> VoiceLimits:
-    return VoiceLimits(
-        max_bytes=settings.voice_max_bytes,
-        min_seconds=settings.voice_min_seconds,
-        max_seconds=settings.voice_max_seconds,
-        fetch_timeout=settings.voice_fetch_timeout,
-        allowed_networks=VoiceLimits.parse_networks(settings.voice_url_allowed_networks),
-    )
-
-
 class RedactSecrets(logging.Filter):
     """Replaces every known secret in log records with '***'."""
 
@@ -454,6 +445,8 @@ def _sdk_local_mode(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    # The SDK's heartbeat is a fork: it must die with the worker, not ping on as an orphan.
+    lifetime.children_die_with_this_process()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         settings = load_settings()

@@ -21,8 +21,11 @@ import captions
 from config import MODEL_SAMPLE_RATE, Settings
 from inference import ChunkAudio, GenerationParams
 from schema import JobInput, VoiceSource
-from text import Chunk, Script, ScriptError, chunk_script, parse_script
+from text import Chunk, Script, ScriptError, chunk_script, max_frames_for, parse_script
 from voices import VoiceError, VoiceLibrary
+
+# Frames per second of the model's audio (24 kHz, one frame per 3200 samples).
+FRAME_RATE = MODEL_SAMPLE_RATE / 3200
 
 
 class JobError(ValueError):
@@ -54,7 +57,12 @@ class JobPlan:
 
 
 def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPlan:
-    """Parse the text, chunk it, and gather the reference voice of every speaker."""
+    """Parse the text, chunk it, and gather the reference voice of every speaker.
+
+    Every cost the job can drive is checked here, before any audio is decoded or generated:
+    the text, the number of chunks and the audio they may produce (`check_costs`), and each
+    reference clip while it is decoded (at most VOICE_MAX_TOTAL_SECONDS for the job's voices).
+    """
     assert job.text is not None
     try:
         script = parse_script(job.text)
@@ -62,6 +70,8 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         raise JobError(f"'text': {exc}") from None
     if not script.turns:
         raise JobError("'text' is empty; give the text to speak.")
+    chunks = chunk_script(script, job.max_chunk_chars or settings.max_chunk_chars)
+    check_costs(script, chunks, job, settings)
 
     warnings: list[str] = []
     voices: dict[int, np.ndarray] = {}
@@ -70,14 +80,15 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         if job.speakers or job.speaker or job.voice_audio_base64 or job.voice_url:
             warnings.append("disable_prefill is set, so the given voices were not used.")
     else:
-        sources = _voice_sources(job, script, settings, warnings)
-        for speaker, (field_name, source) in sources.items():
-            voices[speaker], names[speaker] = _load_voice(source, field_name, library)
+        budget = settings.voice_max_total_seconds
+        for speaker, (field_name, source) in _voice_sources(job, script, settings, warnings).items():
+            voices[speaker], names[speaker] = _load_voice(source, field_name, library, budget)
+            budget -= voices[speaker].size / MODEL_SAMPLE_RATE
 
     seed = job.seed if job.seed is not None else random.SystemRandom().randrange(2**32)
     return JobPlan(
         script=script,
-        chunks=chunk_script(script, job.max_chunk_chars or settings.max_chunk_chars),
+        chunks=chunks,
         voices=voices,
         voice_names=names,
         params=GenerationParams(
@@ -99,6 +110,34 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         stream_chunk_ms=job.stream_chunk_ms or settings.stream_chunk_ms,
         warnings=warnings,
     )
+
+
+def worst_case_seconds(chunks: list[Chunk], job: JobInput, settings: Settings) -> float:
+    """The longest audio the job can produce: every chunk at its frame cap, gaps, then `speed`."""
+    frames = 0
+    for chunk in chunks:
+        cap = max_frames_for(chunk, FRAME_RATE)
+        frames += min(cap, job.max_new_tokens) if job.max_new_tokens else cap
+    gaps = max(0, len(chunks) - 1) * settings.chunk_gap_ms / 1000
+    return (frames / FRAME_RATE + gaps) / job.speed
+
+
+def check_costs(script: Script, chunks: list[Chunk], job: JobInput, settings: Settings) -> None:
+    """Refuse a job whose text, chunk count or possible output passes the deployment's limits."""
+    spoken = sum(len(turn.text) for turn in script.turns)
+    if spoken > settings.max_text_length:  # normalisation never lengthens text, but a change could
+        raise JobError(f"'text' is {spoken} characters long once normalised; the limit is {settings.max_text_length}.")
+    if len(chunks) > settings.max_chunks:
+        raise JobError(
+            f"'text' is cut into {len(chunks)} chunks; a job may have at most {settings.max_chunks} "
+            "(merge short lines or raise 'max_chunk_chars')."
+        )
+    seconds = worst_case_seconds(chunks, job, settings)
+    if seconds > settings.max_output_seconds:
+        raise JobError(
+            f"'text' could produce up to {seconds:.0f} s of audio at 'speed' {job.speed:g}; a job may produce at "
+            f"most {settings.max_output_seconds:g} s (shorten the text, raise 'speed' or lower 'max_new_tokens')."
+        )
 
 
 def _voice_sources(
@@ -142,14 +181,22 @@ def _voice_sources(
     return {script.speakers[0]: source}
 
 
-def _load_voice(source: str | VoiceSource, field_name: str, library: VoiceLibrary) -> tuple[np.ndarray, str]:
+def _load_voice(
+    source: str | VoiceSource, field_name: str, library: VoiceLibrary, budget: float
+) -> tuple[np.ndarray, str]:
+    """One speaker's reference audio; `budget` is what the job's voices may still hold, in seconds."""
     try:
         if isinstance(source, str):
             preset = library.find(source)
-            return library.load(preset.name), preset.name
+            samples = library.load(preset.name)
+            if samples.size / MODEL_SAMPLE_RATE > budget:
+                raise VoiceError(library.too_long(f"'{field_name}'", budget))
+            return samples, preset.name
         if source.audio_base64 is not None:
-            return library.from_base64(source.audio_base64, f"'{field_name}' audio"), "cloned"
-        return library.from_url(source.audio_url, f"'{field_name}' audio_url"), "cloned"
+            field = field_name if field_name == "voice_audio_base64" else f"{field_name}.audio_base64"
+            return library.from_base64(source.audio_base64, f"'{field}'", budget), "cloned"
+        field = field_name if field_name == "voice_url" else f"{field_name}.audio_url"
+        return library.from_url(source.audio_url, f"'{field}'", budget), "cloned"
     except VoiceError as exc:
         message = str(exc)
         if not message.startswith("'"):

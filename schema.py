@@ -8,6 +8,7 @@ come from the settings passed in the validation context.
 from __future__ import annotations
 
 import math
+import reprlib
 import unicodedata
 from typing import Any, Literal
 
@@ -120,11 +121,11 @@ class JobInput(BaseModel):
         if value is None:
             return None
         settings: Settings = info.context["settings"]
+        if len(value) > settings.max_text_length:  # first: the checks below cost time per character
+            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         check_printable(value, "text")
         if not has_visible(value):
             raise ValueError("is empty; give the text to speak")
-        if len(value) > settings.max_text_length:
-            raise ValueError(f"is {len(value)} characters long; the limit is {settings.max_text_length}")
         return value
 
     @field_validator("speaker", "voice_url")
@@ -282,7 +283,9 @@ def describe_error(exc: ValidationError, prefix: str = "") -> str:
 def _field_path(loc: list) -> str:
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if not isinstance(part, int):  # a client's own key: control characters escaped, length bounded
+            part = _SHOWN.repr(str(part))[1:-1]
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
     return path
 
 
@@ -321,6 +324,11 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Values shown in messages: short, and shallow (a value nested thousands deep has no safe full repr).
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 60, 40
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = _SHOWN.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

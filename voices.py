@@ -17,13 +17,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import soundfile
 import urllib3
 
+if TYPE_CHECKING:
+    from config import Settings
+
 import audio
+import audio_input
 
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm")
 MODEL_RATE = 24000
@@ -48,26 +53,47 @@ class Preset:
 
 @dataclass(frozen=True)
 class VoiceLimits:
-    max_bytes: int = 20_000_000
-    min_seconds: float = 0.5
-    max_seconds: float = 300.0
-    fetch_timeout: float = 15.0
-    # Non-public networks a voice URL may still point to (e.g. 127.0.0.0/8 for tests).
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """What one reference clip may cost; the values and their defaults live in config.Settings."""
 
-    @staticmethod
-    def parse_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
+    max_bytes: int
+    min_seconds: float
+    max_seconds: float
+    max_total_seconds: float  # all reference clips of one job together
+    fetch_timeout: float
+    # Non-public networks a voice URL may still point to (e.g. 127.0.0.0/8 for tests).
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VoiceLimits:
+        return cls(
+            max_bytes=settings.voice_max_bytes,
+            min_seconds=settings.voice_min_seconds,
+            max_seconds=settings.voice_max_seconds,
+            max_total_seconds=settings.voice_max_total_seconds,
+            fetch_timeout=settings.voice_fetch_timeout,
+            allowed_networks=settings.voice_url_networks,
+        )
+
+    @property
+    def max_base64_chars(self) -> int:
+        """The longest base64 text (with a data-URL prefix and line breaks) that can hold `max_bytes`."""
+        encoded = (self.max_bytes + 2) // 3 * 4
+        return encoded + encoded // 64 * 2 + 256
 
 
 class VoiceLibrary:
     """The presets in one folder, with decoded reference audio cached by file and mtime."""
 
-    def __init__(self, folder: Path, limits: VoiceLimits | None = None):
+    def __init__(self, folder: Path, limits: VoiceLimits):
         self.folder = folder
-        self.limits = limits or VoiceLimits()
+        self.limits = limits
         self._cache: dict[tuple[Path, int], np.ndarray] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> VoiceLibrary:
+        """The deployment's voices folder with the deployment's limits."""
+        return cls(settings.voices_dir, VoiceLimits.from_settings(settings))
 
     def presets(self) -> list[Preset]:
         if not self.folder.is_dir():
@@ -110,12 +136,11 @@ class VoiceLibrary:
             cached = self._cache.get(key)
         if cached is not None:
             return cached
-        try:
-            data = preset.path.read_bytes()
-            samples = audio.decode(data, MODEL_RATE)
-        except (OSError, audio.AudioError) as exc:
-            raise VoiceError(f"voice {preset.name!r} could not be read: {_reason(exc)}") from None
-        self._check_duration(samples, f"voice {preset.name!r}")
+        what = f"voice {preset.name!r}"
+        try:  # the operator's own file: VOICE_MAX_BYTES is for clips sent with jobs, the duration limit holds
+            samples = self._decode(preset.path.read_bytes(), what, None, preset=True)
+        except OSError as exc:
+            raise VoiceError(f"{what} could not be read: {_reason(exc)}") from None
         with self._lock:
             self._cache = {k: v for k, v in self._cache.items() if k[0] != preset.path}
             self._cache[key] = samples
@@ -144,44 +169,57 @@ class VoiceLibrary:
 
     # --- cloning sources ------------------------------------------------------------------
 
-    def from_base64(self, encoded: str, field: str) -> np.ndarray:
+    def from_base64(self, encoded: str, field: str, max_seconds: float | None = None) -> np.ndarray:
+        """A clip sent as base64 (or a data: URL); its length is checked before anything is decoded."""
         limit = self.limits.max_bytes
-        if len(encoded) > (limit + 2) // 3 * 4 + 4:
+        if len(encoded) > self.limits.max_base64_chars:
             raise VoiceError(f"{field} is larger than the {_megabytes(limit)} limit for reference audio.")
         compact = re.sub(r"\s+", "", encoded)
         if compact.startswith("data:"):  # a data URL: keep what follows "base64,"
             compact = compact.partition(",")[2]
+        if len(compact) > (limit + 2) // 3 * 4:
+            raise VoiceError(f"{field} is larger than the {_megabytes(limit)} limit for reference audio.")
         try:
             data = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError):
             raise VoiceError(f"{field} is not valid base64.") from None
-        return self._decode(data, field)
+        return self._decode(data, field, max_seconds)
 
-    def from_url(self, url: str, field: str) -> np.ndarray:
-        return self._decode(fetch_audio(url, field, self.limits), field)
+    def from_url(self, url: str, field: str, max_seconds: float | None = None) -> np.ndarray:
+        """A clip downloaded from an http(s) URL (streamed, stopped at the byte cap)."""
+        return self._decode(fetch_audio(url, field, self.limits), field, max_seconds)
 
-    def _decode(self, data: bytes, field: str) -> np.ndarray:
-        if len(data) > self.limits.max_bytes:
-            raise VoiceError(f"{field} is larger than the {_megabytes(self.limits.max_bytes)} limit.")
+    def _decode(self, data: bytes, what: str, max_seconds: float | None, preset: bool = False) -> np.ndarray:
+        """Bounded decoding: stops at `max_seconds` (the clip limit, or less when the job's budget is)."""
+        if not preset and len(data) > self.limits.max_bytes:
+            raise VoiceError(f"{what} is larger than the {_megabytes(self.limits.max_bytes)} limit.")
+        limit = self.limits.max_seconds if max_seconds is None else min(max_seconds, self.limits.max_seconds)
         try:
-            samples = audio.decode(data, MODEL_RATE)
+            samples = audio_input.decode(data, MODEL_RATE, limit).samples
+        except audio_input.TooLong:
+            raise VoiceError(self.too_long(what, limit)) from None
         except audio.AudioError as exc:
-            raise VoiceError(f"{field}: {exc}") from None
-        self._check_duration(samples, field)
-        return samples
-
-    def _check_duration(self, samples: np.ndarray, what: str) -> None:
+            raise VoiceError(f"{what}{' could not be read' if preset else ''}: {_reason(exc)}") from None
         seconds = samples.size / MODEL_RATE
+        if seconds > limit:  # resampling rounds up by a sample or so; the clip itself was allowed
+            samples = samples[: int(limit * MODEL_RATE)]
         if seconds < self.limits.min_seconds:
             raise VoiceError(
                 f"{what} is {seconds:.2f} s long; reference audio must be at least {self.limits.min_seconds:g} s."
             )
-        if seconds > self.limits.max_seconds:
-            raise VoiceError(
-                f"{what} is {seconds:.1f} s long; reference audio may be at most {self.limits.max_seconds:g} s."
-            )
         if not np.any(samples):
             raise VoiceError(f"{what} is silent.")
+        return samples
+
+    def too_long(self, what: str, limit: float) -> str:
+        """The sentence for a clip past `limit`: the clip limit, or the job's budget when that is lower."""
+        if limit < self.limits.max_seconds:
+            total = self.limits.max_total_seconds
+            return (
+                f"{what} brings the job's reference audio past {total:g} s; "
+                f"the voices of one job may hold at most {total:g} s together."
+            )
+        return f"{what} is longer than {limit:g} s of audio; reference audio may be at most {limit:g} s."
 
 
 def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
@@ -217,9 +255,15 @@ def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
             response = pool.urlopen(
                 "GET",
                 path,
-                headers={"Host": parts.netloc.rpartition("@")[2], "User-Agent": "vibevoice-worker"},
+                # The file as it is: a compressed response would be decompressed past the byte cap.
+                headers={
+                    "Host": parts.netloc.rpartition("@")[2],
+                    "User-Agent": "vibevoice-worker",
+                    "Accept-Encoding": "identity",
+                },
                 redirect=False,
                 preload_content=False,
+                decode_content=False,
             )
         except urllib3.exceptions.HTTPError as exc:
             pool.close()

@@ -121,7 +121,7 @@ class Workspace:
     def voices(self) -> dict[int, object]:
         from voices import VoiceLibrary
 
-        library = VoiceLibrary(self.settings().voices_dir)
+        library = VoiceLibrary.for_settings(self.settings())
         return {0: library.load("Alice"), 1: library.load("Frank")}
 
     def close(self) -> None:

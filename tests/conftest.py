@@ -39,6 +39,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lifetime  # noqa: E402
 import tiny_checkpoint  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
 from tools.local_home import write_demo_voices  # noqa: E402
@@ -160,6 +161,7 @@ def _start_moto(check_credentials: bool) -> tuple[subprocess.Popen, S3Server]:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=lifetime.die_with_parent,  # gone with the test session, however it ends
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -301,3 +303,23 @@ def runpod_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.Temp
     env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
     with running_api(tmp_path_factory.mktemp("runpod-worker") / "worker.log", env) as api:
         yield api
+
+
+# name -> seconds of audio it holds; each is a few MB at most.
+BOMB_SECONDS = {"flac": 7200, "mp3": 3600, "opus": 7200}
+
+
+@pytest.fixture(scope="session")
+def bomb_files(tmp_path_factory) -> dict[str, Path]:
+    """The bombs, made once per session: FLAC, low-bitrate MP3 and Ogg/Opus holding hours, and a
+    WAV whose header claims 4 GB in front of 400 s of 8 kHz audio (within the byte cap)."""
+    import bombs
+
+    folder = tmp_path_factory.mktemp("bombs")
+    files = {}
+    for kind, seconds in BOMB_SECONDS.items():
+        files[kind] = folder / f"{kind}.bomb"
+        files[kind].write_bytes(bombs.bomb(kind, seconds))
+    files["wav"] = folder / "wav.bomb"
+    files["wav"].write_bytes(bombs.wav_claiming(4 * 1024**3, real_seconds=400.0))
+    return files

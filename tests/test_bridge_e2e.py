@@ -30,6 +30,8 @@ import pytest
 from audio_helpers import probe
 from conftest import ROOT, free_port, running_api
 
+import lifetime
+
 pytestmark = pytest.mark.slow
 
 BRIDGE_DIR = ROOT / "bridge"
@@ -78,8 +80,9 @@ def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: s
     }
     with log_path.open("ab") as log:  # the child keeps its own handle
         process = subprocess.Popen(
-            [node, "scripts/serve.js"], cwd=BRIDGE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+            [node, "scripts/serve.js"], cwd=BRIDGE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lifetime.die_with_parent,
+        )  # fmt: skip
     origin = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -26,7 +26,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def voices(settings) -> dict[int, np.ndarray]:
     """Short references (the codec encodes every reference sample on each prompt)."""
-    library = VoiceLibrary(settings.voices_dir)
+    library = VoiceLibrary.for_settings(settings)
     alice, frank = library.load("Alice"), library.load("Frank")
     return {0: alice[:24000], 1: frank[:30000], 2: alice[24000:40000]}
 

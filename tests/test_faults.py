@@ -265,7 +265,7 @@ def test_exception_inside_generation_fails_the_job_and_the_next_one_runs(fault_a
 def test_corrupt_voice_file_fails_naming_the_voice(fault_api: RunpodAPI, fault_home: Path) -> None:
     (fault_home / "demo" / "voices" / "Broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(4000))
     reply = run(fault_api, {"text": "Broken voice.", "speaker": "Broken", **TINY})
-    failed_with(reply, "'speaker': voice 'Broken' could not be read: the audio could not be decoded")
+    failed_with(reply, "'speaker': voice 'Broken' could not be read: the wav audio could not be decoded")
     still_serving(fault_api)
 
 

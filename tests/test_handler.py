@@ -13,6 +13,7 @@ import pytest
 from audio_helpers import encode_file, probe, tone
 
 import audio
+import audio_input
 from config import SAMPLE_RATES
 from voices import VoiceLibrary
 
@@ -116,8 +117,9 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
     finally:
         worker.engine.prepare_inputs = prepare
 
-    library = VoiceLibrary(settings.voices_dir)
-    expected = {0: library.load("Alice"), 1: audio.decode(clone_wav), 2: audio.decode(clone_url_mp3)}
+    library = VoiceLibrary.for_settings(settings)
+    decode = lambda data: audio_input.decode(data, 24000, 300).samples  # noqa: E731
+    expected = {0: library.load("Alice"), 1: decode(clone_wav), 2: decode(clone_url_mp3)}
     assert len(seen) == item["chunks"] >= 2
     for chunk, voices in seen:
         assert set(voices) == set(chunk.speakers)
@@ -145,7 +147,7 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
             "unknown voice 'Nobody'; available voices: en-Alice_woman, en-Frank_man",
         ),
         ({"text": "Hi.", "speaker": "../../etc/passwd"}, "unknown voice '../../etc/passwd'"),
-        ({"text": "Hi.", "voice_audio_base64": "@@@"}, "'voice_audio_base64' audio is not valid base64"),
+        ({"text": "Hi.", "voice_audio_base64": "@@@"}, "'voice_audio_base64' is not valid base64"),
         ({"text": "Hi.", "voice_url": "http://127.0.0.1:9/x.wav"}, "private, loopback, link-local or reserved"),
         ({"text": "Speaker 1: Hi.\nplain line"}, "line 2 has no 'Speaker N:' label"),
         ({"text": "Hi.", "speakers": ["a", "b", "c", "d", "e"]}, "at most 4 speakers"),

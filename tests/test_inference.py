@@ -19,7 +19,7 @@ from voices import VoiceLibrary
 
 @pytest.fixture(scope="module")
 def voices(settings) -> dict[int, np.ndarray]:
-    library = VoiceLibrary(settings.voices_dir)
+    library = VoiceLibrary.for_settings(settings)
     alice, frank = library.load("Alice"), library.load("Frank")
     return {0: alice, 1: frank, 2: alice[: alice.size // 2]}
 

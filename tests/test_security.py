@@ -84,7 +84,7 @@ def test_secrets_never_reach_logs_outputs_or_errors(secret_api: RunpodAPI) -> No
     assert any(warning.startswith("S3 upload failed: InvalidAccessKeyId") for warning in fallback["warnings"])
     assert replies["S3 refuses the key, fails"]["error"].startswith("S3 upload failed: InvalidAccessKeyId")
     assert replies["clip over the size cap"]["error"] == (
-        "'voice_audio_base64' audio is larger than the 0.1 MB limit for reference audio."
+        "'voice_audio_base64' is larger than the 0.1 MB limit for reference audio."
     )
 
     log = secret_api.worker.log_path.read_text()
@@ -124,10 +124,11 @@ def fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
     ids=["10/8", "metadata", "192.168/16", "loopback", "IPv6 loopback", "IPv6 unique local", "CGNAT",
          "one private answer among public ones"],
 )  # fmt: skip
-def test_names_that_resolve_to_private_addresses_are_refused(monkeypatch, addresses: list[str]) -> None:
+def test_names_that_resolve_to_private_addresses_are_refused(make_settings, monkeypatch, addresses: list[str]) -> None:
     fake_dns(monkeypatch, {"voices.example.com": addresses})
+    limits = VoiceLimits.from_settings(make_settings(voice_fetch_timeout=2))
     with pytest.raises(VoiceError, match="private, loopback, link-local or reserved address"):
-        fetch_audio("http://voices.example.com/clip.wav", "'voice_url'", VoiceLimits(fetch_timeout=2))
+        fetch_audio("http://voices.example.com/clip.wav", "'voice_url'", limits)
 
 
 def address_info(address: str, port: int) -> tuple:
@@ -161,17 +162,21 @@ def redirect_server() -> Iterator[int]:
     server.server_close()
 
 
-def test_redirect_to_a_name_that_resolves_to_metadata_is_refused(monkeypatch, redirect_server: int) -> None:
+def test_redirect_to_a_name_that_resolves_to_metadata_is_refused(
+    make_settings, monkeypatch, redirect_server: int
+) -> None:
     """The first hop's name resolves to the test server (its network is allowed for the test); the
     redirect names a host that resolves to the cloud metadata address, which is refused."""
     asked = fake_dns(monkeypatch, {"voices.test": ["127.0.0.1"], "metadata.internal": ["169.254.169.254"]})
-    limits = VoiceLimits(fetch_timeout=3, allowed_networks=VoiceLimits.parse_networks("127.0.0.0/8"))
+    limits = VoiceLimits.from_settings(make_settings(voice_fetch_timeout=3, voice_url_allowed_networks="127.0.0.0/8"))
     with pytest.raises(VoiceError, match="private, loopback, link-local or reserved address"):
         fetch_audio(f"http://voices.test:{redirect_server}/redirect", "'voice_url'", limits)
     assert asked == ["voices.test", "metadata.internal"]
 
 
-def test_each_name_is_resolved_once_and_the_checked_address_is_used(monkeypatch, redirect_server: int) -> None:
+def test_each_name_is_resolved_once_and_the_checked_address_is_used(
+    make_settings, monkeypatch, redirect_server: int
+) -> None:
     """No second lookup between the check and the connection (DNS rebinding): a resolver that
     answers a private address the second time is never asked twice."""
     answers = iter([["127.0.0.1"], ["169.254.169.254"]])
@@ -185,7 +190,7 @@ def test_each_name_is_resolved_once_and_the_checked_address_is_used(monkeypatch,
         return [address_info(address, port) for address in next(answers)]
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    limits = VoiceLimits(fetch_timeout=3, allowed_networks=VoiceLimits.parse_networks("127.0.0.0/8"))
+    limits = VoiceLimits.from_settings(make_settings(voice_fetch_timeout=3, voice_url_allowed_networks="127.0.0.0/8"))
     data = fetch_audio(f"http://rebind.test:{redirect_server}/clip.wav", "'voice_url'", limits)
     assert data[:4] == b"RIFF"
     assert asked == ["rebind.test"]

@@ -67,6 +67,8 @@ from typing import Any
 
 from aiohttp import web
 
+import lifetime
+
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("runpod_emulator")
 
@@ -93,6 +95,16 @@ STOP_SIGNAL_LIFETIME_S = 120.0
 
 NOT_FOUND = {"error": "request does not exist"}
 
+# A worker that dies holding jobs (killed by the out-of-memory killer, its machine lost): RunPod
+# notices when its heartbeat stops and puts the jobs back in the queue ("automatic retries" of
+# queue-based endpoints; the /health "retried" count). A job whose worker is lost again after
+# LOST_WORKER_RETRIES retries ends FAILED with LOST_WORKER_ERROR (see the docs' failure section).
+LOST_WORKER_RETRIES = 1
+LOST_WORKER_ERROR = (
+    "the worker running this job stopped before it finished (it may have run out of memory), "
+    "and so did the worker it was retried on; the job was not completed."
+)
+
 
 @dataclass
 class Job:
@@ -115,6 +127,7 @@ class Job:
     progress: Any = None
     stream: list = field(default_factory=list)
     stream_read: int = 0  # how many stream items /stream has handed out
+    lost: int = 0  # times the worker running the job was lost
     expires: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
@@ -202,6 +215,7 @@ class RunpodEmulator:
         min_execution_timeout_ms: int = MIN_EXECUTION_TIMEOUT_MS,
         poll_hold_s: float = 5.0,
         worker_timeout_s: float = 30.0,
+        lost_worker_retries: int = LOST_WORKER_RETRIES,
     ):
         self.api_key = api_key or "rp-local-" + secrets.token_hex(12)
         self.worker_key = "rp-worker-" + secrets.token_hex(12)
@@ -213,6 +227,7 @@ class RunpodEmulator:
         self.min_execution_timeout_ms = min_execution_timeout_ms
         self.poll_hold_s = poll_hold_s
         self.worker_timeout_s = worker_timeout_s
+        self.lost_worker_retries = lost_worker_retries
         self.port: int | None = None
 
         self._jobs: dict[str, Job] = {}
@@ -220,6 +235,7 @@ class RunpodEmulator:
         self._workers: dict[str, WorkerSeen] = {}
         self._expected_workers: set[str] = set()
         self._polling: dict[str, threading.Event] = {}  # set at a worker's first job-take
+        self._processes: dict[str, WorkerProcess] = {}  # workers this emulator started, by pod id
         self._counts = {"completed": 0, "failed": 0, "retried": 0}
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,7 +357,9 @@ class RunpodEmulator:
         pod_id = pod_id or "worker-" + secrets.token_hex(4)
         self._call(self._expect_worker, pod_id)
         full_env = {"RUNPOD_DEBUG_LEVEL": "INFO", **os.environ, **(env or {}), **self.worker_env(pod_id)}
-        return WorkerProcess(self, pod_id, full_env, log_path, command or [sys.executable, "handler.py"])
+        process = WorkerProcess(self, pod_id, full_env, log_path, command or [sys.executable, "handler.py"])
+        self._processes[pod_id] = process
+        return process
 
     def polling_event(self, pod_id: str) -> threading.Event:
         """Set once the worker `pod_id` has asked for a job."""
@@ -485,14 +503,23 @@ class RunpodEmulator:
             return NOT_FOUND, 404
         if job.status not in (FAILED, TIMED_OUT):
             raise RequestError(400, f"only FAILED or TIMED_OUT jobs can be retried; this job is {job.status}.")
+        job.done = asyncio.Event()  # the finished attempt released its waiters
+        job.submitted = time.monotonic()
+        self._requeue(job)
+        self._counts["retried"] += 1
+        return {"id": job.id, "status": job.status}, 200
+
+    def _requeue(self, job: Job) -> None:
+        """Back in the queue under the same id, without the previous attempt's output or stream."""
+        for timer in job.timers:
+            timer.cancel()
+        job.timers.clear()
         job.status, job.worker_id, job.started, job.finished, job.expires = IN_QUEUE, None, None, None, None
         job.output, job.has_output, job.error, job.progress = None, False, None, None
-        job.stream, job.stream_read, job.done = [], 0, asyncio.Event()
-        job.submitted = time.monotonic()
-        job.timers.append(self._loop.call_later(job.ttl_s, self._time_out, job, "ttl"))
-        self._counts["retried"] += 1
+        job.stream, job.stream_read = [], 0
+        ttl_left = max(0.0, job.submitted + job.ttl_s - time.monotonic())
+        job.timers.append(self._loop.call_later(ttl_left, self._time_out, job, "ttl"))
         self._enqueue(job)
-        return {"id": job.id, "status": job.status}, 200
 
     async def _purge_queue(self, request: web.Request) -> tuple[dict, int]:
         removed = 0
@@ -592,8 +619,37 @@ class RunpodEmulator:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             self._expire()
+            self._find_lost_workers()
+
+    def _find_lost_workers(self) -> None:
+        """Workers holding jobs whose process has exited, or whose heartbeat stopped, are lost."""
+        now = time.monotonic()
+        for worker in [w for w in self._workers.values() if w.jobs]:
+            process = self._processes.get(worker.id)
+            exited = process is not None and process.process.poll() is not None
+            silent = now - worker.last_seen > self.worker_timeout_s
+            if exited or silent:
+                self._lose_worker(worker, "its process exited" if exited else "its heartbeat stopped")
+
+    def _lose_worker(self, worker: WorkerSeen, why: str) -> None:
+        """Forget the worker; its running jobs go back to the queue, or fail once retried enough."""
+        del self._workers[worker.id]
+        for job_id in sorted(worker.jobs):
+            job = self._jobs.get(job_id)
+            if job is None or job.status != IN_PROGRESS or job.worker_id != worker.id:
+                continue
+            job.lost += 1
+            if job.lost > self.lost_worker_retries:
+                log.warning("job %s lost with worker %s (%s); retried %d time(s): FAILED", job.id, worker.id, why,
+                            self.lost_worker_retries)  # fmt: skip
+                self._end(job, FAILED, error=LOST_WORKER_ERROR)
+            else:
+                log.warning("job %s lost with worker %s (%s): back in the queue", job.id, worker.id, why)
+                self._requeue(job)
+                self._counts["retried"] += 1
+        log.info("worker %s is gone (%s)", worker.id, why)
 
     # --- control plane --------------------------------------------------------------------
 
@@ -727,21 +783,6 @@ class RunpodEmulator:
         return web.json_response({})
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGKILL when the parent exits (a no-op elsewhere).
-
-    Linux ties this to the thread that started the child: start workers from a thread that lives
-    as long as they should (the main thread, as the tests and `make serve` do).
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class WorkerProcess:
     """`python handler.py` running the SDK's production loop against a RunpodEmulator.
 
@@ -766,7 +807,7 @@ class WorkerProcess:
             start_new_session=True,
             # If the process that started the worker dies without stopping it, the worker must die
             # too: with its control plane gone, the SDK's job loop would retry in a tight loop.
-            preexec_fn=_die_with_parent,
+            preexec_fn=lifetime.die_with_parent,
         )
 
     def wait_until_polling(self, timeout: float = 300) -> None:
