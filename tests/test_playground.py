@@ -31,6 +31,7 @@ from audio_helpers import probe
 from conftest import ROOT, running_api
 from test_bridge_e2e import BRIDGE_DIR, start_bridge
 
+import lifetime
 from tools.local_home import synthetic_voice
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,7 @@ def run(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFac
                 capture_output=True,
                 text=True,
                 timeout=300,
+                preexec_fn=lifetime.die_with_parent,  # node, and with it Chromium, end with the tests
             )
         finally:
             process.terminate()
