@@ -1,16 +1,14 @@
-"""Audio out, in-process: resampling, loudness, speed, and encoding every format.
+"""Audio out, in-process: resampling, loudness and speed (encoding is in encoders.py).
 
-Everything works on float32 mono numpy arrays. Encoding goes through PyAV (FFmpeg's libraries
-linked into the process), so no job starts a subprocess. Untrusted audio coming in (reference
-voices) is decoded by audio_input.py, within limits.
+Everything works on float32 mono numpy arrays, with FFmpeg's filters through PyAV where it has
+them, so no job starts a subprocess. Untrusted audio coming in (reference voices) is decoded by
+audio_input.py, within limits.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
-import struct
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -20,18 +18,6 @@ import pyloudnorm
 import scipy.signal
 from scipy.signal import resample_poly
 
-# Output formats: name -> (container, codec, content type, file extension).
-FORMATS: dict[str, tuple[str | None, str | None, str, str]] = {
-    "mp3": ("mp3", "libmp3lame", "audio/mpeg", "mp3"),
-    "opus": ("ogg", "libopus", "audio/ogg", "opus"),
-    "aac": ("adts", "aac", "audio/aac", "aac"),
-    "flac": ("flac", "flac", "audio/flac", "flac"),
-    "wav": (None, None, "audio/wav", "wav"),
-    "pcm_16": (None, None, "audio/pcm", "pcm"),
-}
-DEFAULT_BITRATE_KBPS = {"mp3": 128, "aac": 128, "opus": 64}
-OPUS_SAMPLE_RATES = (8000, 12000, 16000, 24000, 48000)
-
 LOUDNESS_MIN_SECONDS = 0.4  # one gating block of ITU-R BS.1770
 SILENCE_LUFS = -70.0  # the absolute gate: anything quieter is treated as silence
 TRUE_PEAK_CEILING_DBTP = -1.0
@@ -39,33 +25,6 @@ TRUE_PEAK_CEILING_DBTP = -1.0
 
 class AudioError(ValueError):
     """Audio could not be decoded or processed; the message is one sentence for the user."""
-
-
-def mp3_bitrate_range(sample_rate: int) -> tuple[int, int]:
-    """The kbps range libmp3lame accepts at a sample rate (MPEG-1, MPEG-2 and MPEG-2.5 layers)."""
-    if sample_rate >= 32000:
-        return 32, 320
-    if sample_rate >= 16000:
-        return 8, 160
-    return 8, 64
-
-
-def bitrate_range(fmt: str, sample_rate: int) -> tuple[int, int] | None:
-    """Allowed kbps for a lossy format at a rate; None where bitrate does not apply."""
-    if fmt == "mp3":
-        return mp3_bitrate_range(sample_rate)
-    if fmt == "aac":
-        return 16, 320
-    if fmt == "opus":
-        return 6, 256
-    return None
-
-
-def default_bitrate(fmt: str, sample_rate: int) -> int | None:
-    if fmt not in DEFAULT_BITRATE_KBPS:
-        return None
-    low, high = bitrate_range(fmt, sample_rate) or (0, 0)
-    return min(max(DEFAULT_BITRATE_KBPS[fmt], low), high)
 
 
 # --- resampling, speed, loudness -------------------------------------------------------------
@@ -309,7 +268,7 @@ class LoudnessMeter:
         return self._energy if boundary >= self.samples else self._marks[boundary]
 
 
-def true_peak_dbtp(samples: np.ndarray, sample_rate: int) -> float:
+def true_peak_dbtp(samples: np.ndarray) -> float:
     """True peak in dBTP, estimated on a 4x oversampled signal (ITU-R BS.1770-4, annex 2)."""
     if samples.size == 0:
         return -math.inf
@@ -373,7 +332,7 @@ def normalize_loudness(
     measured = integrated_loudness(samples, sample_rate)
     if not math.isfinite(measured) or measured < SILENCE_LUFS:
         return samples, LoudnessReport(False, target_lufs, measured_lufs=measured, reason="silent or too quiet")
-    peak = true_peak_dbtp(samples, sample_rate)
+    peak = true_peak_dbtp(samples)
     gain_db = target_lufs - measured
     limited = peak + gain_db > ceiling_dbtp
     if limited:
@@ -389,123 +348,3 @@ def normalize_loudness(
         true_peak_dbtp=peak + gain_db,
         limited_by_peak=limited,
     )
-
-
-# --- encoding ----------------------------------------------------------------------------------
-
-
-def to_pcm16(samples: np.ndarray) -> bytes:
-    """Float [-1, 1] to signed 16-bit little-endian, clipped (loudness keeps peaks under -1 dBTP)."""
-    clipped = np.clip(samples, -1.0, 1.0)
-    return (np.round(clipped * 32767.0)).astype("<i2").tobytes()
-
-
-def wav_header(sample_rate: int, data_bytes: int | None) -> bytes:
-    """A 44-byte PCM16 mono WAV header; `data_bytes=None` writes the streaming form (sizes maxed)."""
-    size = 0xFFFFFFFF if data_bytes is None else data_bytes
-    riff_size = 0xFFFFFFFF if data_bytes is None else 36 + data_bytes
-    return (
-        b"RIFF" + struct.pack("<I", riff_size) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-        + b"data" + struct.pack("<I", size)
-    )  # fmt: skip
-
-
-class Encoder:
-    """Encodes mono float32 audio into one format, incrementally.
-
-    `write()` returns the bytes the container has produced so far and `close()` the rest, so the
-    concatenation of every returned piece is one valid file. A whole file is one `write` + `close`.
-    """
-
-    def __init__(self, fmt: str, sample_rate: int, bitrate_kbps: int | None = None, streaming: bool = False):
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format {fmt!r}")
-        self.fmt = fmt
-        self.sample_rate = sample_rate
-        self.streaming = streaming
-        self._pending_pcm: list[bytes] = []
-        self._header_sent = False
-        # A whole file is muxed into a seekable buffer, so muxers can finish their headers (mp3's
-        # Xing frame, FLAC's STREAMINFO); a stream into a write-only sink, so bytes handed out
-        # are never rewritten.
-        self._buffer: io.BytesIO | _WriteOnlySink = _WriteOnlySink() if streaming else io.BytesIO()
-        self._container = None
-        self._closed = False
-        container_format, codec, _, _ = FORMATS[fmt]
-        if codec is None:
-            return
-        options = {"page_duration": "100000"} if streaming and container_format == "ogg" else {}
-        self._container = av.open(self._buffer, mode="w", format=container_format, options=options)
-        self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
-        if bitrate_kbps:
-            self._stream.bit_rate = bitrate_kbps * 1000
-        self._samples_written = 0
-        self._fifo = av.AudioFifo()
-
-    @property
-    def content_type(self) -> str:
-        return FORMATS[self.fmt][2]
-
-    def write(self, samples: np.ndarray) -> bytes:
-        if self.fmt in ("pcm_16", "wav"):
-            pcm = [to_pcm16(samples[i : i + BLOCK_SAMPLES]) for i in range(0, samples.size, BLOCK_SAMPLES)]
-            if self.fmt == "wav" and not self.streaming:
-                self._pending_pcm.extend(pcm)  # the header needs the final size
-                return b""
-            if self.fmt == "wav" and not self._header_sent:
-                self._header_sent = True
-                pcm.insert(0, wav_header(self.sample_rate, None))
-            return b"".join(pcm)
-        for start in range(0, samples.size, BLOCK_SAMPLES):
-            block = samples[start : start + BLOCK_SAMPLES].reshape(1, -1).astype(np.float32)
-            frame = av.AudioFrame.from_ndarray(block, format="flt", layout="mono")
-            frame.sample_rate = self.sample_rate
-            frame.pts = self._samples_written
-            frame.time_base = Fraction(1, self.sample_rate)
-            self._samples_written += block.size
-            for packet in self._stream.encode(frame):
-                self._container.mux(packet)
-        return self._take()
-
-    def close(self) -> bytes:
-        if self.fmt == "pcm_16":
-            return b""
-        if self.fmt == "wav":
-            if self.streaming:
-                return b"" if self._header_sent else wav_header(self.sample_rate, None)
-            size = sum(len(piece) for piece in self._pending_pcm)
-            pieces, self._pending_pcm = self._pending_pcm, []
-            return b"".join([wav_header(self.sample_rate, size), *pieces])
-        for packet in self._stream.encode(None):
-            self._container.mux(packet)
-        self._container.close()
-        self._closed = True
-        return self._take()
-
-    def _take(self) -> bytes:
-        if isinstance(self._buffer, _WriteOnlySink):
-            return self._buffer.take()
-        return self._buffer.getvalue() if self._closed else b""
-
-
-class _WriteOnlySink:
-    """A file-like object without seek: FFmpeg muxers then write strictly forward."""
-
-    def __init__(self) -> None:
-        self._pieces: list[bytes] = []
-
-    def write(self, data: bytes) -> int:
-        self._pieces.append(bytes(data))
-        return len(data)
-
-    def take(self) -> bytes:
-        data = b"".join(self._pieces)
-        self._pieces.clear()
-        return data
-
-
-def encode(samples: np.ndarray, fmt: str, sample_rate: int, bitrate_kbps: int | None = None) -> bytes:
-    """Encode a whole signal into one file of `fmt`."""
-    encoder = Encoder(fmt, sample_rate, bitrate_kbps)
-    return encoder.write(samples) + encoder.close()

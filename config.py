@@ -21,9 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-# Output sample rates the worker can deliver; 24000 is the model's own rate.
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
-MODEL_SAMPLE_RATE = 24000
+from formats import FORMATS, SAMPLE_RATES
+
+MODEL_SAMPLE_RATE = 24000  # the rate the model's audio (and reference voices) come in
 
 
 class SettingsError(ValueError):
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     default_speaker: str = "Alice"
     default_cfg_scale: float = Field(1.3, gt=0, le=10)
     default_diffusion_steps: int = Field(10, ge=1, le=50)
-    default_output_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"] = "mp3"
+    default_output_format: Literal[tuple(FORMATS)] = "mp3"  # type: ignore[valid-type]
     target_lufs: float = Field(-20.0, ge=-70, le=-5)
     chunk_gap_ms: int = Field(150, ge=0, le=5000)
 
@@ -143,20 +143,8 @@ class Settings(BaseSettings):
         return self.vibevoice_home / "hf_cache"
 
     @cached_property
-    def models_dir(self) -> Path:
-        return self.vibevoice_home / "models"
-
-    @cached_property
-    def output_dir(self) -> Path:
-        return self.vibevoice_home / "output"
-
-    @cached_property
     def voices_dir(self) -> Path:
         return self.vibevoice_home / "demo" / "voices"
-
-    @cached_property
-    def venv_dir(self) -> Path:
-        return self.vibevoice_home / "venv"
 
     @cached_property
     def voice_url_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -202,27 +202,16 @@ def _codec_config(community: dict, label: str) -> dict:
 def native_config(community: dict, tokenizer) -> tuple:
     """(VibeVoiceConfig, GenerationConfig) for a community config.json and the tokenizer it uses."""
     from transformers import (
-        GenerationConfig,
-        Qwen2Config,
         VibeVoiceAcousticTokenizerConfig,
         VibeVoiceAcousticTokenizerEncoderConfig,
         VibeVoiceConfig,
     )
-    from transformers.models.vibevoice.configuration_vibevoice import VibeVoiceDiffusionHeadConfig
 
     missing = [k for k in ("decoder_config", "acoustic_tokenizer_config", "semantic_tokenizer_config",
                            "diffusion_head_config") if k not in community]  # fmt: skip
     if missing:
         raise ConversionError(f"config.json is not a community VibeVoice config (missing {', '.join(missing)})")
-    decoder = dict(community["decoder_config"])
-    if decoder.pop("model_type", "qwen2") != "qwen2":
-        raise ConversionError("decoder_config.model_type must be qwen2")
-    if "torch_dtype" in decoder:
-        decoder["dtype"] = decoder.pop("torch_dtype")
-    # The 1.5B model ties lm_head to the input embeddings; some configs say so only at the top level.
-    decoder.setdefault("tie_word_embeddings", community.get("tie_word_embeddings", False))
-    text_config = Qwen2Config(**decoder)
-
+    text_config = _text_config(community)
     acoustic = community["acoustic_tokenizer_config"]
     if acoustic.get("std_dist_type", "gaussian") != "gaussian":
         raise ConversionError("acoustic_tokenizer_config.std_dist_type must be gaussian")
@@ -234,22 +223,8 @@ def native_config(community: dict, tokenizer) -> tuple:
     semantic_args.pop("vae_std")  # the semantic encoder never samples
 
     head = community["diffusion_head_config"]
-    if head.get("hidden_size", text_config.hidden_size) != text_config.hidden_size:
-        raise ConversionError("diffusion_head_config.hidden_size must equal decoder_config.hidden_size")
-    diffusion = VibeVoiceDiffusionHeadConfig(
-        hidden_size=text_config.hidden_size,
-        latent_size=head.get("latent_size", acoustic.get("vae_dim", 64)),
-        num_hidden_layers=head.get("head_layers", 4),
-        intermediate_size=int(head.get("head_ffn_ratio", 3.0) * text_config.hidden_size),
-        rms_norm_eps=head.get("rms_norm_eps", 1e-5),
-    )
-
-    ids = {
-        token: tokenizer.convert_tokens_to_ids(token) for token in (SPEECH_START, SPEECH_END, SPEECH_PAD, END_OF_TEXT)
-    }
-    unknown = [token for token, i in ids.items() if i is None or (i == tokenizer.unk_token_id and token != END_OF_TEXT)]
-    if unknown:
-        raise ConversionError(f"the tokenizer lacks {', '.join(unknown)}")
+    diffusion = _diffusion_config(head, text_config.hidden_size, acoustic)
+    ids = _special_token_ids(tokenizer)
     config = VibeVoiceConfig(
         text_config=text_config,
         audio_config=VibeVoiceAcousticTokenizerConfig(**_codec_config(acoustic, "acoustic_tokenizer_config")),
@@ -264,6 +239,50 @@ def native_config(community: dict, tokenizer) -> tuple:
     config.architectures = ["VibeVoiceForConditionalGeneration"]
     if community.get("torch_dtype"):
         config.dtype = community["torch_dtype"]
+    return config, _generation_config(config, head)
+
+
+def _text_config(community: dict):
+    """The language model's Qwen2Config from the community decoder_config."""
+    from transformers import Qwen2Config
+
+    decoder = dict(community["decoder_config"])
+    if decoder.pop("model_type", "qwen2") != "qwen2":
+        raise ConversionError("decoder_config.model_type must be qwen2")
+    if "torch_dtype" in decoder:
+        decoder["dtype"] = decoder.pop("torch_dtype")
+    # The 1.5B model ties lm_head to the input embeddings; some configs say so only at the top level.
+    decoder.setdefault("tie_word_embeddings", community.get("tie_word_embeddings", False))
+    return Qwen2Config(**decoder)
+
+
+def _diffusion_config(head: dict, hidden_size: int, acoustic: dict):
+    from transformers.models.vibevoice.configuration_vibevoice import VibeVoiceDiffusionHeadConfig
+
+    if head.get("hidden_size", hidden_size) != hidden_size:
+        raise ConversionError("diffusion_head_config.hidden_size must equal decoder_config.hidden_size")
+    return VibeVoiceDiffusionHeadConfig(
+        hidden_size=hidden_size,
+        latent_size=head.get("latent_size", acoustic.get("vae_dim", 64)),
+        num_hidden_layers=head.get("head_layers", 4),
+        intermediate_size=int(head.get("head_ffn_ratio", 3.0) * hidden_size),
+        rms_norm_eps=head.get("rms_norm_eps", 1e-5),
+    )
+
+
+def _special_token_ids(tokenizer) -> dict[str, int]:
+    ids = {
+        token: tokenizer.convert_tokens_to_ids(token) for token in (SPEECH_START, SPEECH_END, SPEECH_PAD, END_OF_TEXT)
+    }
+    unknown = [token for token, i in ids.items() if i is None or (i == tokenizer.unk_token_id and token != END_OF_TEXT)]
+    if unknown:
+        raise ConversionError(f"the tokenizer lacks {', '.join(unknown)}")
+    return ids
+
+
+def _generation_config(config, head: dict):
+    """DPM-Solver with the community schedule, and the community's diffusion steps."""
+    from transformers import GenerationConfig
 
     generation = GenerationConfig(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
     generation.noise_scheduler_class = "DPMSolverMultistepScheduler"
@@ -276,7 +295,7 @@ def native_config(community: dict, tokenizer) -> tuple:
     }
     generation.num_diffusion_steps = head.get("ddpm_num_inference_steps", 20)
     generation.guidance_scale = 1.3
-    return config, generation
+    return generation
 
 
 # --- conversion --------------------------------------------------------------------------------

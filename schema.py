@@ -24,12 +24,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-import audio
-from config import SAMPLE_RATES, Settings
+from config import Settings
+from formats import ALL_SAMPLE_RATES, FORMATS, OutputFormat, bitrate_names, join_words, resolve_name, streaming_names
 from text import MAX_SPEAKERS, has_visible
 
-OutputFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm_16"]
-FORMAT_ALIASES = {"pcm": "pcm_16", "pcm16": "pcm_16", "pcm_s16le": "pcm_16"}
+OutputFormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 
 # Human descriptions of numeric ranges, used in error messages.
 RANGES = {
@@ -43,8 +42,6 @@ RANGES = {
     "bitrate_kbps": "an integer number of kbit/s",
     "stream_chunk_ms": "an integer from 100 to 5000 (milliseconds of audio per streamed item)",
 }
-# Formats that can be sent as they are encoded (a stream of bytes that concatenates to one file).
-STREAM_FORMATS = ("pcm_16", "wav", "mp3", "opus")
 
 
 class VoiceSource(BaseModel):
@@ -66,7 +63,11 @@ SpeakerVoice = str | VoiceSource
 
 
 class JobInput(BaseModel):
-    """What a synthesis job may contain (see IMPLEMENTATION.md for the full contract)."""
+    """What a synthesis job may contain (docs/api.md has the contract).
+
+    Once validated, every value the job runs with is filled in: the deployment's defaults (format,
+    sample rate, bitrate, generation settings) are applied here and nowhere else.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
@@ -88,7 +89,7 @@ class JobInput(BaseModel):
     disable_prefill: bool = False
 
     # Output.
-    output_format: OutputFormat | None = None
+    output_format: OutputFormatName | None = None
     sample_rate: int | None = None
     bitrate_kbps: int | None = Field(None, ge=1, le=512)
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
@@ -111,8 +112,8 @@ class JobInput(BaseModel):
         if "text" in data and "input" in data:
             raise ValueError("give the text in 'text' or in 'input', not both")
         fmt = data.get("output_format")
-        if isinstance(fmt, str) and fmt.lower() in FORMAT_ALIASES:
-            data = {**data, "output_format": FORMAT_ALIASES[fmt.lower()]}
+        if isinstance(fmt, str) and resolve_name(fmt) != fmt:
+            data = {**data, "output_format": resolve_name(fmt)}
         return data
 
     @field_validator("text")
@@ -147,8 +148,8 @@ class JobInput(BaseModel):
     @field_validator("sample_rate")
     @classmethod
     def _sample_rate(cls, value: int | None) -> int | None:
-        if value is not None and value not in SAMPLE_RATES:
-            raise ValueError(f"must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        if value is not None and value not in ALL_SAMPLE_RATES:
+            raise ValueError(f"must be one of {join_words([str(rate) for rate in ALL_SAMPLE_RATES])}")
         return value
 
     @model_validator(mode="after")
@@ -163,41 +164,46 @@ class JobInput(BaseModel):
         if self.speakers is not None and shorthand:
             raise ValueError(f"give voices either in 'speakers' or in {shorthand[0]!r}, not both")
         settings: Settings = info.context["settings"]
-        fmt = self.resolved_format(settings)
-        if self.stream and fmt not in STREAM_FORMATS:
-            allowed = ", ".join(STREAM_FORMATS[:-1]) + " or " + STREAM_FORMATS[-1]
-            raise ValueError(f"'output_format' {fmt} cannot be streamed; with 'stream': true use {allowed}")
+        spec = FORMATS[self.output_format or settings.default_output_format]
+        if self.stream and not spec.streams:
+            allowed = join_words(streaming_names())
+            raise ValueError(f"'output_format' {spec.name} cannot be streamed; with 'stream': true use {allowed}")
         if self.stream and self.return_mode == "url":
             raise ValueError("'return' url cannot be combined with 'stream': true; streamed audio arrives in the items")
         if self.stream_chunk_ms is not None and not self.stream:
             raise ValueError("'stream_chunk_ms' applies only with 'stream': true")
-        if fmt == "opus" and self.sample_rate not in (None, 48000):
-            raise ValueError("'sample_rate' for opus must be 48000: Opus always decodes at 48 kHz")
-        rate = self.resolved_sample_rate(settings)
-        if self.bitrate_kbps is not None:
-            allowed = audio.bitrate_range(fmt, rate)
-            if allowed is None:
-                raise ValueError("'bitrate_kbps' applies only to mp3, aac and opus")
-            low, high = allowed
-            if not low <= self.bitrate_kbps <= high:
-                raise ValueError(
-                    f"'bitrate_kbps' for {fmt} at {rate} Hz must be from {low} to {high} (got {self.bitrate_kbps})"
-                )
+        self._fill_output_defaults(spec, settings)
+        self._fill_generation_defaults(settings)
         return self
 
-    # --- values with deployment defaults --------------------------------------------------
+    # --- deployment defaults, filled once: a validated job has every value it runs with ----------
 
-    def resolved_format(self, settings: Settings) -> str:
-        return self.output_format or settings.default_output_format
+    def _fill_output_defaults(self, spec: OutputFormat, settings: Settings) -> None:
+        """Sample rate and bitrate: the job's own, checked against the format, or the defaults."""
+        if self.sample_rate is not None and self.sample_rate not in spec.sample_rates:
+            allowed = join_words([str(rate) for rate in spec.sample_rates])
+            raise ValueError(f"'sample_rate' for {spec.name} must be one of {allowed} (got {self.sample_rate})")
+        rate = self.sample_rate or spec.default_sample_rate or settings.default_sample_rate
+        if self.bitrate_kbps is not None:
+            if spec.bitrate is None:
+                raise ValueError(f"'bitrate_kbps' applies only to {join_words(bitrate_names(), 'and')}")
+            low, high = spec.bitrate.range_at(rate)
+            if not low <= self.bitrate_kbps <= high:
+                where = f"'bitrate_kbps' for {spec.name} at {rate} Hz"
+                raise ValueError(f"{where} must be from {low} to {high} (got {self.bitrate_kbps})")
+        self.output_format, self.sample_rate = spec.name, rate
+        if self.bitrate_kbps is None and spec.bitrate is not None:
+            self.bitrate_kbps = spec.bitrate.default_at(rate)
 
-    def resolved_sample_rate(self, settings: Settings) -> int:
-        if self.resolved_format(settings) == "opus":
-            return 48000
-        return self.sample_rate or settings.default_sample_rate
-
-    def resolved_bitrate(self, settings: Settings) -> int | None:
-        fmt = self.resolved_format(settings)
-        return self.bitrate_kbps or audio.default_bitrate(fmt, self.resolved_sample_rate(settings))
+    def _fill_generation_defaults(self, settings: Settings) -> None:
+        if self.cfg_scale is None:
+            self.cfg_scale = settings.default_cfg_scale
+        self.diffusion_steps = self.diffusion_steps or settings.default_diffusion_steps
+        self.max_chunk_chars = self.max_chunk_chars or settings.max_chunk_chars
+        if self.target_lufs is None:
+            self.target_lufs = settings.target_lufs
+        if self.stream:
+            self.stream_chunk_ms = self.stream_chunk_ms or settings.stream_chunk_ms
 
 
 def _speaker_voice(entry: Any, field: str) -> SpeakerVoice:

@@ -20,9 +20,9 @@ from bench.common import ROOT, Row, median_time
 REPEATS = 3
 
 READY = """
-import handler, config, inference
+import handler, config, inference, logs
 settings = config.load_settings()
-handler.setup_logging(settings)
+logs.setup_logging(settings)
 engine = inference.VibeVoiceEngine.load(settings)
 worker = handler.Worker(settings, engine)
 import runpod

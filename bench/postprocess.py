@@ -1,6 +1,6 @@
 """Figure c: post-processing seconds per minute of audio, against the original design's way.
 
-Ours: `jobs.render` (join, loudness to -20 LUFS with a true-peak ceiling, polyphase resample,
+Ours: `rendering.render` (join, loudness to -20 LUFS with a true-peak ceiling, polyphase resample,
 in-process encoding through PyAV) and `storage.deliver` (upload to moto's S3 server on 127.0.0.1,
 presigned URL), once per output format at the default sample rate.
 Baseline, the design's way: pyloudnorm normalisation, an FFT resample to 48 kHz
@@ -15,7 +15,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,8 @@ def design_way(samples: np.ndarray, storage, scratch: Path) -> bytes:
 def measure(workspace) -> tuple[list[Row], dict]:
     from handler import Worker
     from inference import ChunkAudio
-    from jobs import plan_job, render
+    from planning import plan_job
+    from rendering import render
     from schema import parse_job_input
     from storage import deliver
 
@@ -82,8 +82,9 @@ def measure(workspace) -> tuple[list[Row], dict]:
                 results = [ChunkAudio(0, samples, frames=0, reached_cap=False, seconds=0.0)]
 
                 def ours(plan=plan, results=results):
-                    rendered = render(plan, results, settings, time.perf_counter)
-                    deliver(rendered.data, rendered.content_type, rendered.extension, "url", worker.storage, 1000)
+                    rendered = render(plan, results, settings)
+                    spec = plan.format
+                    deliver(rendered.data, spec.content_type, spec.extension, "url", worker.storage, 1000)
 
                 ours_s, baseline_s, timing = interleaved_medians(ours, baseline, REPEATS)
                 label = f"{fmt} {plan.sample_rate // 1000} kHz" if fmt != "opus" else "opus 48 kHz"

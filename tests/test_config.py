@@ -27,10 +27,7 @@ def test_volume_layout_follows_vibevoice_home(monkeypatch: pytest.MonkeyPatch, t
     settings = load_settings()
     assert settings.hf_home == tmp_path / "hf_home"
     assert settings.hf_cache == tmp_path / "hf_cache"
-    assert settings.models_dir == tmp_path / "models"
-    assert settings.output_dir == tmp_path / "output"
     assert settings.voices_dir == tmp_path / "demo" / "voices"
-    assert settings.venv_dir == tmp_path / "venv"
 
 
 def test_environment_wins_over_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from fuzzing import SEED, Timings, replay
 from hypothesis import HealthCheck, given, seed, settings
 from job_strategies import FIELDS, job_inputs
 
-from jobs import JobError, JobPlan, plan_job
+from planning import JobError, JobPlan, plan_job
 from schema import InputError, parse_job_input
 from voices import VoiceLibrary
 

@@ -27,7 +27,8 @@ BAD_INPUTS = [
     ({"text": "hi", "seed": 2**40}, "'seed'", "from 0 to 4294967295"),
     ({"text": "hi", "output_format": "ogg"}, "'output_format'", "'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm_16'"),
     ({"text": "hi", "sample_rate": 12345}, "'sample_rate'", "must be one of 8000"),
-    ({"text": "hi", "output_format": "opus", "sample_rate": 24000}, "'sample_rate'", "must be 48000"),
+    ({"text": "hi", "output_format": "opus", "sample_rate": 44100}, "'sample_rate' for opus", "must be one of 8000"),
+    ({"text": "hi", "output_format": "mp3", "sample_rate": 12000}, "'sample_rate' for mp3", "one of 8000, 16000"),
     ({"text": "hi", "speed": 0.1}, "'speed'", "from 0.25 to 4.0"),
     ({"text": "hi", "speed": 5}, "'speed'", "from 0.25 to 4.0"),
     ({"text": "hi", "target_lufs": -80}, "'target_lufs'", "from -70 to -5"),
@@ -36,7 +37,7 @@ BAD_INPUTS = [
     ({"text": "hi", "return": "s3"}, "'return'", "'auto', 'url' or 'base64'"),
     ({"text": "hi", "max_chunk_chars": 10}, "'max_chunk_chars'", "from 40 to 5000"),
     ({"text": "hi", "max_new_tokens": 0}, "'max_new_tokens'", "from 1 to 4500"),
-    ({"text": "hi", "bitrate_kbps": 64, "output_format": "flac"}, "'bitrate_kbps'", "only to mp3, aac and opus"),
+    ({"text": "hi", "bitrate_kbps": 64, "output_format": "flac"}, "'bitrate_kbps'", "only to mp3, opus and aac"),
     ({"text": "hi", "bitrate_kbps": 320, "sample_rate": 8000}, "'bitrate_kbps'", "from 8 to 64"),
     ({"text": "hi", "speakers": ["A", "B", "C", "D", "E"]}, "'speakers'", "at most 4 speakers"),
     ({"text": "hi", "speakers": []}, "'speakers'", "at least 1 item"),
@@ -73,20 +74,28 @@ def test_input_must_be_an_object(settings, raw) -> None:
 
 
 def test_defaults_come_from_settings(make_settings) -> None:
-    settings = make_settings(default_sample_rate=44100, default_output_format="wav")
+    settings = make_settings(default_sample_rate=44100, default_output_format="wav", default_cfg_scale=2.0)
     job = parse_job_input({"input": "Hello."}, settings)  # `input` is an alias of `text`
     assert job.text == "Hello."
-    assert job.resolved_format(settings) == "wav"
-    assert job.resolved_sample_rate(settings) == 44100
-    assert job.resolved_bitrate(settings) is None
+    assert (job.output_format, job.sample_rate, job.bitrate_kbps) == ("wav", 44100, None)
+    assert (job.cfg_scale, job.diffusion_steps, job.max_chunk_chars) == (2.0, 10, 300)
+    assert (job.target_lufs, job.stream_chunk_ms) == (-20.0, None)  # stream_chunk_ms: streamed jobs only
+    streamed = parse_job_input({"text": "a", "stream": True, "cfg_scale": 0.5}, settings)
+    assert (streamed.stream_chunk_ms, streamed.cfg_scale) == (400, 0.5)
 
 
 def test_opus_defaults_to_48k_and_pcm_alias(settings) -> None:
-    assert parse_job_input({"text": "a", "output_format": "opus"}, settings).resolved_sample_rate(settings) == 48000
+    assert parse_job_input({"text": "a", "output_format": "opus"}, settings).sample_rate == 48000
     job = parse_job_input({"text": "a", "output_format": "pcm"}, settings)
-    assert job.resolved_format(settings) == "pcm_16"
+    assert job.output_format == "pcm_16"
     mp3 = parse_job_input({"text": "a", "sample_rate": 8000}, settings)
-    assert mp3.resolved_bitrate(settings) == 64  # the default 128 does not exist at 8 kHz
+    assert mp3.bitrate_kbps == 64  # the default 128 does not exist at 8 kHz
+
+
+@pytest.mark.parametrize("rate", [8000, 12000, 16000, 24000, 48000])
+def test_opus_takes_every_rate_libopus_encodes(settings, rate) -> None:
+    job = parse_job_input({"text": "a", "output_format": "opus", "sample_rate": rate}, settings)
+    assert (job.sample_rate, job.bitrate_kbps) == (rate, 64)
 
 
 def test_text_limit_follows_settings(make_settings) -> None:

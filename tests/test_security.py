@@ -215,7 +215,7 @@ def test_secret_scrubbing_covers_every_configured_secret(make_settings, monkeypa
 def test_log_lines_are_scrubbed(caplog) -> None:
     import logging
 
-    from handler import RedactSecrets
+    from logs import RedactSecrets
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s and %s", (SECRETS["HF_TOKEN"], "ok"), None)
     assert RedactSecrets([SECRETS["HF_TOKEN"]]).filter(record)

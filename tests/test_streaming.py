@@ -216,7 +216,7 @@ def test_failure_mid_stream_fails_the_job_with_one_sentence(make_worker) -> None
     [
         (
             {"output_format": "aac"},
-            "'output_format' aac cannot be streamed; with 'stream': true use pcm_16, wav, mp3 or opus.",
+            "'output_format' aac cannot be streamed; with 'stream': true use mp3, opus, wav or pcm_16.",
         ),
         (
             {"return": "url"},

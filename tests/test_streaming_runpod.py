@@ -103,6 +103,6 @@ def test_a_failing_stream_job_is_failed_with_its_sentence(runpod_api: RunpodAPI)
                                                                    "output_format": "flac"}})  # fmt: skip
     assert status == 200 and reply["status"] == "FAILED"
     assert reply["error"] == (
-        "'output_format' flac cannot be streamed; with 'stream': true use pcm_16, wav, mp3 or opus."
+        "'output_format' flac cannot be streamed; with 'stream': true use mp3, opus, wav or pcm_16."
     )
     assert runpod_api.call("GET", f"/stream/{reply['id']}") == (200, {"status": "FAILED", "stream": []})
