@@ -30,7 +30,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve soak test bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
+.PHONY: venv run serve soak test espeak bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,8 +87,10 @@ serve: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
-## The whole test suite (CI runs this through .ci/run).
-test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) $(CHROMIUM)
+## The whole test suite (CI runs this through .ci/run). The aligner's accuracy test speaks with
+## espeak-ng and the playground's browser tests drive Chromium (Debian's packages): installed with
+## apt-get if missing.
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
@@ -101,11 +103,16 @@ lint-deploy: $(STAMP)
 
 ## Speed, memory and start-up figures against baselines measured in the same run (not part of
 ## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
-## The design's post-processing baseline needs the ffmpeg command: installed with apt-get if missing.
-bench: $(STAMP)
+## The design's post-processing baseline needs the ffmpeg command, the aligner's figure espeak-ng:
+## installed with apt-get if missing.
+bench: $(STAMP) espeak
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
+
+espeak:
+	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \
+		|| { echo "the tests need the espeak-ng command (apt-get install espeak-ng)"; exit 1; }
 
 lint: $(STAMP) $(BRIDGE_STAMP)
 	$(PY) -m ruff check .

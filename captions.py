@@ -1,4 +1,4 @@
-"""Subtitles (SRT or WebVTT) built from a job's segments: one cue per chunk."""
+"""Subtitles (SRT or WebVTT) from cues: a job's chunk or sentence segments, or its words (`caption_unit`)."""
 
 from __future__ import annotations
 

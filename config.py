@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     default_output_format: Literal[tuple(FORMATS)] = "mp3"  # type: ignore[valid-type]
     target_lufs: float = Field(-20.0, ge=-70, le=-5)
     chunk_gap_ms: int = Field(150, ge=0, le=5000)
+    # Pause tags ([pause:2s]): the silence they may add to one job in all (each tag is at most 10 s).
+    max_pause_sec: float = Field(60.0, ge=0, le=3600)
 
     # --- voice cloning from the request ----------------------------------------------------
     voice_max_bytes: int = Field(20_000_000, ge=1_000, le=200_000_000)

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import lifetime
+from aligner import Aligner, shared_aligner
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
 from lifecycle import (
@@ -49,6 +50,7 @@ from reporting import ProgressThrottle, after_items, job_result
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
 from streaming import StreamedGeneration
+from timeline import JobTimestamps
 from voices import VoiceLibrary
 
 log = logging.getLogger("vibevoice.handler")
@@ -67,9 +69,11 @@ class Worker:
         library: VoiceLibrary | None = None,
         storage: S3Storage | None = None,
         progress: Callable[[dict, str], None] | None = None,
+        aligner: Aligner | None = None,
     ):
         self.settings = settings
         self.engine = engine
+        self.aligner = aligner or shared_aligner()  # word timings, in background processes
         self.library = library or VoiceLibrary.for_settings(settings)
         self.storage = storage if storage is not None else (S3Storage(settings) if settings.s3_configured else None)
         self.progress = progress
@@ -105,7 +109,8 @@ class Worker:
     async def run(self, job: dict, job_input: JobInput, started: float) -> dict:
         """A whole-file job: plan, generate, render, deliver; returns the result."""
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
-        results, generate_seconds = await self._generate(job, plan)
+        stamps = JobTimestamps.for_plan(self.aligner, plan)
+        results, generate_seconds = await self._generate(job, plan, stamps)
         rendered = await asyncio.to_thread(render, plan, results, self.settings)
         delivery = await asyncio.to_thread(
             deliver,
@@ -116,6 +121,7 @@ class Worker:
             storage=self.storage,
             inline_limit=self.settings.inline_limit_bytes,
         )
+        timed = await asyncio.to_thread(stamps.fields, rendered.summary.placements, plan.captions)
         timings = {
             "model_load_sec": self.engine.info.load_seconds,
             "generate_sec": generate_seconds,
@@ -126,7 +132,7 @@ class Worker:
         }
         result = job_result(
             plan, results, rendered.summary, status="completed",
-            delivery={**delivery.fields, "delivery": delivery.method}, timings=timings,
+            delivery={**delivery.fields, "delivery": delivery.method}, timings=timings, timed=timed,
             extra_warnings=delivery.warnings,
         )  # fmt: skip
         log.info(
@@ -136,8 +142,9 @@ class Worker:
         )  # fmt: skip
         return result
 
-    async def _generate(self, job: dict, plan: JobPlan) -> tuple[list[ChunkAudio], float]:
-        """The engine's audio for every chunk (in a worker thread), and the seconds it took."""
+    async def _generate(self, job: dict, plan: JobPlan, stamps: JobTimestamps) -> tuple[list[ChunkAudio], float]:
+        """The engine's audio for every chunk (in a worker thread), and the seconds it took; each
+        finished chunk goes to the aligner (when the job wants timings) while the next decodes."""
         stop = threading.Event()
         progress = None
         if self.progress is not None:
@@ -149,6 +156,7 @@ class Worker:
                 plan.chunks,
                 plan.voices,
                 plan.params,
+                on_chunk=lambda result, total: stamps.chunk_done(result),
                 should_stop=lambda: stop.is_set() or self.shutdown.expired(),
                 on_progress=progress,
             )
@@ -163,26 +171,32 @@ class Worker:
         """A streamed job: audio items while the engine decodes, then the summary item."""
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         renderer = StreamRenderer(plan, self.settings)
-        generation = StreamedGeneration(self.engine, plan, renderer, self.shutdown)
+        stamps = JobTimestamps.for_plan(self.aligner, plan)
+        generation = StreamedGeneration(self.engine, plan, renderer, self.shutdown, stamps)
         generation.start()
         first_audio: float | None = None
         items = 0
         try:
-            while (piece := await generation.next_piece()) is not None:
+            while (next_item := await generation.next_piece()) is not None:
+                piece, words = next_item
                 if first_audio is None:
                     first_audio = time.perf_counter() - started
-                yield {
+                item = {
                     "status": "streaming",
                     "seq": items,
                     "format": plan.output_format,
                     "sample_rate": plan.sample_rate,
                     "audio_chunk": base64.b64encode(piece).decode("ascii"),
                 }
+                if words:  # "timestamps": "word": the chunks aligned since the item before
+                    item["words"] = words
+                yield item
                 items += 1
         finally:
             generation.stop.set()  # a no-op after a normal end; otherwise the engine stops at its next frame
         results = await generation.finished()
         summary = renderer.summary()
+        timed = await asyncio.to_thread(stamps.fields, summary.placements, plan.captions)
         timings = {
             "model_load_sec": self.engine.info.load_seconds,
             "time_to_first_audio_sec": first_audio,
@@ -191,8 +205,9 @@ class Worker:
             "total_sec": time.perf_counter() - started,
         }
         result = job_result(
-            plan, results, summary, status="complete", delivery={"delivery": "stream", "items": items}, timings=timings
-        )
+            plan, results, summary, status="complete", delivery={"delivery": "stream", "items": items},
+            timings=timings, timed=timed,
+        )  # fmt: skip
         log.info(
             "job %s: streamed %d items, %.2f s audio, first audio after %s s",
             job.get("id"), items, summary.duration_sec, result["timings"]["time_to_first_audio_sec"],

@@ -41,6 +41,8 @@ class JobPlan:
     captions: str | None
     return_mode: str
     stream_chunk_ms: int | None  # streamed jobs: audio per item
+    timestamps: str = "none"  # "none" | "sentence" | "word"
+    caption_unit: str | None = None  # "chunk" | "sentence" | "word" with captions
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -56,8 +58,8 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
     """Parse the text, chunk it, and gather the reference voice of every speaker.
 
     `job` is validated, so its deployment defaults are already filled in (schema.JobInput). Every
-    cost the job can drive is checked here, before any audio is decoded or generated: the text, the
-    number of chunks and the audio they may produce (`check_costs`), and each reference clip while
+    cost the job can drive is checked here, before any audio is decoded or generated: the text, its
+    pauses, the number of chunks and the audio they may produce (`check_costs`), and each reference clip while
     it is decoded (at most VOICE_MAX_TOTAL_SECONDS for the job's voices).
     """
     assert job.text is not None
@@ -102,18 +104,21 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
         captions=job.captions,
         return_mode=job.return_mode,
         stream_chunk_ms=job.stream_chunk_ms,
+        timestamps=job.timestamps,
+        caption_unit=job.caption_unit,
         warnings=warnings,
     )
 
 
-def worst_case_seconds(chunks: list[Chunk], job: JobInput, settings: Settings) -> float:
-    """The longest audio the job can produce: every chunk at its frame cap, gaps, then `speed`."""
+def worst_case_seconds(script: Script, chunks: list[Chunk], job: JobInput, settings: Settings) -> float:
+    """The longest audio the job can produce: every chunk at its frame cap, gaps, then `speed`;
+    pauses are added after the speed change (they replace the gap where they stand)."""
     frames = 0
     for chunk in chunks:
         cap = max_frames_for(chunk, FRAME_RATE)
         frames += min(cap, job.max_new_tokens) if job.max_new_tokens else cap
-    gaps = max(0, len(chunks) - 1) * settings.chunk_gap_ms / 1000
-    return (frames / FRAME_RATE + gaps) / job.speed
+    gaps = sum(1 for chunk in chunks[:-1] if not chunk.pause_after_ms) * settings.chunk_gap_ms / 1000
+    return (frames / FRAME_RATE + gaps) / job.speed + script.pause_ms / 1000
 
 
 def check_costs(script: Script, chunks: list[Chunk], job: JobInput, settings: Settings) -> None:
@@ -121,12 +126,17 @@ def check_costs(script: Script, chunks: list[Chunk], job: JobInput, settings: Se
     spoken = sum(len(turn.text) for turn in script.turns)
     if spoken > settings.max_text_length:  # normalisation never lengthens text, but a change could
         raise JobError(f"'text' is {spoken} characters long once normalised; the limit is {settings.max_text_length}.")
+    if script.pause_ms > settings.max_pause_sec * 1000:
+        raise JobError(
+            f"'text' asks for {script.pause_ms / 1000:g} s of pauses in all; "
+            f"this deployment allows at most {settings.max_pause_sec:g} s (MAX_PAUSE_SEC)."
+        )
     if len(chunks) > settings.max_chunks:
         raise JobError(
             f"'text' is cut into {len(chunks)} chunks; a job may have at most {settings.max_chunks} "
             "(merge short lines or raise 'max_chunk_chars')."
         )
-    seconds = worst_case_seconds(chunks, job, settings)
+    seconds = worst_case_seconds(script, chunks, job, settings)
     if seconds > settings.max_output_seconds:
         raise JobError(
             f"'text' could produce up to {seconds:.0f} s of audio at 'speed' {job.speed:g}; a job may produce at "

@@ -3,12 +3,11 @@
 render          -> one file: joined, speed-changed, loudness-normalised, resampled and encoded
 StreamRenderer  -> the same piece by piece as frames arrive, for streamed jobs (no loudness
                    normalisation: it needs the whole signal)
-build_segments  -> where each chunk lies in the delivered audio, for either of them
+(where chunks, pauses and words lie in the delivered audio: timeline.py, recorded by both)
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,6 +18,8 @@ import encoders
 from config import MODEL_SAMPLE_RATE, Settings
 from inference import ChunkAudio
 from planning import JobPlan
+from text import Chunk
+from timeline import Layout, Placement, assemble, pause_samples
 
 
 @dataclass
@@ -27,8 +28,7 @@ class AudioSummary:
 
     duration_sec: float
     loudness: dict  # audio.LoudnessReport.as_dict()
-    time_scale: float  # output duration / joined duration (the speed change), for the segments' times
-    gap_samples: int  # silence between chunks, at the model's rate
+    placements: list[Placement]  # where each chunk lies in the delivered audio (timeline.Layout)
     encode_seconds: float
     postprocess_seconds: float | None = None  # whole files: joining, speed, loudness and resampling
 
@@ -39,38 +39,11 @@ class Rendered:
     summary: AudioSummary
 
 
-def chunk_spans(results: list[ChunkAudio], gap_samples: int) -> list[tuple[int, int]]:
-    """Each chunk's sample span in the joined signal (chunks in order, silent gaps between)."""
-    spans = []
-    position = 0
-    for number, result in enumerate(results):
-        if number:
-            position += gap_samples
-        spans.append((position, position + result.audio.size))
-        position += result.audio.size
-    return spans
-
-
-def join_chunks(results: list[ChunkAudio], gap_samples: int) -> np.ndarray:
-    """Concatenate chunk audio with silent gaps (their spans: `chunk_spans`)."""
-    gap = np.zeros(gap_samples, dtype=np.float32)
-    pieces: list[np.ndarray] = []
-    for number, result in enumerate(results):
-        if number:
-            pieces.append(gap)
-        pieces.append(result.audio)
-    signal = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    return signal.astype(np.float32, copy=False)
-
-
 def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rendered:
-    """Join, change speed, normalise loudness, resample and encode into one file."""
+    """Join (gaps between chunks, pauses between sections), change speed, normalise loudness,
+    resample and encode into one file."""
     started = time.perf_counter()
-    gap = gap_samples(settings)
-    signal = join_chunks(results, gap)
-    stretched = audio.change_speed(signal, MODEL_SAMPLE_RATE, plan.speed)
-    # atempo scales time uniformly, so chunk spans scale by the same measured ratio.
-    time_scale = stretched.size / signal.size if signal.size else 1.0
+    stretched, layout = assemble(plan.chunks, results, gap_samples(settings), plan.speed, plan.script.lead_pause_ms)
     if plan.normalize:
         # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
         stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
@@ -84,8 +57,7 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rend
     summary = AudioSummary(
         duration_sec=output.size / plan.sample_rate,
         loudness=report.as_dict(),
-        time_scale=time_scale,
-        gap_samples=gap,
+        placements=layout.placements,
         encode_seconds=time.perf_counter() - started,
         postprocess_seconds=postprocess_seconds,
     )
@@ -105,35 +77,38 @@ STREAM_LOUDNESS_REASON = (
 class StreamRenderer:
     """`render` for streamed jobs: model audio in, encoded bytes out, piece by piece.
 
-    Audio arrives in chunk order (`audio()`), with `chunk_done()` between chunks for the silent
-    gap. It passes through the same steps as `render` in the same order, each kept stateful
-    across pieces (speed, resample, encode), and leaves in pieces of at least `stream_chunk_ms`
-    of audio, so the bytes handed out concatenate to one valid file whose pcm_16/wav samples
-    equal `render`'s with normalize off. Loudness is not normalised (it needs the whole signal);
-    it is measured on the way out and reported.
+    Audio arrives in chunk order (`audio()`), with `chunk_done()` after each chunk for the silent
+    gap or the pause that follows it. It passes through the same steps as `render` in the same
+    order, each kept stateful across pieces (speed, resample, encode), and leaves in pieces of at
+    least `stream_chunk_ms` of audio, so the bytes handed out concatenate to one valid file whose
+    pcm_16/wav samples equal `render`'s with normalize off. A pause closes the speed change of its
+    section and goes in after it, as in `render`, so both record the same `layout`. Loudness is
+    not normalised (it needs the whole signal); it is measured on the way out and reported.
     """
 
     def __init__(self, plan: JobPlan, settings: Settings):
         self.plan = plan
         self.gap_samples = gap_samples(settings)
         self.piece_samples = max(1, round(plan.stream_chunk_ms * MODEL_SAMPLE_RATE / 1000))
-        self.speed = audio.SpeedChanger(MODEL_SAMPLE_RATE, plan.speed) if plan.speed != 1.0 else None
+        self.speed = self._speed_changer()
         self.resampler = audio.StreamResampler(MODEL_SAMPLE_RATE, plan.sample_rate)
         self.encoder = encoders.open_encoder(plan.output_format, plan.sample_rate, plan.bitrate_kbps, streaming=True)
         self.loudness = audio.LoudnessMeter(plan.sample_rate)
         self.peak = audio.TruePeakMeter()
-        self.joined_samples = 0  # model-rate samples in, gaps included
-        self.stretched_samples = 0  # model-rate samples after the speed change
+        self.layout = Layout()
+        self.section_joined = 0  # model-rate samples of the open section, gaps included
+        self.section_stretched = 0  # the same after the speed change
         self.output_samples = 0  # samples at the output rate
         self.encode_seconds = 0.0
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
+        self._lead_pause = plan.script.lead_pause_ms
 
     def audio(self, samples: np.ndarray) -> list[bytes]:
         """Take decoded audio; return the encoded pieces now complete (possibly none)."""
+        pieces = self._begin()
         self._pending.append(samples)
         self._pending_samples += samples.size
-        pieces = []
         while self._pending_samples >= self.piece_samples:
             joined = np.concatenate(self._pending)
             pieces.append(self._encode(joined[: self.piece_samples]))
@@ -141,32 +116,69 @@ class StreamRenderer:
             self._pending, self._pending_samples = ([rest] if rest.size else []), rest.size
         return [piece for piece in pieces if piece]
 
-    def chunk_done(self) -> list[bytes]:
-        """Between two chunks: the silent gap `render` puts there."""
-        return self.audio(np.zeros(self.gap_samples, dtype=np.float32))
+    def chunk_done(self, chunk: Chunk, samples: int, last: bool) -> list[bytes]:
+        """After a chunk of `samples` samples: its pause, or (unless it is the last) the gap."""
+        pieces = self._begin()
+        self.layout.chunk(chunk.index, samples)
+        if chunk.pause_after_ms:
+            pieces += self._pause(chunk.pause_after_ms)
+        elif not last:
+            self.layout.gap(self.gap_samples)
+            pieces += self.audio(np.zeros(self.gap_samples, dtype=np.float32))
+        return [piece for piece in pieces if piece]
+
+    @property
+    def section_scale(self) -> float:
+        """The open section's speed ratio as measured so far."""
+        return self.section_stretched / self.section_joined if self.section_joined else 1 / self.plan.speed
 
     def finish(self) -> bytes:
         """The last piece: what is pending, then everything the stateful steps still hold."""
         started = time.perf_counter()
-        data = self._encode(np.concatenate(self._pending)) if self._pending else b""
-        self._pending, self._pending_samples = [], 0
-        tail = np.zeros(0, dtype=np.float32)
-        if self.speed is not None:
-            stretched = self.speed.close()
-            self.stretched_samples += stretched.size
-            tail = self.resampler.write(stretched)
-        tail = np.concatenate([tail, self.resampler.close()])
+        data = b"".join(self._begin() + self._end_section())
+        tail = self.resampler.close()
         self._measure(tail)
         data += self.encoder.write(tail) + self.encoder.close()
         self.encode_seconds += time.perf_counter() - started
         return data
 
+    def _begin(self) -> list[bytes]:
+        """The pause before the first words, once, before anything else."""
+        lead, self._lead_pause = self._lead_pause, 0
+        return self._pause(lead) if lead else []
+
+    def _end_section(self) -> list[bytes]:
+        """Encode what is pending and what the speed change holds; the section's length is known."""
+        pieces = [self._encode(np.concatenate(self._pending))] if self._pending else []
+        self._pending, self._pending_samples = [], 0
+        if self.speed is not None:
+            pieces.append(self._resample_encode(self.speed.close()))
+            self.speed = self._speed_changer()
+        self.layout.end_section(self.section_stretched)
+        self.section_joined = self.section_stretched = 0
+        return pieces
+
+    def _pause(self, milliseconds: int) -> list[bytes]:
+        """Exact silence after the open section's speed change (as `render` puts it)."""
+        pieces = self._end_section()
+        samples = pause_samples(milliseconds)
+        self.layout.pause(samples)
+        pieces.append(self._resample_encode(np.zeros(samples, dtype=np.float32), stretched=False))
+        return pieces
+
+    def _speed_changer(self) -> audio.SpeedChanger | None:
+        return audio.SpeedChanger(MODEL_SAMPLE_RATE, self.plan.speed) if self.plan.speed != 1.0 else None
+
     def _encode(self, samples: np.ndarray) -> bytes:
-        started = time.perf_counter()
-        self.joined_samples += samples.size
+        self.section_joined += samples.size
         if self.speed is not None:
             samples = self.speed.write(samples)
-        self.stretched_samples += samples.size
+        return self._resample_encode(samples)
+
+    def _resample_encode(self, samples: np.ndarray, stretched: bool = True) -> bytes:
+        started = time.perf_counter()
+        if stretched:
+            self.section_stretched += samples.size
         out = self.resampler.write(samples)
         self._measure(out)
         data = self.encoder.write(out)
@@ -191,35 +203,6 @@ class StreamRenderer:
         return AudioSummary(
             duration_sec=self.output_samples / self.plan.sample_rate,
             loudness=report.as_dict(),
-            time_scale=self.stretched_samples / self.joined_samples if self.joined_samples else 1.0,
-            gap_samples=self.gap_samples,
+            placements=self.layout.placements,
             encode_seconds=self.encode_seconds,
         )
-
-
-def build_segments(plan: JobPlan, results: list[ChunkAudio], summary: AudioSummary) -> list[dict]:
-    """One segment per chunk: its speakers, its text and where it lies in the delivered audio."""
-    by_index = {chunk.index: chunk for chunk in plan.chunks}
-    segments = []
-    for result, (start, end) in zip(results, chunk_spans(results, summary.gap_samples), strict=True):
-        chunk = by_index[result.index]
-        labels = [plan.script.label(speaker) for speaker in chunk.speakers]
-        if len(chunk.turns) == 1:
-            spoken = chunk.turns[0].text
-        else:
-            spoken = "\n".join(f"{plan.script.label(turn.speaker)}: {turn.text}" for turn in chunk.turns)
-        segments.append(
-            {
-                "index": chunk.index,
-                "speaker": plan.script.label(chunk.turns[0].speaker),
-                "speakers": labels,
-                "text": spoken,
-                "start_sec": _seconds(start * summary.time_scale),
-                "end_sec": _seconds(end * summary.time_scale),
-            }
-        )
-    return segments
-
-
-def _seconds(samples: float) -> float:
-    return math.floor(samples / MODEL_SAMPLE_RATE * 1000 + 0.5) / 1000

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import captions
 from config import MODEL_SAMPLE_RATE
 from inference import ChunkAudio
 from planning import JobPlan
-from rendering import AudioSummary, build_segments
+from rendering import AudioSummary
+from timeline import JobTimestamps
 
 # Progress updates of a non-streamed job: one when its first audio is decoded, one when a chunk is
 # done, and in between at most one per interval (the chunks of a batch decode together, so a long
@@ -29,14 +29,18 @@ def job_result(
     status: str,
     delivery: dict,
     timings: dict,
+    timed: dict | None = None,
     extra_warnings: list[str] | None = None,
 ) -> dict:
     """The fields of a finished job's result.
 
     `delivery`: how the audio went out (the URL or base64 and the method, or the streamed item
-    count); `timings`: the stages this path measured, in seconds, added to the common ones.
+    count); `timings`: the stages this path measured, in seconds, added to the common ones;
+    `timed`: the job's `JobTimestamps.fields` (segments, words, captions; without it, a job that
+    asked for no alignment gets them at chunk granularity).
     """
-    segments = build_segments(plan, results, summary)
+    if timed is None:
+        timed = JobTimestamps.for_plan(None, plan).fields(summary.placements, plan.captions)
     result = {
         "status": status,
         "format": plan.output_format,
@@ -46,15 +50,16 @@ def job_result(
         **delivery,
         "seed": plan.params.seed,
         "chunks": len(results),
-        "segments": segments,
+        "segments": timed["segments"],
+        **({"words": timed["words"]} if "words" in timed else {}),
         "loudness": summary.loudness,
-        "timings": _timings(results, timings),
+        "timings": _timings(results, {**timings, **_align_timings(timed)}),
     }
     if plan.bitrate_kbps:
         result["bitrate_kbps"] = plan.bitrate_kbps
-    if plan.captions:
-        result["captions"] = captions.build(segments, plan.captions)
-    warnings = job_warnings(plan, results) + (extra_warnings or [])
+    if "captions" in timed:
+        result["captions"] = timed["captions"]
+    warnings = job_warnings(plan, results) + timed["warnings"] + (extra_warnings or [])
     if warnings:
         result["warnings"] = warnings
     return result
@@ -67,6 +72,13 @@ def _timings(results: list[ChunkAudio], stages: dict) -> dict:
     generate = stages["generate_sec"]
     timings["real_time_factor"] = round(generate / generated_seconds, 4) if generated_seconds else None
     return timings
+
+
+def _align_timings(timed: dict) -> dict:
+    """Alignment's own time (in its processes, beside generation) and what the job waited for it."""
+    if timed["align_sec"] is None:
+        return {}
+    return {"align_sec": timed["align_sec"], "align_wait_sec": timed["align_wait_sec"]}
 
 
 def job_warnings(plan: JobPlan, results: list[ChunkAudio]) -> list[str]:

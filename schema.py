@@ -96,6 +96,9 @@ class JobInput(BaseModel):
     normalize: bool = True
     target_lufs: float | None = Field(None, ge=-70, le=-5, allow_inf_nan=False)
     captions: Literal["srt", "vtt"] | None = None
+    # Timestamps from forced alignment of the generated audio: sentence segments, or also words.
+    timestamps: Literal["none", "sentence", "word"] = "none"
+    caption_unit: Literal["chunk", "sentence", "word"] | None = None  # default: chunk, or sentence with timestamps
     return_mode: Literal["auto", "url", "base64"] = Field(
         "auto", validation_alias=AliasChoices("return", "return_mode")
     )
@@ -172,6 +175,8 @@ class JobInput(BaseModel):
             raise ValueError("'return' url cannot be combined with 'stream': true; streamed audio arrives in the items")
         if self.stream_chunk_ms is not None and not self.stream:
             raise ValueError("'stream_chunk_ms' applies only with 'stream': true")
+        if self.caption_unit is not None and self.captions is None:
+            raise ValueError("'caption_unit' applies only with 'captions' (srt or vtt)")
         self._fill_output_defaults(spec, settings)
         self._fill_generation_defaults(settings)
         return self
@@ -204,6 +209,8 @@ class JobInput(BaseModel):
             self.target_lufs = settings.target_lufs
         if self.stream:
             self.stream_chunk_ms = self.stream_chunk_ms or settings.stream_chunk_ms
+        if self.captions is not None and self.caption_unit is None:
+            self.caption_unit = "chunk" if self.timestamps == "none" else "sentence"
 
 
 def _speaker_voice(entry: Any, field: str) -> SpeakerVoice:

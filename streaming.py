@@ -18,6 +18,7 @@ from inference import ChunkAudio, VibeVoiceEngine
 from lifecycle import STOPPED_BY_SHUTDOWN, Shutdown, ShutdownError
 from planning import JobPlan
 from rendering import StreamRenderer
+from timeline import JobTimestamps
 
 # Encoded audio items waiting between the generation thread and the handler; when the consumer
 # falls behind, generation waits (at most this many items are held).
@@ -31,11 +32,20 @@ class StreamedGeneration:
     by `next_piece`.
     """
 
-    def __init__(self, engine: VibeVoiceEngine, plan: JobPlan, renderer: StreamRenderer, shutdown: Shutdown):
+    def __init__(
+        self,
+        engine: VibeVoiceEngine,
+        plan: JobPlan,
+        renderer: StreamRenderer,
+        shutdown: Shutdown,
+        stamps: JobTimestamps | None = None,
+    ):
         self.engine = engine
         self.plan = plan
         self.renderer = renderer
         self.shutdown = shutdown
+        self.stamps = stamps or JobTimestamps.for_plan(None, plan)
+        self._chunks = {chunk.index: chunk for chunk in plan.chunks}
         self.stop = threading.Event()
         self.seconds = 0.0  # wall time of the generation, once finished
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -51,16 +61,17 @@ class StreamedGeneration:
         self._started = time.perf_counter()
         self._worker = self._loop.run_in_executor(None, self._generate)
 
-    async def next_piece(self) -> bytes | None:
-        """The next encoded piece, or None once generation is done."""
-        kind, value = await self._queue.get()
+    async def next_piece(self) -> tuple[bytes, list[dict]] | None:
+        """The next encoded piece with the words of the chunks aligned since the piece before
+        (`"timestamps": "word"`; else none), or None once generation is done."""
+        kind, value, *words = await self._queue.get()
         self._room.release()
         if kind == "error":
             raise value
         if kind == "done":
             self._results = value
             return None
-        return value
+        return value, words[0]
 
     async def finished(self) -> list[ChunkAudio]:
         """Waits for the generation thread; the engine's results."""
@@ -86,20 +97,24 @@ class StreamedGeneration:
             if not self.stop.is_set():
                 tail = self.renderer.finish()
                 if tail:
-                    self._put(("audio", tail))
+                    self._send([tail])
             self._put(("done", results))
         except BaseException as exc:  # handed to the handler, which turns it into the job's error
             self._put(("error", exc))
 
     def _on_audio(self, index: int, samples: np.ndarray) -> None:
-        for piece in self.renderer.audio(samples):
-            self._put(("audio", piece))
+        self._send(self.renderer.audio(samples))
 
     def _on_chunk(self, result: ChunkAudio, total: int) -> None:
         self._finished_chunks += 1
-        if self._finished_chunks < total:
-            for piece in self.renderer.chunk_done():
-                self._put(("audio", piece))
+        self.stamps.chunk_done(result)  # to the aligner, while the next chunk decodes
+        last = self._finished_chunks == total
+        self._send(self.renderer.chunk_done(self._chunks[result.index], result.audio.size, last))
+
+    def _send(self, pieces: list[bytes]) -> None:
+        """Encoded pieces to the handler; the words of chunks aligned by now go with the next one."""
+        for piece in pieces:
+            self._put(("audio", piece, self.stamps.ready_words(self.renderer.layout, self.renderer.section_scale)))
 
     def _put(self, message: tuple) -> None:
         """Wait for room in the queue, unless the job has stopped."""

@@ -1,9 +1,11 @@
 """Text handling: VibeVoice scripts (`Speaker N: ...` lines), sentence splitting and chunking.
 
-A job's text is either plain text (one speaker) or a script with one turn per line. Long texts are
-cut into chunks that the model generates one after another (or as a batch): long turns split at
-sentence boundaries, short consecutive turns grouped up to the chunk limit. Every chunk keeps its
-turns' speakers, so its prompt can carry each of their reference voices.
+A job's text is either plain text (one speaker) or a script with one turn per line. Pause tags
+(`[pause]`, `[pause:750ms]`, `[pause:2s]`) may stand anywhere: the text splits there, and the
+turn before the tag carries the pause that follows it. Long texts are cut into chunks that the
+model generates one after another (or as a batch): long turns split at sentence boundaries,
+short consecutive turns grouped up to the chunk limit, and a pause ends its chunk. Every chunk
+keeps its turns' speakers, so its prompt can carry each of their reference voices.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_SPEAKERS = 4
+PAUSE_DEFAULT_MS = 500  # a bare [pause]
+PAUSE_MAX_MS = 10_000  # one tag
+
+# Anything that starts like a pause tag; `_PAUSE` is the valid form ("[pause:1500]" is milliseconds,
+# as in ComfyUI's VibeVoice nodes). Other square brackets are text.
+_PAUSE_LIKE = re.compile(r"\[\s*pause\b[^\]\[\n]*\]?", re.IGNORECASE)
+_PAUSE = re.compile(r"\[\s*pause\s*(?::\s*(\d{1,6}(?:\.\d{1,3})?)\s*(ms|s)?\s*)?\]", re.IGNORECASE)
+_LEADING_PAUSES = re.compile(rf"(?:\s*{_PAUSE_LIKE.pattern})+\s*", re.IGNORECASE)
 
 _LABEL = re.compile(r"^\s*speaker\s*(\d+)\s*:\s*(.*)$", re.IGNORECASE)
 _LOOKS_LIKE_LABEL = re.compile(r"^\s*speaker\b[^:]{0,12}:", re.IGNORECASE)
@@ -80,10 +90,12 @@ class ScriptError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    """One line of a script: a 0-based model speaker index and what they say."""
+    """One line of a script (or its part up to a pause tag): a 0-based model speaker index, what
+    they say, and the silence that follows it."""
 
     speaker: int
     text: str
+    pause_after_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class Chunk:
 
     index: int
     turns: tuple[Turn, ...]
+    pause_after_ms: int = 0  # silence after this chunk, in place of the gap between chunks
 
     @property
     def speakers(self) -> list[int]:
@@ -108,6 +121,12 @@ class Script:
     turns: tuple[Turn, ...]
     is_script: bool  # False: plain text, one speaker
     label_base: int  # 1 when labels were written 1-4, 0 when 0-3
+    lead_pause_ms: int = 0  # pause tags before the first words
+
+    @property
+    def pause_ms(self) -> int:
+        """All pauses the tags ask for."""
+        return self.lead_pause_ms + sum(turn.pause_after_ms for turn in self.turns)
 
     @property
     def speakers(self) -> list[int]:
@@ -128,46 +147,109 @@ def normalize_whitespace(text: str) -> str:
     return re.sub(r"[ \t\f\v\u00a0]+", " ", text).strip()
 
 
+def parse_pauses(text: str) -> list[tuple[str, int]]:
+    """The text between pause tags, each piece with the pause (ms) that follows it.
+
+    The first piece may be empty (the text starts with a tag). A tag that is not a valid pause
+    raises ScriptError naming it.
+    """
+    pieces: list[tuple[str, int]] = []
+    position = 0
+    for match in _PAUSE_LIKE.finditer(text):
+        pieces.append((text[position : match.start()], _pause_ms(match.group(0))))
+        position = match.end()
+    pieces.append((text[position:], 0))
+    merged: list[tuple[str, int]] = []
+    for piece, pause in pieces:  # pieces with nothing to say add their pause to the one before
+        if merged and not has_visible(piece):
+            merged[-1] = (merged[-1][0], merged[-1][1] + pause)
+        else:
+            merged.append((normalize_whitespace(piece) if has_visible(piece) else "", pause))
+    return merged
+
+
+def _pause_ms(tag: str) -> int:
+    match = _PAUSE.fullmatch(tag)
+    if match is None:
+        shown = tag if len(tag) <= 40 else tag[:37] + "..."
+        raise ScriptError(
+            f"has a malformed pause tag '{shown}'; write [pause], [pause:750ms] or [pause:2s] "
+            f"(at most {PAUSE_MAX_MS // 1000} s each)."
+        )
+    if match.group(1) is None:
+        return PAUSE_DEFAULT_MS
+    value = float(match.group(1)) * (1000 if (match.group(2) or "ms").lower() == "s" else 1)
+    if value > PAUSE_MAX_MS:
+        raise ScriptError(f"has the pause tag '{tag}', longer than {PAUSE_MAX_MS // 1000} s; the limit is per tag.")
+    return round(value)
+
+
+def _add_spoken(turns: list[Turn], speaker: int, spoken: str, lead: int) -> int:
+    """Append a line's turns (split at its pause tags); returns the lead pause, grown by any
+    pause that comes before the first words of the text."""
+    for piece, pause in parse_pauses(spoken):
+        if piece:
+            turns.append(Turn(speaker, piece, pause))
+        elif turns:
+            turns[-1] = replace(turns[-1], pause_after_ms=turns[-1].pause_after_ms + pause)
+        else:
+            lead += pause
+    return lead
+
+
+def _leading_pauses(line: str) -> tuple[str, str]:
+    """A script line's pause tags before its label (or the whole line of tags), and the rest."""
+    match = _LEADING_PAUSES.match(line)
+    return (match.group(0), line[match.end() :]) if match else ("", line)
+
+
 def parse_script(text: str) -> Script:
     """Plain text becomes one speaker; `Speaker N:` lines become turns with 0-based speakers.
 
     Labels may be written 0-3 or 1-4 (VibeVoice's own scripts use 1-based labels): when no line
-    uses 0, labels are taken as 1-based.
+    uses 0, labels are taken as 1-based. In a script, pause tags may stand before a line's label,
+    and a line of pause tags alone needs none.
     """
     lines = [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
-    labelled = [_LABEL.match(line) for line in lines]
+    split = [_leading_pauses(line) for line in lines]
+    labelled = [_LABEL.match(rest) for _, rest in split]
     if not any(labelled):
         for number, line in enumerate(lines, start=1):
             if _LOOKS_LIKE_LABEL.match(line):
                 raise ScriptError(
                     f"text line {number} looks like a speaker label but is not 'Speaker N: ...' with N from 1 to 4."
                 )
-        plain = normalize_whitespace(" ".join(line.strip() for line in lines))
-        return Script(turns=(Turn(0, plain),) if has_visible(plain) else (), is_script=False, label_base=1)
+        plain_turns: list[Turn] = []
+        lead = _add_spoken(plain_turns, 0, " ".join(line.strip() for line in lines), 0)
+        return Script(turns=tuple(plain_turns), is_script=False, label_base=1, lead_pause_ms=lead)
 
-    turns: list[tuple[int, str]] = []
-    for number, match in enumerate(labelled, start=1):
+    found: list[tuple[int, str]] = []  # (label, spoken); label -1: pause tags before a label or alone
+    for number, ((tags, rest), match) in enumerate(zip(split, labelled, strict=True), start=1):
+        if tags:
+            found.append((-1, tags))
         if match is None:
+            if not rest.strip():
+                continue
             raise ScriptError(
                 f"text line {number} has no 'Speaker N:' label; in a script every line must start with one."
             )
         spoken = normalize_whitespace(match.group(2))
         if not has_visible(spoken):
             raise ScriptError(f"text line {number} ('Speaker {match.group(1)}:') has nothing to say.")
-        turns.append((int(match.group(1)), spoken))
+        found.append((int(match.group(1)), spoken))
 
-    labels = {label for label, _ in turns}
+    labels = {label for label, _ in found if label >= 0}
     base = 0 if 0 in labels else 1
     if (base == 0 and max(labels) > MAX_SPEAKERS - 1) or (base == 1 and max(labels) > MAX_SPEAKERS):
         raise ScriptError(
             f"text uses 'Speaker {max(labels)}', but a script has at most {MAX_SPEAKERS} speakers, "
             "labelled 1 to 4 (or 0 to 3)."
         )
-    return Script(
-        turns=tuple(Turn(label - base, spoken) for label, spoken in turns),
-        is_script=True,
-        label_base=base,
-    )
+    turns: list[Turn] = []
+    lead = 0
+    for label, spoken in found:
+        lead = _add_spoken(turns, max(label - base, 0), spoken, lead)
+    return Script(turns=tuple(turns), is_script=True, label_base=base, lead_pause_ms=lead)
 
 
 def _ends_sentence(text: str, end: int) -> bool:
@@ -266,23 +348,26 @@ def chunk_script(script: Script, max_chars: int) -> list[Chunk]:
     """Cut a script into chunks of at most `max_chars` characters of spoken text.
 
     Long turns split at sentence boundaries (balanced sizes); short consecutive turns are grouped
-    until the next one would exceed the limit.
+    until the next one would exceed the limit. A pause ends its chunk.
     """
     pieces: list[Turn] = []
     for turn in script.turns:
-        for part in _pack(split_sentences(turn.text), max_chars):
-            pieces.append(Turn(turn.speaker, part))
+        parts = _pack(split_sentences(turn.text), max_chars)
+        for number, part in enumerate(parts):
+            pieces.append(Turn(turn.speaker, part, turn.pause_after_ms if number == len(parts) - 1 else 0))
 
     chunks: list[list[Turn]] = []
     size = 0
     for piece in pieces:
-        if chunks and size + len(piece.text) <= max_chars:
+        if chunks and not chunks[-1][-1].pause_after_ms and size + len(piece.text) <= max_chars:
             chunks[-1].append(piece)
             size += len(piece.text)
         else:
             chunks.append([piece])
             size = len(piece.text)
-    return [Chunk(index=i, turns=tuple(turns)) for i, turns in enumerate(chunks)]
+    return [
+        Chunk(index=i, turns=tuple(turns), pause_after_ms=turns[-1].pause_after_ms) for i, turns in enumerate(chunks)
+    ]
 
 
 def max_frames_for(chunk: Chunk, frame_rate: float) -> int:

@@ -9,6 +9,7 @@ c  post-processing + upload per minute of audio vs the design's ffmpeg/FFT way
 d  peak memory of a ~10-minute job
 e  cold start and import time
 f  streaming: time to first audio / total time
+g  word alignment: CPU time per minute of audio, and a job's wall time with word timestamps / without
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FIGURES = {
     "d": "bench.memory",
     "e": "bench.coldstart",
     "f": "bench.streaming",
+    "g": "bench.alignment",
 }
 RESULTS_JSON = ROOT / "bench" / "results.json"
 RESULTS_MD = ROOT / "bench" / "results.md"
@@ -38,7 +40,7 @@ RESULTS_MD = ROOT / "bench" / "results.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="comma-separated figure letters (a-f)")
+    parser.add_argument("--only", help="comma-separated figure letters (a-g)")
     args = parser.parse_args()
     letters = args.only.split(",") if args.only else list(FIGURES)
     unknown = [letter for letter in letters if letter not in FIGURES]

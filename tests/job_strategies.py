@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 FIELDS = [
     "action", "text", "input", "speaker", "speakers", "voice_audio_base64", "voice_url", "cfg_scale",
     "diffusion_steps", "seed", "max_chunk_chars", "max_new_tokens", "disable_prefill", "output_format",
-    "sample_rate", "bitrate_kbps", "speed", "normalize", "target_lufs", "captions", "return", "return_mode",
-    "stream", "stream_chunk_ms",
+    "sample_rate", "bitrate_kbps", "speed", "normalize", "target_lufs", "captions", "timestamps", "caption_unit",
+    "return", "return_mode", "stream", "stream_chunk_ms",
 ]  # fmt: skip
 
 CLIPS = [
@@ -33,6 +33,7 @@ TEXTS = [
     "Speaker 1: One.\nSpeaker 2: Two.\nSpeaker 3: Three.",
     "A longer passage. It has several sentences! Does it chunk? Yes, it does; and it goes on. " * 4,
     "你好，世界。这是一个测试。",
+    "[pause:300ms] Pauses, [pause] here [PAUSE:1.5s] and [laughs] there. [pause:2s]",
 ]
 
 json_scalars = (
@@ -65,6 +66,7 @@ nasty_text = st.one_of(
     st.integers(0, 60_000).map(lambda n: "a" * n),
     st.integers(0, 3000).map(lambda n: "Speaker 1: x\n" * n),
     st.sampled_from(["", " ", "Speaker 9: hi", "Speaker 0: a\nSpeaker 1: b", "Speaker: x", "speaker 1 hi"]),
+    st.sampled_from(["[pause:x] a", "a [pause:11s]", "[pause:2s", "[pause]" * 200, "[pause:9999999s] a", "[ pause ]"]),
 )
 numbers = st.one_of(
     st.integers(min_value=-(2**64), max_value=2**64),
@@ -97,11 +99,14 @@ def valid_jobs(draw) -> dict:
         "normalize": st.booleans(),
         "target_lufs": st.floats(-70, -5),
         "captions": st.sampled_from(["srt", "vtt"]),
+        "timestamps": st.sampled_from(["none", "sentence", "word"]),
         "return": st.sampled_from(["auto", "base64"]),
         "disable_prefill": st.booleans(),
     }
     for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
         job[name] = draw(optional[name])
+    if "captions" in job and draw(st.booleans()):
+        job["caption_unit"] = draw(st.sampled_from(["chunk", "sentence", "word"]))
     if fmt in ("mp3", "opus", "wav", "pcm_16", "pcm") and draw(st.booleans()):
         job["stream"] = True
     return job

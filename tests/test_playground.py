@@ -7,10 +7,8 @@ RunPod emulator (`make serve`) -> the SDK's real worker loop with the tiny check
 checks one part of what it saw. Screenshots, downloads and the raw results go to
 .local/playground/ (git-ignored).
 
-What is not real: the model (random weights, so the audio is noise of the right length and codec)
-and, in the word-highlighting scenario only, the speech reply: the bridge has no word timings yet,
-so the browser test serves a reply of the documented shape (real audio from the bridge, made-up
-word times).
+What is not real: the model (random weights, so the audio is noise of the right length and codec;
+the aligner still places every word in order inside it).
 """
 
 from __future__ import annotations
@@ -169,10 +167,13 @@ def test_errors_show_the_bridges_sentence(run: Run) -> None:
 
 
 def test_word_highlighting_follows_the_audio(run: Run) -> None:
+    """`"timestamps": true` through the bridge to the worker's aligner and back: every word of the
+    text is shown, and each is marked while it plays."""
     result = scenario(run, "words")
     assert result["sent"]["timestamps"] is True and "stream_format" not in result["sent"]
+    assert result["job"]["state"] == "done", result["job"]["error"]
     assert result["shown"] == ["One", "two", "three."]
-    assert result["job"]["state"] == "done"
+    assert sorted(result["marked"]) == sorted(result["shown"])
 
 
 def test_accessibility_and_phone_layout(run: Run) -> None:

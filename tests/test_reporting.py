@@ -10,6 +10,7 @@ from planning import plan_job
 from rendering import AudioSummary
 from reporting import PROGRESS_INTERVAL_SEC, ProgressThrottle, after_items, job_result
 from schema import parse_job_input
+from timeline import Placement
 
 
 class Clock:
@@ -53,9 +54,8 @@ def finished(settings):
         ChunkAudio(0, tone(200, 1.0), frames=8, reached_cap=False, seconds=0.0),
         ChunkAudio(1, tone(300, 0.5), frames=4, reached_cap=True, seconds=0.0),
     ]
-    summary = AudioSummary(
-        duration_sec=1.5, loudness={"applied": False}, time_scale=1.0, gap_samples=0, encode_seconds=0.1
-    )
+    placements = [Placement(0, 0.0, 1.0, 1.0), Placement(1, 1.0, 1.5, 1.0)]
+    summary = AudioSummary(duration_sec=1.5, loudness={"applied": False}, placements=placements, encode_seconds=0.1)
     return plan, results, summary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from text import Chunk, ScriptError, Turn, chunk_script, max_frames_for, parse_script, split_sentences
@@ -110,3 +112,69 @@ def test_frame_cap_grows_with_text_length() -> None:
     long = Chunk(0, (Turn(0, "word " * 60),))
     assert max_frames_for(short, 7.5) == 20  # (2 s + 3/5 s) * 7.5
     assert max_frames_for(long, 7.5) > 400
+
+
+# --- pause tags ---------------------------------------------------------------------------------
+
+
+def test_pause_tags_split_the_text_and_carry_their_length() -> None:
+    script = parse_script("Hello there. [pause] How are you? [pause:750ms] Fine [PAUSE: 2s] thanks [pause:1500] bye.")
+    assert script.turns == (
+        Turn(0, "Hello there.", 500),
+        Turn(0, "How are you?", 750),
+        Turn(0, "Fine", 2000),
+        Turn(0, "thanks", 1500),
+        Turn(0, "bye.", 0),
+    )
+    assert script.pause_ms == 4750
+
+
+def test_pauses_at_the_edges_and_in_a_row_add_up() -> None:
+    script = parse_script("[pause:1s] Start. [pause] [pause:0.25s] End. [pause:2s]")
+    assert script.lead_pause_ms == 1000
+    assert script.turns == (Turn(0, "Start.", 750), Turn(0, "End.", 2000))
+
+
+def test_pause_tags_in_scripts() -> None:
+    script = parse_script("Speaker 1: Hi. [pause:300ms] Still me.\n[pause:1s]\nSpeaker 2: [pause] Hello.")
+    assert script.is_script
+    assert script.turns == (Turn(0, "Hi.", 300), Turn(0, "Still me.", 1500), Turn(1, "Hello.", 0))
+    before_labels = parse_script("[pause:2s] Speaker 1: Hi.\n[pause:1s] [pause] Speaker 2: Yo.")
+    assert before_labels.lead_pause_ms == 2000
+    assert before_labels.turns == (Turn(0, "Hi.", 1500), Turn(1, "Yo.", 0))
+
+
+def test_other_square_brackets_stay_text() -> None:
+    script = parse_script("She said [laughs] and [1] pointed at [pauses].")
+    assert script.turns == (Turn(0, "She said [laughs] and [1] pointed at [pauses]."),)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("Wait [pause:abc] here.", "malformed pause tag '[pause:abc]'"),
+        ("Wait [pause:-2s] here.", "malformed pause tag '[pause:-2s]'"),
+        ("Wait [pause:2 seconds] here.", "malformed pause tag '[pause:2 seconds]'"),
+        ("Wait [pause:2s here.", "malformed pause tag '[pause:2s here.'"),
+        ("Wait [pause for effect] here.", "malformed pause tag '[pause for effect]'"),
+        ("Wait [pause:11s] here.", "'[pause:11s]', longer than 10 s"),
+        ("Wait [pause:10001ms] here.", "'[pause:10001ms]', longer than 10 s"),
+    ],
+)
+def test_malformed_pause_tags_are_named(text: str, fragment: str) -> None:
+    with pytest.raises(ScriptError, match=re.escape(fragment)):
+        parse_script(text)
+
+
+def test_a_pause_ends_its_chunk() -> None:
+    script = parse_script("One. Two. [pause:400ms] Three. Four.")
+    chunks = chunk_script(script, 300)
+    assert [[turn.text for turn in chunk.turns] for chunk in chunks] == [["One. Two."], ["Three. Four."]]
+    assert [chunk.pause_after_ms for chunk in chunks] == [400, 0]
+
+
+def test_a_long_turn_keeps_its_pause_on_its_last_chunk() -> None:
+    long = " ".join(f"Sentence number {n} is here." for n in range(12))
+    chunks = chunk_script(parse_script(f"{long} [pause:1s] After."), 120)
+    assert len(chunks) > 2
+    assert [chunk.pause_after_ms for chunk in chunks] == [0] * (len(chunks) - 2) + [1000, 0]

@@ -16,10 +16,12 @@ const MAX_SPEAKERS = 4;
 const SAMPLE_TEXT = "Hello! This is VibeVoice, speaking from your own endpoint.";
 const SAMPLE_SCRIPT = "Speaker 1: Welcome back to the show.\nSpeaker 2: Thanks! It is good to be here.";
 const HINTS = {
-  plain: "Plain text is read by one voice; long texts are split at sentences and joined.",
+  plain:
+    "Plain text is read by one voice; long texts are split at sentences and joined. " +
+    "[pause] or [pause:750ms] adds a silence.",
   script:
     "One turn per line, each starting with its speaker: “Speaker 1: Hello!”. " +
-    `Up to ${MAX_SPEAKERS} speakers; pick a voice for each below.`,
+    `Up to ${MAX_SPEAKERS} speakers; pick a voice for each below. [pause:1s] adds a silence.`,
 };
 
 const state = { voices: [], job: null, clip: null, recorder: null, downloadUrl: null };

@@ -1,9 +1,9 @@
 // Word highlighting, when the bridge returns word timings.
 //
-// The shape is the worker's: `words: [{word, start_sec, end_sec, speaker}]` in the output's
-// timeline, in a JSON reply to `"timestamps": true` (next to the base64 audio) or in stream
-// events. Kokoro-style `timestamps: [{word, start_time, end_time}]` is read too. A bridge that
-// sends none leaves the page as it is.
+// The bridge answers `"timestamps": true` with JSON: the audio as base64 and Kokoro-style
+// `timestamps: [{word, start_time, end_time, speaker}]` in the audio's timeline. The worker's own
+// shape, `words: [{word, start_sec, end_sec, speaker}]`, is read too (stream events may carry it).
+// A reply without either leaves the page as it is.
 
 // The words of a reply or event, normalised to {word, start, end, speaker}, or null when none.
 export function wordsOf(payload) {
@@ -37,9 +37,11 @@ export class Highlighter {
   show(words) {
     this.clear();
     this.words = words;
+    // Speaker labels only for scripts: plain text has one speaker.
+    const labelled = new Set(words.map((entry) => entry.speaker)).size > 1;
     let speaker = null;
     for (const [index, entry] of words.entries()) {
-      if (entry.speaker !== null && entry.speaker !== speaker) {
+      if (labelled && entry.speaker !== speaker) {
         speaker = entry.speaker;
         const label = document.createElement("strong");
         label.className = "speaker";

@@ -30,6 +30,7 @@ const CLIENT_FIELDS = {
   diffusion_steps: "diffusion_steps",
   max_new_tokens: "max_new_tokens",
   stream_chunk_ms: "stream_chunk_ms",
+  timestamps: "timestamps",
 };
 
 // Worker failures caused by the deployment (storage, bugs, a worker stopped by RunPod), whatever

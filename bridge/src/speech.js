@@ -11,6 +11,7 @@ import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { fromBase64, readJsonObject, toBase64 } from "./http.js";
 import { RunPod } from "./runpod.js";
 import { parseSpeakers, parseVoice, resolveVoices } from "./speakers.js";
+import { timedSpeech, wantsTimestamps } from "./timed_speech.js";
 import { VoiceStore } from "./voices.js";
 
 export const MODELS = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15", "vibevoice-7b"];
@@ -25,6 +26,7 @@ const STREAM_EXTRAS = ["stream_chunk_ms"];
 export async function createSpeech(request, env, ctx, config) {
   const body = await readJsonObject(request, config.MAX_REQUEST_BYTES);
   const speech = parseSpeechRequest(body);
+  const timestamps = wantsTimestamps(body);
   RunPod.requireConfigured(config);
   const runpod = new RunPod(config, ctx);
   const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech);
@@ -42,6 +44,7 @@ export async function createSpeech(request, env, ctx, config) {
   const headers = { "content-type": format.contentType, "cache-control": "no-store" };
   // VibeVoice has no instruction input: the text is spoken as written, and the reply says so.
   if (speech.instructions !== undefined) headers["x-vibevoice-ignored"] = "instructions";
+  if (timestamps) return timedSpeech(runpod, jobInput, format, speech.responseFormat, headers);
   const usage = { characters: [...speech.input].length };
 
   const streaming =
