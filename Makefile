@@ -16,6 +16,7 @@ SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name 
 SERVE_PORT ?= 8000
 # The key `make serve` accepts and `make bridge` sends to it (both listen on 127.0.0.1 only).
 SERVE_API_KEY ?= local-dev
+SERVE_FLAGS ?=
 
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
@@ -79,8 +80,9 @@ run: $(STAMP)
 	$(PY) -m tools.run_job
 
 ## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
+## SERVE_FLAGS adds RunPod's rough edges (--running-state, --stream-reply-bytes, --rate-limit, --transient-every).
 serve: $(STAMP)
-	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY)
+	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY) $(SERVE_FLAGS)
 
 ## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
 ## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.

@@ -18,6 +18,10 @@ export default defineConfig({
           POLL_MAX_MS: "50",
           STREAM_POLL_INITIAL_MS: "20",
           STREAM_POLL_MAX_MS: "50",
+          RETRY_BASE_MS: "5",
+          RETRY_MAX_MS: "20",
+          // Tests name voices freely; the preset check has its own tests.
+          PRESET_VOICES: "",
         },
       },
     })),

@@ -6,16 +6,22 @@ checkpoint) -> audio back: streamed items through /stream, or whole files throug
 server and a presigned URL. All on 127.0.0.1.
 
 Nothing is mocked here; the model is the tiny random-weight checkpoint (no GPU and no real weights
-on test machines), so the audio is noise of the right codec, rate and length.
+on test machines), so the audio is noise of the right codec, rate and length. RunPod's rough edges
+(RUNNING, split /stream backlogs, 429s, passing 5xx) come from the emulator's RunpodBehaviour
+switches; clients that leave are real sockets that close.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import math
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -31,12 +37,18 @@ from audio_helpers import probe
 from conftest import ROOT, free_port, running_api
 
 import lifetime
+from tools.runpod_emulator import RunpodBehaviour, RunpodEmulator
 
 pytestmark = pytest.mark.slow
 
 BRIDGE_DIR = ROOT / "bridge"
 # Tiny generations (VibeVoice settings the bridge passes through as extra body fields).
 TINY = {"max_new_tokens": 4, "diffusion_steps": 3, "seed": 11}
+# A job that runs for seconds on the tiny model: long enough to leave, or to occupy the worker.
+LONG_TEXT = "Speaker 1: A job that keeps the worker busy for a while, sentence after sentence. " * 4
+LONG = {"max_new_tokens": 300, "diffusion_steps": 3}
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+PRESETS = "en-Alice_woman,en-Frank_man"  # the worker's demo voices (tests/conftest.py)
 
 
 @dataclass
@@ -61,6 +73,33 @@ class Bridge:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())["status"]
+
+    def jobs(self, text: str) -> list[dict]:
+        """Every RunPod job submitted with this text: id, policy, status now."""
+        return self.emulator.submissions(text)
+
+    def wait_for_job(self, text: str, statuses: set[str], timeout: float = 60) -> dict:
+        """The one job for `text`, once its status is in `statuses` (bounded in time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = self.jobs(text)
+            assert len(jobs) <= 1, jobs
+            if jobs and jobs[0]["status"] in statuses:
+                return jobs[0]
+            assert time.monotonic() < deadline, f"job for {text!r} is {jobs and jobs[0]['status']}, not {statuses}"
+            time.sleep(0.05)
+
+    def open_speech(self, body: dict) -> socket.socket:
+        """A speech request on a raw socket, its answer left unread (a client that may leave)."""
+        host, port = self.base_url.removeprefix("http://").removesuffix("/v1").split(":")
+        payload = json.dumps({"model": "tts-1", "voice": "alloy", **body}).encode()
+        head = (
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {self.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        sock = socket.create_connection((host, int(port)), timeout=60)
+        sock.sendall(head.encode() + payload)
+        return sock
 
 
 def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: str) -> tuple[subprocess.Popen, str]:
@@ -117,26 +156,33 @@ def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytes
         "S3_ACCESS_KEY_ID": s3_server.access_key_id,
         "S3_SECRET_ACCESS_KEY": s3_server.secret_access_key,
         "S3_BUCKET_NAME": s3_server.bucket,
+        # Voice clips come as URLs to the bridge, which listens on 127.0.0.1 here.
+        "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
     }
     with running_api(logs / "worker.log", worker_env) as api:
         yield Chain(api.emulator, logs)
 
 
+# What every bridge here runs with, besides a fresh token; fixtures add their own settings.
+BRIDGE_SETTINGS = {
+    "POLL_INITIAL_MS": "100",
+    "POLL_MAX_MS": "500",
+    "STREAM_POLL_INITIAL_MS": "50",
+    "STREAM_POLL_MAX_MS": "200",
+    "JOB_TIMEOUT_SECONDS": "240",
+    "RUNSYNC_WAIT_SECONDS": "2",
+    "RETRY_BASE_MS": "50",
+    "RETRY_MAX_MS": "500",
+    "MAX_TEXT_LENGTH": "2000",  # the worker's own default
+    "PRESET_VOICES": PRESETS,
+}
+
+
 def running_bridge(chain: Chain, name: str, **settings: str) -> Iterator[Bridge]:
     token = "e2e-token-" + os.urandom(8).hex()
     log_path = chain.logs / f"{name}.log"
-    process, origin = start_bridge(
-        chain.emulator.base_url,
-        chain.emulator.api_key,
-        log_path,
-        AUTH_TOKEN=token,
-        POLL_INITIAL_MS="100",
-        POLL_MAX_MS="500",
-        STREAM_POLL_INITIAL_MS="50",
-        STREAM_POLL_MAX_MS="200",
-        JOB_TIMEOUT_SECONDS="240",
-        **settings,
-    )
+    options = {**BRIDGE_SETTINGS, "AUTH_TOKEN": token, **settings}
+    process, origin = start_bridge(chain.emulator.base_url, chain.emulator.api_key, log_path, **options)
     try:
         yield Bridge(f"{origin}/v1", token, chain.emulator, log_path)
     finally:
@@ -225,7 +271,7 @@ def test_streaming_response_receives_bytes_before_the_job_completes(bridge: Brid
 
 def test_sse_stream_parses(bridge: Bridge) -> None:
     text = "Server-sent events."
-    deltas, done = [], None
+    deltas, done, event_lines = [], None, []
     with bridge.client().audio.speech.with_streaming_response.create(
         model="gpt-4o-mini-tts",
         voice="nova",
@@ -236,9 +282,12 @@ def test_sse_stream_parses(bridge: Bridge) -> None:
     ) as response:
         assert response.headers["content-type"] == "text/event-stream"
         for line in response.iter_lines():
+            if line.startswith("event: "):
+                event_lines.append(line.removeprefix("event: "))
             if not line.startswith("data: "):
                 continue
             event = json.loads(line.removeprefix("data: "))
+            assert event_lines.pop() == event["type"]  # each event named on its own line first, as OpenAI sends
             if event["type"] == "speech.audio.delta":
                 deltas.append(base64.b64decode(event["audio"]))
             else:
@@ -324,10 +373,12 @@ def test_errors_have_openai_shape(bridge: Bridge) -> None:
     assert caught.value.body["param"] == "voice"
     assert "available voices" in caught.value.body["message"]
 
+    # The worker's limits, checked by the bridge before a job is queued (MAX_TEXT_LENGTH, PRESET_VOICES).
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.speech.create(model="tts-1", voice="alloy", input="a" * 2500, extra_body=TINY)
     assert caught.value.body["param"] == "input"
-    assert caught.value.body["message"] == "'text' is 2500 characters long; the limit is 2000."
+    assert caught.value.body["message"] == "'input' is 2500 characters long; the limit is 2000."
+    assert bridge.jobs("a" * 2500) == []
 
     with pytest.raises(openai.NotFoundError):
         client.audio.speech.create(model="tts-1", voice={"id": "voice_0123456789abcdef01234567"}, input="x")
@@ -348,6 +399,7 @@ def test_secrets_stay_out_of_the_bridge_log(bridge: Bridge) -> None:
     assert bridge.token not in log
     assert bridge.emulator.api_key not in log
     assert "X-Amz-Signature" not in log
+    assert "signature=" not in log  # the bridge's own signed clip URLs
 
 
 def test_health_needs_no_token(bridge: Bridge) -> None:
@@ -356,5 +408,292 @@ def test_health_needs_no_token(bridge: Bridge) -> None:
     assert health["runpod"] == {"endpoint_configured": True, "api_key_configured": True}
     assert health["auth_required"] is True
     with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(bridge.base_url + "/models", timeout=10)
+        urllib.request.urlopen(bridge.base_url + "/audio/voice_consents", timeout=10)
     assert caught.value.code == 401
+
+
+# --- the bridge under RunPod's real behaviour ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_bridge(chain: Chain) -> Iterator[Bridge]:
+    """A bridge that gives up on a job after 3 s (whole files)."""
+    yield from running_bridge(chain, "short-bridge", STREAM_AUDIO="false", JOB_TIMEOUT_SECONDS="3")
+
+
+@contextlib.contextmanager
+def behaving(emulator: RunpodEmulator, **switches: object) -> Iterator[None]:
+    """The emulator with RunpodBehaviour(**switches) for the length of a `with` block."""
+    saved = emulator.behaviour
+    emulator.behaviour = RunpodBehaviour(**switches)
+    try:
+        yield
+    finally:
+        emulator.behaviour = saved
+
+
+def emulator_call(emulator: RunpodEmulator, method: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(emulator.base_url + path, data=data, headers=emulator.headers, method=method)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def busy_worker(bridge: Bridge) -> Iterator[None]:
+    """The worker running a long job of its own, so that new jobs wait in the queue."""
+    text = f"{LONG_TEXT} busy {os.urandom(4).hex()}"
+    job = emulator_call(bridge.emulator, "POST", "/run", {"input": {"text": text, **LONG}})
+    try:
+        bridge.wait_for_job(text, {"IN_PROGRESS"})
+        yield
+    finally:
+        emulator_call(bridge.emulator, "POST", f"/cancel/{job['id']}")
+
+
+def leave(sock: socket.socket) -> None:
+    """The client goes away: its connection is reset. (Locally, workerd takes a lone FIN for the
+    half-close HTTP/1.1 allows, not a disconnect; on Cloudflare the edge ends the Worker's request
+    when its client leaves.)"""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def read_some_body(sock: socket.socket) -> bytes:
+    """Read until the reply's headers and some of its body have arrived; returns the headers."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < 64:
+        chunk = sock.recv(65536)
+        assert chunk, f"the bridge closed the connection: {data[:300]!r}"
+        data += chunk
+    return data.partition(b"\r\n\r\n")[0]
+
+
+DISCONNECT_MODES = {
+    "whole file": ("whole_file_bridge", {"response_format": "wav"}),
+    "whole file as SSE": ("bridge", {"response_format": "flac", "stream_format": "sse"}),
+    "audio stream": ("bridge", {"response_format": "pcm", "stream_format": "audio"}),
+    "SSE stream": ("bridge", {"response_format": "mp3", "stream_format": "sse"}),
+}
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", list(DISCONNECT_MODES))
+def test_a_client_that_leaves_while_its_job_is_queued_cancels_it(mode: str, request: pytest.FixtureRequest) -> None:
+    fixture, body = DISCONNECT_MODES[mode]
+    bridge: Bridge = request.getfixturevalue(fixture)
+    text = f"Queued, then left ({mode}) {os.urandom(4).hex()}."
+    with busy_worker(bridge):
+        sock = bridge.open_speech({"input": text, **body, **TINY})
+        job = bridge.wait_for_job(text, {"IN_QUEUE"})
+        assert job["policy"]["ttl"] == 270_000  # JOB_TIMEOUT_SECONDS 240 + TTL_MARGIN_SECONDS 30
+        leave(sock)
+        bridge.wait_for_job(text, {"CANCELLED"}, timeout=30)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", list(DISCONNECT_MODES))
+def test_a_client_that_leaves_while_its_job_runs_cancels_it(mode: str, request: pytest.FixtureRequest) -> None:
+    """Whole files: before the first byte, while the worker generates. Streams: after audio has
+    started to arrive (the bridge's next write to the client fails, or request.signal aborts)."""
+    fixture, body = DISCONNECT_MODES[mode]
+    bridge: Bridge = request.getfixturevalue(fixture)
+    text = f"{LONG_TEXT} Left while running ({mode}) {os.urandom(4).hex()}."
+    sock = bridge.open_speech({"input": text, **body, **LONG})
+    if "stream" in mode:
+        assert b" 200 " in read_some_body(sock).split(b"\r\n")[0]
+        sock.close()
+    else:
+        bridge.wait_for_job(text, {"IN_PROGRESS"})
+        leave(sock)
+    bridge.wait_for_job(text, {"CANCELLED"}, timeout=30)
+    # The worker is free for the next job.
+    audio = bridge.client().audio.speech.create(model="tts-1", voice="alloy", input="Next.", extra_body=TINY)
+    assert probe(audio.content).codec == "mp3float"
+
+
+def test_rough_runpod_is_survived_and_nothing_is_truncated(bridge: Bridge, whole_file_bridge: Bridge) -> None:
+    """RUNNING, a /stream backlog split into replies of ~2 items, every third /status and /stream
+    call failing with 503, and /status and /stream rate-limited to 4 calls a second: every reply
+    is still whole, and each request ran exactly one job."""
+    frames = 60
+    rough = {"running_state": True, "stream_reply_bytes": 12_000, "transient_every": 3,
+             "rate_limits": {"status": (4, 1.0), "stream": (4, 1.0)}}  # fmt: skip
+    with behaving(bridge.emulator, **rough):
+        text = f"Streamed through a rough RunPod {os.urandom(4).hex()}."
+        pcm = bridge.client().audio.speech.create(
+            model="tts-1", voice="alloy", input=text, response_format="pcm",
+            extra_body={**TINY, "max_new_tokens": frames, "stream_chunk_ms": 100},
+        )  # fmt: skip
+        assert len(pcm.content) == frames * 3200 * 2
+        assert [job["status"] for job in bridge.jobs(text)] == ["COMPLETED"]
+
+        text = f"Events through a rough RunPod {os.urandom(4).hex()}."
+        deltas = []
+        with bridge.client().audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=text, response_format="wav", stream_format="sse",
+            extra_body={**TINY, "max_new_tokens": 20, "stream_chunk_ms": 100},
+        ) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    assert event["type"] != "error", event
+                    if event["type"] == "speech.audio.delta":
+                        deltas.append(base64.b64decode(event["audio"]))
+        assert probe(b"".join(deltas)).samples.size == 20 * 3200
+
+        text = f"A whole file from a rough RunPod {os.urandom(4).hex()}."
+        wav = whole_file_bridge.client().audio.speech.create(
+            model="tts-1", voice="alloy", input=text, response_format="wav", extra_body=TINY
+        )
+        assert probe(wav.content).samples.size == 4 * 3200
+        assert len(bridge.jobs(text)) == 1
+
+
+SDK_CODE = {"python": None, "node": "test/e2e/node-retries.mjs"}
+
+
+def sdk_calls(sdk: str, bridge: Bridge, bodies: list[dict]) -> list[int]:
+    """The HTTP status each request ended with, through the official SDK with its default retries."""
+    if sdk == "node":
+        result = subprocess.run(
+            [shutil.which("node"), SDK_CODE["node"], bridge.base_url, json.dumps(bodies)],
+            cwd=BRIDGE_DIR, env={**os.environ, "OPENAI_API_KEY": bridge.token},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [json.loads(line)["status"] for line in result.stdout.strip().splitlines()]
+    client = openai.OpenAI(base_url=bridge.base_url, api_key=bridge.token, timeout=120)  # max_retries: 2
+    named = {"model", "voice", "input", "response_format", "speed", "stream_format", "instructions"}
+    statuses = []
+    for body in bodies:
+        try:
+            client.audio.speech.create(
+                **{k: v for k, v in body.items() if k in named},
+                extra_body={k: v for k, v in body.items() if k not in named},
+            )
+            statuses.append(200)
+        except openai.APIStatusError as error:
+            statuses.append(error.status_code)
+    return statuses
+
+
+def unique(label: str) -> str:
+    return f"{label} {os.urandom(4).hex()}."
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("sdk", list(SDK_CODE))
+def test_sdk_retries_never_start_a_second_job(
+    sdk: str, bridge: Bridge, whole_file_bridge: Bridge, short_bridge: Bridge
+) -> None:
+    """Every error the bridge can answer, through an official SDK with its default retries: at most
+    one RunPod job per call, counted in the emulator."""
+    base = {"model": "tts-1", "voice": "alloy", "response_format": "wav", **TINY}
+
+    def run(server: Bridge, cases: list[tuple[dict, int, int]]) -> None:
+        bodies = [{**base, **body} for body, _, _ in cases]
+        assert sdk_calls(sdk, server, bodies) == [status for _, status, _ in cases]
+        assert [len(server.jobs(body["input"])) for body in bodies] == [jobs for _, _, jobs in cases]
+
+    run(bridge, [
+        ({"input": unique("speed"), "speed": 9}, 400, 0),
+        ({"input": unique("preset"), "voice": "nobody"}, 400, 0),
+        ({"input": unique("voice id"), "voice": {"id": "voice_0123456789abcdef01234567"}}, 404, 0),
+        ({"input": unique("too long") + "a" * 70_000}, 413, 0),
+        ({"input": unique("worker check"), "diffusion_steps": 99}, 400, 1),
+        ({"input": unique("fine")}, 200, 1),
+    ])  # fmt: skip
+    # RunPod refuses a submission (429): the bridge says 429 with Retry-After, the SDK waits and
+    # tries again, and only the accepted submission is a job.
+    with behaving(bridge.emulator, rate_limits={"run": (1, 2.0)}):
+        run(bridge, [({"input": unique("first")}, 200, 1), ({"input": unique("rate-limited")}, 200, 1)])
+    # /status and /stream always fail: the bridge retries, gives up, cancels, answers 502.
+    with behaving(bridge.emulator, transient_every=1):
+        run(whole_file_bridge, [({"input": f"{LONG_TEXT} {unique('status fails')}", **LONG}, 502, 1)])
+        run(bridge, [({"input": unique("stream fails")}, 502, 1)])
+    # The job outlives the bridge's deadline: 504, the job cancelled.
+    run(short_bridge, [({"input": f"{LONG_TEXT} {unique('deadline')}", **LONG}, 504, 1)])
+    # None of them is left running.
+    assert not [job for job in bridge.emulator.submissions() if job["status"] in ("IN_QUEUE", "IN_PROGRESS")]
+
+
+def test_open_webui_lists_the_preset_voices_without_a_token(bridge: Bridge) -> None:
+    """Open WebUI fetches these without its key; with AUTH_TOKEN set, they still answer."""
+    created = bridge.client().audio.voices.create(
+        name="Private clone", audio_sample=("clip.wav", wav_bytes(24000, 1, 2.0), "audio/wav"), consent="n/a"
+    )
+    with urllib.request.urlopen(bridge.base_url + "/audio/voices", timeout=10) as response:
+        voices = json.loads(response.read())["voices"]
+    ids = [voice["id"] for voice in voices]
+    assert {"alloy", "echo", "en-Alice_woman", "en-Frank_man"} <= set(ids)
+    assert created.id not in ids  # created voices are the token holders' own
+    assert created.id in {voice["id"] for voice in bridge.get_json("/audio/voices")["voices"]}
+    with urllib.request.urlopen(bridge.base_url + "/audio/models", timeout=10) as response:
+        assert "tts-1" in {model["id"] for model in json.loads(response.read())["models"]}
+    bridge.client().audio.voices.delete(created.id)
+
+
+def test_any_model_name_runs_and_the_reply_says_which(bridge: Bridge) -> None:
+    response = bridge.client().audio.speech.with_raw_response.create(
+        model="kokoro", voice="alloy", input="Any model.", response_format="wav",
+        extra_body=TINY,
+    )  # fmt: skip
+    assert response.headers["x-vibevoice-model"] == "vibevoice-7b"
+    assert response.headers["content-disposition"] == 'inline; filename="speech.wav"'
+    assert probe(response.content).codec == "pcm_s16le"
+
+
+def wav_bytes(rate: int, channels: int, seconds: float, subtype: str = "PCM_16") -> bytes:
+    """A WAV file of a quiet tone with some noise."""
+    import soundfile
+
+    t = np.arange(int(rate * seconds)) / rate
+    tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.01 * np.random.default_rng(0).standard_normal(t.size)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.repeat(tone[:, None], channels, axis=1), rate, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+def test_consent_then_a_clip_over_the_old_7_mb_limit_clones_a_voice(bridge: Bridge) -> None:
+    """OpenAI's two steps through the SDK: a consent recording, then a voice naming it. The 9.6 MB
+    clip reaches the worker as a signed URL to the bridge, not inside the job."""
+    client = bridge.client()
+    consent = client.audio.voice_consents.create(
+        name="Speaker's consent", language="en-US", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
+    )
+    assert consent.id.startswith("cons_") and consent.language == "en-US"
+    assert client.audio.voice_consents.retrieve(consent.id).name == "Speaker's consent"
+    big = wav_bytes(48000, 2, 25.0, "FLOAT")  # 25 s of 48 kHz stereo float: 9.6 MB
+    assert 9_000_000 < len(big) <= 10 * 1024 * 1024
+    voice = client.audio.voices.create(name="Big clip", audio_sample=("big.wav", big, "audio/wav"), consent=consent.id)
+    text = f"In a voice from a large clip {os.urandom(4).hex()}."
+    audio = client.audio.speech.create(
+        model="tts-1", voice={"id": voice.id}, input=text, response_format="flac", extra_body=TINY
+    )
+    assert probe(audio.content).codec == "flac"
+    assert [job["status"] for job in bridge.jobs(text)] == ["COMPLETED"]
+    client.audio.voices.delete(voice.id)
+    assert client.audio.voice_consents.delete(consent.id).deleted
+
+
+def test_captions_come_back_with_whole_files_and_in_sse(bridge: Bridge) -> None:
+    client = bridge.client()
+    response = client.audio.speech.with_raw_response.create(
+        model="tts-1",
+        voice="alloy",
+        input="With captions.",
+        response_format="wav",
+        extra_body={**TINY, "captions": "srt"},
+    )
+    captions = base64.b64decode(response.headers["x-vibevoice-captions"]).decode()
+    assert captions.startswith("1\n00:00:00,000 --> ") and "With captions." in captions
+    done = None
+    with client.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alloy", input="Events with captions.", response_format="mp3", stream_format="sse",
+        extra_body={**TINY, "captions": "vtt"},
+    ) as streamed:  # fmt: skip
+        for line in streamed.iter_lines():
+            if line.startswith("data: ") and '"speech.audio.done"' in line:
+                done = json.loads(line.removeprefix("data: "))
+    assert done is not None and done["captions"].startswith("WEBVTT\n\n00:00:00.000 --> ")

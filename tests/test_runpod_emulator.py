@@ -7,6 +7,8 @@ job-done / job-stop calls and the real handler. Only the GPU and the real weight
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import re
@@ -20,7 +22,13 @@ import pytest
 from audio_helpers import check_audio
 from conftest import RunpodAPI, start_runpod_api
 
-from tools.runpod_emulator import RunpodEmulator
+from tools.runpod_emulator import (
+    RATE_LIMITS,
+    RunpodBehaviour,
+    RunpodEmulator,
+    add_behaviour_arguments,
+    behaviour_from,
+)
 
 pytestmark = pytest.mark.slow
 FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
@@ -318,3 +326,126 @@ def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
     finally:
         worker.stop()
         emulator.stop()
+
+
+# --- RunPod behaviours clients must survive (opt-in switches) --------------------------------------
+
+
+@contextlib.contextmanager
+def behaving(emulator: RunpodEmulator, **switches: object) -> Iterator[None]:
+    """The emulator with RunpodBehaviour(**switches) for the length of a `with` block."""
+    saved = emulator.behaviour
+    emulator.behaviour = RunpodBehaviour(**switches)
+    try:
+        yield
+    finally:
+        emulator.behaviour = saved
+
+
+def test_running_state_and_split_stream_backlog(runpod_api: RunpodAPI) -> None:
+    """RUNNING while a worker has the job; a backlog split across /stream replies, the first of
+    them already COMPLETED: only reading on until a final reply is empty gets every item."""
+    emulator: RunpodEmulator = runpod_api.emulator  # type: ignore[assignment]
+    job_input = {"text": "A split stream.", "stream": True, "output_format": "pcm_16", "stream_chunk_ms": 100,
+                 "max_new_tokens": 12, "diffusion_steps": 3}  # fmt: skip
+    with behaving(emulator, running_state=True, stream_reply_bytes=8000):  # one 100 ms pcm item per reply
+        _, job = runpod_api.call("POST", "/run", {"input": job_input})
+        seen = {runpod_api.wait_for(job["id"], {"RUNNING", "COMPLETED"}, interval=0.02)["status"]}
+        seen.add(runpod_api.wait_for(job["id"], FINAL)["status"])
+        replies = []
+        for _ in range(100):
+            status, reply = runpod_api.call("GET", f"/stream/{job['id']}")
+            assert status == 200
+            replies.append(reply)
+            if reply["status"] in FINAL and not reply["stream"]:
+                break
+    assert "RUNNING" in seen and "IN_PROGRESS" not in seen
+    items = [entry["output"] for reply in replies for entry in reply["stream"]]
+    assert items[-1]["status"] == "complete" and items[-1]["items"] == len(items) - 1 == 16  # 1.6 s in 100 ms items
+    assert [item["seq"] for item in items[:-1]] == list(range(16))
+    assert all(reply["status"] == "COMPLETED" for reply in replies)  # every reply after the end says so
+    # At most 8000 bytes a reply, unless one item is larger on its own.
+    assert all(len(reply["stream"]) == 1 or len(json.dumps(reply["stream"])) <= 8000 for reply in replies)
+    assert len(replies) > 8
+
+
+def test_the_runpod_client_reads_a_split_backlog_whole(runpod_api: RunpodAPI) -> None:
+    """The runpod SDK's own Job.stream() polls until a final reply with no items: it gets everything."""
+    emulator: RunpodEmulator = runpod_api.emulator  # type: ignore[assignment]
+    root_handlers = logging.getLogger().handlers[:]
+    import runpod
+
+    saved = runpod.endpoint_url_base
+    runpod.endpoint_url_base = runpod_api.base_url.rsplit("/", 1)[0]
+    try:
+        with behaving(emulator, stream_reply_bytes=8000, running_state=True):
+            endpoint = runpod.Endpoint(emulator.endpoint_id, api_key=runpod_api.api_key)
+            job_input = {"text": "Split.", "stream": True, "output_format": "pcm_16", "stream_chunk_ms": 100,
+                         "max_new_tokens": 8, "diffusion_steps": 3}  # fmt: skip
+            job = endpoint.run({"input": job_input})
+            streamed = list(job.stream())
+    finally:
+        runpod.endpoint_url_base = saved
+        logging.getLogger().handlers[:] = root_handlers
+    assert streamed[-1]["status"] == "complete" and streamed[-1]["items"] == 11  # 1.07 s in 100 ms items
+    assert [item["seq"] for item in streamed[:-1]] == list(range(11))
+
+
+def _raw_call(api: RunpodAPI, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body) of one request."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(api.base_url + path, data=data, headers=api.headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), json.loads(error.read())
+
+
+def test_rate_limit_answers_429_with_retry_after(bare_api: RunpodAPI) -> None:
+    emulator: RunpodEmulator = bare_api.emulator  # type: ignore[assignment]
+    with behaving(emulator, rate_limits={"run": (2, 1.0)}):
+        answers = [_raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}}) for _ in range(3)]
+        assert [status for status, _, _ in answers] == [200, 200, 429]
+        assert answers[2][1]["Retry-After"] == "1" and answers[2][2] == {"error": "rate limit exceeded"}
+        assert _raw_call(bare_api, "GET", "/status/x")[0] == 404  # only /run is limited here
+        time.sleep(1.05)
+        assert _raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}})[0] == 200
+    assert len(emulator.submissions("limited")) == 3  # the refused call started no job
+    with behaving(emulator, rate_limits=RATE_LIMITS):
+        assert all(_raw_call(bare_api, "GET", "/status/x")[0] == 404 for _ in range(20))
+
+
+def test_transient_errors_on_status_and_stream(bare_api: RunpodAPI) -> None:
+    emulator: RunpodEmulator = bare_api.emulator  # type: ignore[assignment]
+    _, job = bare_api.call("POST", "/run", {"input": {"text": "flaky"}})
+    with behaving(emulator, transient_every=2):
+        statuses = [bare_api.call("GET", f"/status/{job['id']}")[0] for _ in range(4)]
+        streams = [bare_api.call("GET", f"/stream/{job['id']}")[0] for _ in range(4)]
+        assert bare_api.call("POST", "/run", {"input": {"text": "flaky"}})[0] == 200  # submissions are spared
+    assert statuses == streams == [200, 503, 200, 503]
+
+
+def test_policy_ttl_expires_a_queued_job_and_every_submission_is_counted() -> None:
+    with RunpodEmulator("ttl-key", min_ttl_ms=100) as emulator:  # RunPod's floor is 10 s; lowered to keep it short
+        api = RunpodAPI(emulator.base_url, emulator.api_key, emulator, None)
+        policy = {"ttl": 300, "executionTimeout": 60_000}
+        _, job = api.call("POST", "/run", {"input": {"text": "no worker"}, "policy": policy})
+        api.call("POST", "/run", {"input": {"text": "no worker"}})
+        assert api.wait_for(job["id"], FINAL, timeout=10, interval=0.05)["status"] == "TIMED_OUT"
+        submitted = emulator.submissions("no worker")
+        assert [entry["policy"] for entry in submitted] == [policy, {}]
+        assert [entry["status"] for entry in submitted] == ["TIMED_OUT", "IN_QUEUE"]
+        assert emulator.submissions("other") == []
+
+
+def test_make_serve_flags_switch_the_behaviours_on() -> None:
+    parser = argparse.ArgumentParser()
+    add_behaviour_arguments(parser)
+    flags = ["--running-state", "--stream-reply-bytes", "1000000", "--rate-limit", "5/2", "--transient-every", "7"]
+    behaviour = behaviour_from(parser.parse_args(flags))
+    assert behaviour == RunpodBehaviour(
+        True, 1_000_000, dict.fromkeys(["run", "runsync", "status", "stream"], (5, 2.0)), 7
+    )
+    assert behaviour_from(parser.parse_args(["--rate-limit", "documented"])).rate_limits == RATE_LIMITS
+    assert behaviour_from(parser.parse_args([])) == RunpodBehaviour()

@@ -28,7 +28,14 @@ Policies follow RunPod's documentation: `policy.executionTimeout` (default 60000
 5000) ends a running job TIMED_OUT, `policy.ttl` (default 24 h, 10 s to 7 days) ends a job that is
 not finished by then TIMED_OUT, and results are kept 30 minutes after /run and 1 minute after
 /runsync, then /status answers 404. Deliberate simplifications are listed in the project docs
-(no webhooks, no rate limits, one endpoint per server, /stream never holds the request open).
+(no webhooks, one endpoint per server, /stream never holds the request open).
+
+RunPod behaviours that clients must survive are off by default and switched on with a
+`RunpodBehaviour` (constructor argument `behaviour`, or the attribute at any time; command-line
+flags for `make serve`): the RUNNING state, /stream backlogs split across replies at 1 MB, rate
+limits answered 429 with Retry-After, and passing 5xx answers on /status and /stream.
+`submissions(text)` lists every job ever submitted with that input text (with its policy), so
+tests can count the jobs a client caused.
 
 Python use (tests, `make serve`):
 
@@ -40,6 +47,7 @@ Python use (tests, `make serve`):
 Command line (what `make serve` runs):
 
     python -m tools.runpod_emulator [--port 8000] [--key KEY] [--no-worker]
+        [--running-state] [--stream-reply-bytes N] [--rate-limit N/SECONDS] [--transient-every N]
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -87,6 +96,8 @@ DEFAULT_TTL_MS = 24 * 3600 * 1000
 TTL_BOUNDS_MS = (10_000, 7 * 24 * 3600 * 1000)
 RUN_RETENTION_S = 30 * 60
 RUNSYNC_RETENTION_S = 60
+STREAM_REPLY_LIMIT_BYTES = 1_000_000  # a /stream reply carries at most 1 MB of items
+RATE_LIMITS = {"run": (1000, 10.0), "runsync": (2000, 10.0), "status": (2000, 10.0), "stream": (2000, 10.0)}
 
 # The SDK ignores a stop signal for a job it has taken but not started yet (its run loop starts
 # jobs every 0.1 s), so a stop is repeated every STOP_RESEND_S until the worker drops the job.
@@ -185,6 +196,67 @@ class WorkerSeen:
                 del self.to_stop[job_id]
 
 
+@dataclass
+class RunpodBehaviour:
+    """RunPod behaviours that clients must cope with, off unless switched on (all opt-in).
+
+    running_state       a job on a worker reads RUNNING (a documented state) instead of IN_PROGRESS
+    stream_reply_bytes  a /stream reply carries items up to this many bytes (RunPod: 1 MB); the rest
+                        waits for the next call, while the reply already shows the job's final status
+    rate_limits         {operation: (requests, seconds)}, e.g. {"run": (1, 2.0)} or RATE_LIMITS (RunPod's
+                        published limits); calls past the limit get 429 with Retry-After
+    transient_every     every Nth /status and /stream call answers `transient_status` (a gateway
+                        failure) before anything is handed out
+    """
+
+    running_state: bool = False
+    stream_reply_bytes: int | None = None
+    rate_limits: dict[str, tuple[int, float]] | None = None
+    transient_every: int = 0
+    transient_status: int = 503
+    _calls: dict[str, int] = field(default_factory=dict, repr=False)
+    _recent: dict[str, deque] = field(default_factory=dict, repr=False)
+
+    def refusal(self, operation: str) -> web.Response | None:
+        """The 429 or passing 5xx this call gets instead of an answer, if any."""
+        limit = (self.rate_limits or {}).get(operation)
+        if limit:
+            count, seconds = limit
+            now = time.monotonic()
+            recent = self._recent.setdefault(operation, deque())
+            while recent and now - recent[0] >= seconds:
+                recent.popleft()
+            if len(recent) >= count:
+                retry_after = max(1, math.ceil(seconds - (now - recent[0])))
+                return web.json_response(
+                    {"error": "rate limit exceeded"}, status=429, headers={"Retry-After": str(retry_after)}
+                )
+            recent.append(now)
+        if self.transient_every and operation in ("status", "stream"):
+            self._calls[operation] = self._calls.get(operation, 0) + 1
+            if self._calls[operation] % self.transient_every == 0:
+                return web.json_response({"error": "upstream connect error"}, status=self.transient_status)
+        return None
+
+    def shown(self, body: Any) -> Any:
+        """A public reply as RunPod words it (RUNNING for a job a worker has)."""
+        if self.running_state and isinstance(body, dict) and body.get("status") == IN_PROGRESS:
+            return {**body, "status": "RUNNING"}
+        return body
+
+    def stream_batch(self, items: list) -> list:
+        """The first items of a /stream backlog that fit in one reply (always at least one)."""
+        if not self.stream_reply_bytes:
+            return items
+        size, batch = 0, []
+        for item in items:
+            size += len(json.dumps({"output": item}))
+            if batch and size > self.stream_reply_bytes:
+                break
+            batch.append(item)
+        return batch
+
+
 class RequestError(Exception):
     """A client error: becomes `{"error": message}` with the given HTTP status."""
 
@@ -216,6 +288,8 @@ class RunpodEmulator:
         poll_hold_s: float = 5.0,
         worker_timeout_s: float = 30.0,
         lost_worker_retries: int = LOST_WORKER_RETRIES,
+        min_ttl_ms: int = TTL_BOUNDS_MS[0],
+        behaviour: RunpodBehaviour | None = None,
     ):
         self.api_key = api_key or "rp-local-" + secrets.token_hex(12)
         self.worker_key = "rp-worker-" + secrets.token_hex(12)
@@ -225,6 +299,9 @@ class RunpodEmulator:
         self.run_retention_s = run_retention_s
         self.runsync_retention_s = runsync_retention_s
         self.min_execution_timeout_ms = min_execution_timeout_ms
+        self.min_ttl_ms = min_ttl_ms
+        self.behaviour = behaviour or RunpodBehaviour()
+        self._submissions: list[dict] = []  # every job ever submitted (kept past the jobs' retention)
         self.poll_hold_s = poll_hold_s
         self.worker_timeout_s = worker_timeout_s
         self.lost_worker_retries = lost_worker_retries
@@ -438,11 +515,14 @@ class RunpodEmulator:
             if request.match_info["endpoint_id"] != self.endpoint_id:
                 return web.json_response({"error": "endpoint not found"}, status=404)
             self._expire()
+            refusal = self.behaviour.refusal(request.path.split("/")[3])
+            if refusal is not None:
+                return refusal
             try:
                 body, status = await handler(request)
             except RequestError as exc:
                 body, status = {"error": str(exc)}, exc.status
-            return web.json_response(body, status=status)
+            return web.json_response(self.behaviour.shown(body), status=status)
 
         return wrapped
 
@@ -484,8 +564,8 @@ class RunpodEmulator:
         job = self._jobs.get(request.match_info["job_id"])
         if not job:
             return NOT_FOUND, 404
-        items = job.stream[job.stream_read :]
-        job.stream_read = len(job.stream)
+        items = self.behaviour.stream_batch(job.stream[job.stream_read :])
+        job.stream_read += len(items)
         return {"status": job.status, "stream": [{"output": item} for item in items]}, 200
 
     async def _cancel(self, request: web.Request) -> tuple[dict, int]:
@@ -557,7 +637,7 @@ class RunpodEmulator:
             raise RequestError(400, "'policy' must be an object.")
         timeout_ms = _policy_ms(policy, "executionTimeout", DEFAULT_EXECUTION_TIMEOUT_MS,
                                 self.min_execution_timeout_ms + 1, TTL_BOUNDS_MS[1])  # fmt: skip
-        ttl_ms = _policy_ms(policy, "ttl", DEFAULT_TTL_MS, *TTL_BOUNDS_MS)
+        ttl_ms = _policy_ms(policy, "ttl", DEFAULT_TTL_MS, self.min_ttl_ms, TTL_BOUNDS_MS[1])
         s3_config = body.get("s3Config")
         if body.get("webhook") or body.get("webhookV2"):
             log.warning("webhooks are not emulated; the job runs but no webhook is called")
@@ -567,8 +647,28 @@ class RunpodEmulator:
         self._jobs[job.id] = job
         job.timers.append(self._loop.call_later(job.ttl_s, self._time_out, job, "ttl"))
         self._enqueue(job)
+        self._record_submission(job, policy)
         log.info("job %s queued (%s)", job.id, "runsync" if sync else "run")
         return job
+
+    # --- what clients submitted (for tests that count jobs) -------------------------------
+
+    def _record_submission(self, job: Job, policy: dict) -> None:
+        text = job.input.get("text") if isinstance(job.input, dict) else None
+        self._submissions.append({"id": job.id, "text": text, "sync": job.sync, "policy": policy})
+
+    def submissions(self, text: str | None = None) -> list[dict]:
+        """Every job submitted (with input text `text`): id, text, sync, policy, and its status now
+        (None once RunPod would have forgotten it)."""
+
+        def collect() -> list[dict]:
+            found = [dict(entry) for entry in self._submissions if text is None or entry["text"] == text]
+            for entry in found:
+                job = self._jobs.get(entry["id"])
+                entry["status"] = job.status if job else None
+            return found
+
+        return self._call(collect)
 
     def _enqueue(self, job: Job) -> None:
         self._queue.append(job.id)
@@ -951,6 +1051,42 @@ Ctrl-C stops the emulator and the worker.
     )
 
 
+def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
+    """`make serve` flags for RunpodBehaviour (RunPod's rough edges, all off by default)."""
+    group = parser.add_argument_group("RunPod behaviours (off by default)")
+    group.add_argument("--running-state", action="store_true", help="running jobs read RUNNING, not IN_PROGRESS")
+    group.add_argument(
+        "--stream-reply-bytes",
+        type=int,
+        metavar="N",
+        help=f"split /stream backlogs into replies of N bytes (RunPod: {STREAM_REPLY_LIMIT_BYTES})",
+    )
+    group.add_argument(
+        "--rate-limit",
+        metavar="N/SECONDS",
+        help="429 past N calls per SECONDS to each of /run, /runsync, /status, /stream, or 'documented' for "
+        "RunPod's published limits",
+    )
+    group.add_argument(
+        "--transient-every", type=int, default=0, metavar="N", help="every Nth /status and /stream call answers 503"
+    )
+
+
+def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
+    rate_limits = None
+    if args.rate_limit == "documented":
+        rate_limits = dict(RATE_LIMITS)
+    elif args.rate_limit:
+        count, _, seconds = args.rate_limit.partition("/")
+        rate_limits = dict.fromkeys(RATE_LIMITS, (int(count), float(seconds or 1)))
+    return RunpodBehaviour(
+        running_state=args.running_state,
+        stream_reply_bytes=args.stream_reply_bytes,
+        rate_limits=rate_limits,
+        transient_every=args.transient_every,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=int(os.environ.get("SERVE_PORT", "8000")))
@@ -958,13 +1094,14 @@ def main() -> None:
     parser.add_argument("--endpoint-id", default="vibevoice-local")
     parser.add_argument("--home", type=Path, default=None, help="VIBEVOICE_HOME (default .local/vibevoice)")
     parser.add_argument("--no-worker", action="store_true", help="serve the API only; start workers yourself")
+    add_behaviour_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     sys.path.insert(0, str(ROOT))
     from tools.local_home import DEFAULT_HOME, prepare
 
-    api = RunpodEmulator(args.key, endpoint_id=args.endpoint_id, port=args.port)
+    api = RunpodEmulator(args.key, endpoint_id=args.endpoint_id, port=args.port, behaviour=behaviour_from(args))
     try:
         api.start()
     except RuntimeError as exc:

@@ -11,33 +11,19 @@ import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
-import { loadConfig } from "../src/config.js";
+import { SETTING_NAMES, loadConfig } from "../src/config.js";
 
 const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
-const SETTINGS = [
-  "JOB_TIMEOUT_SECONDS",
-  "UPSTREAM_TIMEOUT_SECONDS",
-  "RUNSYNC_WAIT_SECONDS",
-  "POLL_INITIAL_MS",
-  "POLL_MAX_MS",
-  "STREAM_POLL_INITIAL_MS",
-  "STREAM_POLL_MAX_MS",
-  "VOICES_CACHE_SECONDS",
-  "MAX_VOICE_BYTES",
-  "MAX_REQUEST_BYTES",
-  "CORS_ALLOW_ORIGIN",
-  "STREAM_AUDIO",
-  "PLAYGROUND",
-];
 
 // wrangler.jsonc with its whole-line comments removed.
 const wrangler = JSON.parse(readFileSync(join(BRIDGE, "wrangler.jsonc"), "utf8").replace(/^\s*\/\/.*$/gm, ""));
 const port = Number(process.env.BRIDGE_PORT || 8787);
 const runpodUrl = process.env.RUNPOD_URL || `http://127.0.0.1:${process.env.SERVE_PORT || 8000}/v2/vibevoice-local`;
 const bindings = { ...wrangler.vars, RUNPOD_ENDPOINT_ID: "", RUNPOD_ENDPOINT_URL: runpodUrl };
-for (const name of SETTINGS) if (process.env[name]) bindings[name] = process.env[name];
+for (const name of SETTING_NAMES) if (process.env[name]) bindings[name] = process.env[name];
 bindings.RUNPOD_API_KEY = process.env.RUNPOD_API_KEY || process.env.SERVE_API_KEY || "";
 bindings.AUTH_TOKEN = process.env.AUTH_TOKEN || "";
+if (process.env.CLIP_URL_SECRET) bindings.CLIP_URL_SECRET = process.env.CLIP_URL_SECRET;
 
 const miniflare = new Miniflare({
   name: wrangler.name,
@@ -64,7 +50,7 @@ const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
 await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
 const auth = bindings.AUTH_TOKEN ? "on" : "off";
 console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
-if (loadConfig(bindings).playground) console.log(`bridge: playground at ${url.origin}/ (open it in a browser)`);
+if (loadConfig(bindings).PLAYGROUND) console.log(`bridge: playground at ${url.origin}/ (open it in a browser)`);
 
 if (!bindings.RUNPOD_API_KEY) {
   console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");

@@ -3,22 +3,49 @@
 // Numbers are given as strings in vars; a value that is not a number in range is a deployment
 // error, reported by /health and by every request that needs it.
 
-// RunPod's /run accepts 10 MB of input; a clip travels as base64 (4/3 of its size) next to
-// the text, so 7 MB is the most a clip can be.
-export const VOICE_BYTES_CEILING = 7_000_000;
+// OpenAI's limit for reference clips and consent recordings. Clips reach the worker as a signed
+// URL, so they do not count against RunPod's 10 MB /run payload.
+export const VOICE_BYTES_CEILING = 10 * 1024 * 1024;
 
 const NUMBERS = {
   JOB_TIMEOUT_SECONDS: { fallback: 300, min: 1, max: 3600 },
   UPSTREAM_TIMEOUT_SECONDS: { fallback: 30, min: 1, max: 600 },
-  RUNSYNC_WAIT_SECONDS: { fallback: 60, min: 1, max: 300 },
-  POLL_INITIAL_MS: { fallback: 500, min: 10, max: 60_000 },
-  POLL_MAX_MS: { fallback: 5000, min: 10, max: 60_000 },
+  // At most 25 s: a client that disconnects while /runsync waits is only known to RunPod by the
+  // job id /runsync returns, and Workers keep running for about 30 s after a disconnect.
+  RUNSYNC_WAIT_SECONDS: { fallback: 10, min: 1, max: 25 },
+  POLL_INITIAL_MS: { fallback: 250, min: 10, max: 60_000 },
+  POLL_MAX_MS: { fallback: 1000, min: 10, max: 60_000 },
   STREAM_POLL_INITIAL_MS: { fallback: 200, min: 10, max: 60_000 },
-  STREAM_POLL_MAX_MS: { fallback: 2000, min: 10, max: 60_000 },
+  STREAM_POLL_MAX_MS: { fallback: 1000, min: 10, max: 60_000 },
+  RETRY_ATTEMPTS: { fallback: 4, min: 0, max: 10 },
+  RETRY_BASE_MS: { fallback: 250, min: 1, max: 60_000 },
+  RETRY_MAX_MS: { fallback: 4000, min: 1, max: 60_000 },
+  CANCEL_ATTEMPTS: { fallback: 4, min: 1, max: 10 },
+  TTL_MARGIN_SECONDS: { fallback: 30, min: 0, max: 3600 },
+  EXECUTION_BASE_SECONDS: { fallback: 60, min: 6, max: 3600 },
+  EXECUTION_SECONDS_PER_CHARACTER: { fallback: 0.2, min: 0, max: 60 },
+  MAX_TEXT_LENGTH: { fallback: 4096, min: 1, max: 100_000 },
   VOICES_CACHE_SECONDS: { fallback: 30, min: 0, max: 3600 },
-  MAX_VOICE_BYTES: { fallback: 5_000_000, min: 1_000, max: VOICE_BYTES_CEILING },
+  MAX_VOICE_BYTES: { fallback: VOICE_BYTES_CEILING, min: 1_000, max: VOICE_BYTES_CEILING },
   MAX_REQUEST_BYTES: { fallback: 65_536, min: 1_024, max: 1_000_000 },
 };
+
+const FLAGS = {
+  STREAM_AUDIO: true,
+  PUBLIC_LISTINGS: true,
+  REQUIRE_VOICE_CONSENT: false,
+  PLAYGROUND: true,
+};
+
+// Every setting read from the environment besides the secrets (scripts/serve.js passes these on).
+export const SETTING_NAMES = [
+  ...Object.keys(NUMBERS),
+  ...Object.keys(FLAGS),
+  "CORS_ALLOW_ORIGIN",
+  "VOICES_OBJECT_KEY",
+  "PRESET_VOICES",
+  "PUBLIC_URL",
+];
 
 export class ConfigError extends Error {}
 
@@ -36,31 +63,34 @@ export function loadConfig(env) {
     }
     config[name] = value;
   }
+  for (const [name, fallback] of Object.entries(FLAGS)) config[name] = flag(env, name, fallback);
   config.runpodEndpointUrl = endpointUrl(env);
   config.runpodApiKey = env.RUNPOD_API_KEY || "";
   config.authToken = env.AUTH_TOKEN || "";
+  config.clipUrlSecret = env.CLIP_URL_SECRET || "";
+  config.publicUrl = publicUrl(env);
   config.corsOrigin = env.CORS_ALLOW_ORIGIN || "*";
-  config.streamAudio = !["false", "0", "no", "off"].includes(String(env.STREAM_AUDIO ?? "true").toLowerCase());
   config.voicesKey = env.VOICES_OBJECT_KEY || "voices.json";
-  config.playground = !["false", "0", "no", "off"].includes(String(env.PLAYGROUND ?? "on").toLowerCase());
+  config.presetVoices = String(env.PRESET_VOICES || "")
+    .split(",")
+    .map((name) => name.trim())
+    .filter(Boolean);
   return config;
+}
+
+function flag(env, name, fallback) {
+  const raw = env[name];
+  if (raw === undefined || raw === null || raw === "") return fallback;
+  const text = String(raw).trim().toLowerCase();
+  if (["true", "1", "yes", "on"].includes(text)) return true;
+  if (["false", "0", "no", "off"].includes(text)) return false;
+  throw new ConfigError(`The setting ${name} must be true or false.`);
 }
 
 // RUNPOD_ENDPOINT_URL (any base that serves /run, /runsync, /status, /stream, /cancel) wins over
 // RUNPOD_ENDPOINT_ID, which names an endpoint on RunPod's API.
 function endpointUrl(env) {
-  if (env.RUNPOD_ENDPOINT_URL) {
-    let url;
-    try {
-      url = new URL(env.RUNPOD_ENDPOINT_URL);
-    } catch {
-      throw new ConfigError("The setting RUNPOD_ENDPOINT_URL is not a URL.");
-    }
-    if (url.protocol !== "https:" && url.protocol !== "http:") {
-      throw new ConfigError("The setting RUNPOD_ENDPOINT_URL must be an http(s) URL.");
-    }
-    return url.href.replace(/\/+$/, "");
-  }
+  if (env.RUNPOD_ENDPOINT_URL) return httpUrl(env.RUNPOD_ENDPOINT_URL, "RUNPOD_ENDPOINT_URL");
   if (env.RUNPOD_ENDPOINT_ID) {
     if (!/^[A-Za-z0-9_-]{1,100}$/.test(env.RUNPOD_ENDPOINT_ID)) {
       throw new ConfigError("The setting RUNPOD_ENDPOINT_ID must be a RunPod endpoint id (letters, digits, - and _).");
@@ -68,4 +98,23 @@ function endpointUrl(env) {
     return `https://api.runpod.ai/v2/${env.RUNPOD_ENDPOINT_ID}`;
   }
   return "";
+}
+
+// The bridge's own origin as the RunPod worker reaches it (for signed clip URLs); by default the
+// origin each request came in on.
+function publicUrl(env) {
+  return env.PUBLIC_URL ? httpUrl(env.PUBLIC_URL, "PUBLIC_URL") : "";
+}
+
+function httpUrl(value, name) {
+  let url;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new ConfigError(`The setting ${name} is not a URL.`);
+  }
+  if (url.protocol !== "https:" && url.protocol !== "http:") {
+    throw new ConfigError(`The setting ${name} must be an http(s) URL.`);
+  }
+  return url.href.replace(/\/+$/, "");
 }

@@ -2,15 +2,21 @@
 //
 // Every failure the bridge knows about is an ApiError; anything else becomes a 500 with a
 // generic message (the stack goes nowhere: not to the client, not to the logs).
+//
+// Every error reply carries `x-should-retry: false`, which stops the OpenAI SDKs' automatic
+// retries: a retried speech request starts another GPU job, and no error the bridge answers is
+// fixed by asking again at once. The one exception is `retryable` errors: RunPod refused to start
+// the job (HTTP 429), so no job exists and a retry after `Retry-After` is what RunPod asks for.
 
 export class ApiError extends Error {
-  constructor(status, message, { type, param = null, code = null, headers = {} } = {}) {
+  constructor(status, message, { type, param = null, code = null, headers = {}, retryable = false } = {}) {
     super(message);
     this.status = status;
     this.type = type || defaultType(status);
     this.param = param;
     this.code = code;
     this.headers = headers;
+    this.retryable = retryable;
   }
 
   toJSON() {
@@ -32,9 +38,16 @@ export const tooLarge = (message, param = null) => new ApiError(413, message, { 
 
 export const upstreamFailed = (message, code = "upstream_error") => new ApiError(502, message, { code });
 
-// The job was cancelled after waiting this long; retrying would wait as long again.
-export const upstreamTimeout = (message) =>
-  new ApiError(504, message, { code: "upstream_timeout", headers: { "x-should-retry": "false" } });
+export const upstreamTimeout = (message) => new ApiError(504, message, { code: "upstream_timeout" });
+
+// RunPod's rate limit, passed on with its Retry-After (seconds).
+export const rateLimited = (message, retryAfterSeconds, retryable) =>
+  new ApiError(429, message, {
+    type: "requests",
+    code: "rate_limit_exceeded",
+    headers: { "retry-after": String(retryAfterSeconds) },
+    retryable,
+  });
 
 export function errorResponse(error, extraHeaders = {}) {
   const known = error instanceof ApiError;
@@ -45,8 +58,7 @@ export function errorResponse(error, extraHeaders = {}) {
     // The error's name only: messages of unexpected errors may quote request data.
     console.error(`bridge: unexpected ${error?.name || typeof error}`);
   }
-  return new Response(JSON.stringify(apiError.toJSON()), {
-    status: apiError.status,
-    headers: { "content-type": "application/json", ...apiError.headers, ...extraHeaders },
-  });
+  const headers = { "content-type": "application/json", ...apiError.headers, ...extraHeaders };
+  if (!apiError.retryable) headers["x-should-retry"] = "false";
+  return new Response(JSON.stringify(apiError.toJSON()), { status: apiError.status, headers });
 }

@@ -2,7 +2,17 @@
 
 import { ApiError, invalid, tooLarge } from "./errors.js";
 
-export const EXPOSED_HEADERS = ["x-runpod-job-id", "x-vibevoice-ignored"];
+import { RETURNED, returnedHeader } from "./extras.js";
+
+// Headers browsers may read from replies (clients show the job id, the model, the returned extras).
+export const EXPOSED_HEADERS = [
+  "x-runpod-job-id",
+  "x-vibevoice-ignored",
+  "x-vibevoice-model",
+  "content-disposition",
+  "retry-after",
+  ...RETURNED.map(returnedHeader),
+];
 
 export function json(value, status = 200, headers = {}) {
   return new Response(JSON.stringify(value), {

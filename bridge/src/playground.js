@@ -6,7 +6,6 @@
 // with every API call. PLAYGROUND=off removes these routes (they answer like unknown routes).
 
 import { ApiError } from "./errors.js";
-import { INPUT_MAX } from "./speech.js";
 import indexHtml from "../playground/index.html";
 import styleCss from "../playground/style.css";
 import appJs from "../playground/app.js";
@@ -54,7 +53,7 @@ const SECURITY_HEADERS = {
 
 export function playgroundPage(config, path) {
   requireEnabled(config, path);
-  const html = indexHtml.replaceAll("%INPUT_MAX%", String(INPUT_MAX));
+  const html = indexHtml.replaceAll("%MAX_TEXT_LENGTH%", String(config.MAX_TEXT_LENGTH));
   return new Response(html, { headers: { ...SECURITY_HEADERS, "content-type": "text/html; charset=utf-8" } });
 }
 
@@ -66,7 +65,7 @@ export function playgroundAsset(config, path, name) {
 }
 
 function requireEnabled(config, path) {
-  if (!config.playground) throw unknown(path);
+  if (!config.PLAYGROUND) throw unknown(path);
 }
 
 function unknown(path) {

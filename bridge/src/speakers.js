@@ -7,9 +7,7 @@
 // a worker preset); the worker gets them as its `speakers` list, in label order. With `speakers`,
 // `voice` may be left out; when given it is not used (OpenAI's SDKs require one).
 
-import { VOICE_BYTES_CEILING } from "./config.js";
-import { ApiError, invalid } from "./errors.js";
-import { formatBytes } from "./http.js";
+import { invalid } from "./errors.js";
 
 // VibeVoice scripts have at most four speakers.
 export const MAX_SPEAKERS = 4;
@@ -39,26 +37,10 @@ export function parseSpeakers(speakers) {
   return speakers.map((entry, index) => parseVoice(entry, `speakers[${index}]`));
 }
 
-// The worker's voice fields: {speaker} | {voice_audio_base64} | {voice_url} for one voice, or
-// {speakers: [...]} for a script.
-export async function resolveVoices(store, { voice, speakers }) {
-  if (!speakers) return store.resolve(voice);
-  const resolved = await Promise.all(speakers.map((entry) => store.resolve(entry)));
-  // All clips travel inside one /run payload (10 MB), as base64.
-  const clipBytes = resolved.reduce((sum, entry) => sum + ((entry.voice_audio_base64?.length ?? 0) * 3) / 4, 0);
-  if (clipBytes > VOICE_BYTES_CEILING) {
-    throw new ApiError(
-      413,
-      `The speakers' reference clips are ${formatBytes(clipBytes)} together, over the ` +
-        `${formatBytes(VOICE_BYTES_CEILING)} a request can carry.`,
-      { param: "speakers", code: "voice_too_large" },
-    );
-  }
-  return { speakers: resolved.map(workerSpeaker) };
-}
-
-function workerSpeaker(entry) {
-  if (entry.speaker) return entry.speaker;
-  if (entry.voice_url) return { audio_url: entry.voice_url };
-  return { audio_base64: entry.voice_audio_base64 };
+// The worker's voice fields: {speaker} | {voice_url} for one voice, or {speakers: [...]} for a
+// script (a preset name or {audio_url} each; created clips go as signed URLs, like `voice`).
+export async function resolveVoices(store, { voice, speakers }, request) {
+  if (!speakers) return store.resolve(voice, request);
+  const resolved = await Promise.all(speakers.map((entry) => store.resolve(entry, request)));
+  return { speakers: resolved.map((entry) => entry.speaker ?? { audio_url: entry.voice_url }) };
 }

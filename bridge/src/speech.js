@@ -3,108 +3,148 @@
 //   whole file   /runsync (+ /status polling), then the audio from the presigned URL or base64;
 //   audio        /run with "stream": true; bytes go to the client as /stream items arrive;
 //   sse          the same items as speech.audio.delta events, then one speech.audio.done.
-// Failures before the first audio byte get their proper status; after it, a raw stream is
-// aborted (the client sees a broken transfer) and an SSE stream ends with an "error" event.
+// Failures before the first audio byte get their proper status. After it, a reply is never left
+// looking complete: a raw stream is broken off (the client sees an incomplete transfer) and an
+// SSE stream ends with an "error" event; both are logged. Whatever ends a request early, its
+// RunPod job is cancelled (lifecycle.js).
 
 import { ApiError, invalid } from "./errors.js";
+import { EXTRAS, RETURNED, returnedHeader } from "./extras.js";
 import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { fromBase64, readJsonObject, toBase64 } from "./http.js";
-import { RunPod } from "./runpod.js";
+import { JobTie } from "./lifecycle.js";
+import { CallerGone, RunPod } from "./runpod.js";
 import { parseSpeakers, parseVoice, resolveVoices } from "./speakers.js";
-import { timedSpeech, wantsTimestamps } from "./timed_speech.js";
+import { timedReply, wantsTimestamps } from "./timed_speech.js";
 import { VoiceStore } from "./voices.js";
 
+// Every name runs the same VibeVoice model. Any other name is accepted too (OpenAI types `model`
+// as any string, and clients come configured for other servers): it runs DEFAULT_MODEL, and the
+// reply's x-vibevoice-model header says so.
 export const MODELS = ["tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-12-15", "vibevoice-7b"];
-export const INPUT_MAX = 4096;
+export const DEFAULT_MODEL = "vibevoice-7b";
+const MODEL_NAME_MAX = 256;
 // VibeVoice's acoustic tokenizer runs at 7.5 frames per second; usage counts those frames.
 const FRAMES_PER_SECOND = 7.5;
-// VibeVoice knobs a client may add to OpenAI's fields (extra_body in the SDKs); the worker checks them.
-const WORKER_EXTRAS = ["seed", "cfg_scale", "diffusion_steps", "max_new_tokens"];
-// Sent only on streamed jobs (the worker refuses it otherwise): milliseconds of audio per stream item.
-const STREAM_EXTRAS = ["stream_chunk_ms"];
+// What the worker refuses in text: control characters other than tab and line breaks, and lone
+// surrogates (what broken escapes decode to). Same rule as the worker's schema.check_printable.
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]|\p{Surrogate}/u;
 
 export async function createSpeech(request, env, ctx, config) {
   const body = await readJsonObject(request, config.MAX_REQUEST_BYTES);
-  const speech = parseSpeechRequest(body);
-  const timestamps = wantsTimestamps(body);
+  const speech = parseSpeechRequest(body, config);
   RunPod.requireConfigured(config);
-  const runpod = new RunPod(config, ctx);
-  const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech);
+  const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech, request);
   const format = FORMATS[speech.responseFormat];
-
-  const jobInput = {
-    text: speech.input,
-    ...voice,
-    output_format: format.worker,
-    ...(format.sampleRate ? { sample_rate: format.sampleRate } : {}),
-    ...(speech.speed !== undefined ? { speed: speech.speed } : {}),
-    ...speech.extras,
-    return: "auto",
+  const mode = speech.timestamps ? "timed" : deliveryMode(speech, format, config);
+  const job = {
+    input: {
+      text: speech.input,
+      ...voice,
+      output_format: format.worker,
+      ...(format.sampleRate ? { sample_rate: format.sampleRate } : {}),
+      ...(speech.speed !== undefined ? { speed: speech.speed } : {}),
+      ...speech.extras,
+      ...(mode === "stream" ? speech.streamExtras : {}),
+      ...(mode === "timed" ? { timestamps: "word" } : {}),
+      return: "auto",
+    },
+    characters: [...speech.input].length,
   };
-  const headers = { "content-type": format.contentType, "cache-control": "no-store" };
+  const headers = {
+    "content-type": format.contentType,
+    "cache-control": "no-store",
+    "content-disposition": `inline; filename="speech.${speech.responseFormat}"`,
+    "x-vibevoice-model": speech.model,
+  };
   // VibeVoice has no instruction input: the text is spoken as written, and the reply says so.
   if (speech.instructions !== undefined) headers["x-vibevoice-ignored"] = "instructions";
-  if (timestamps) return timedSpeech(runpod, jobInput, format, speech.responseFormat, headers);
-  const usage = { characters: [...speech.input].length };
 
-  const streaming =
-    format.streams &&
-    (speech.streamFormat === "sse" ||
-      speech.streamFormat === "audio" ||
-      (speech.streamFormat === undefined && config.streamAudio));
-  if (!streaming) {
-    const deadline = runpod.deadline();
-    const job = await runpod.runToCompletion(jobInput, deadline);
-    const { bytes, result } = await runpod.fetchAudio(job.output, deadline);
-    checkFormat(result, format);
-    headers["x-runpod-job-id"] = job.id;
-    if (speech.streamFormat === "sse") {
-      return sseResponse(single({ bytes, base64: null }), { ...result }, usage, headers, ctx, runpod, job.id);
-    }
-    return new Response(bytes, { headers: { ...headers, "content-length": String(bytes.byteLength) } });
-  }
-
-  const deadline = runpod.deadline();
-  const id = await runpod.submit({ ...jobInput, ...speech.streamExtras, stream: true }, deadline);
-  headers["x-runpod-job-id"] = id;
-  const summary = {};
-  const pieces = audioPieces(runpod, runpod.streamItems(id, deadline), format, deadline, summary);
-  let first;
+  const runpod = new RunPod(config);
+  const tie = new JobTie(runpod, request, ctx);
   try {
-    first = await pieces.next();
+    if (mode === "stream") return await streamed(runpod, tie, job, format, headers, speech, ctx);
+    return await wholeFile(runpod, tie, job, format, headers, speech, ctx);
   } catch (error) {
-    if (!(error instanceof ApiError) || error.status !== 400) runpod.cancel(id);
+    tie.abandon(error);
+    tie.finish();
     throw error;
   }
-  if (first.done)
-    throw new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
-  const rest = prepend(first.value, pieces);
-  if (speech.streamFormat === "sse") return sseResponse(rest, summary, usage, headers, ctx, runpod, id);
-  return rawResponse(rest, headers, ctx, runpod, id);
 }
 
-export function parseSpeechRequest(body) {
+// "whole": one file from /runsync; "stream": /run + /stream items, as raw bytes or as SSE;
+// "timed" (`"timestamps": true`): a whole file with the words' times, as JSON (timed_speech.js).
+function deliveryMode(speech, format, config) {
+  const wantsReturned = RETURNED.some((name) => name in speech.extras);
+  if (!format.streams) return "whole";
+  if (speech.streamFormat === "sse") return "stream";
+  if (speech.streamFormat === "audio") {
+    if (wantsReturned) {
+      const name = RETURNED.find((field) => field in speech.extras);
+      throw invalid(
+        `'${name}' cannot come with a raw audio stream; use stream_format 'sse' or leave stream_format out.`,
+        name,
+      );
+    }
+    return "stream";
+  }
+  return config.STREAM_AUDIO && !wantsReturned ? "stream" : "whole";
+}
+
+async function wholeFile(runpod, tie, job, format, headers, speech, ctx) {
+  const deadline = runpod.deadline();
+  const submitted = await tie.submit(() =>
+    runpod.submit(job.input, { sync: true, deadline, characters: job.characters }),
+  );
+  const finished = await runpod.pollStatus(submitted, { deadline, signal: tie.signal });
+  tie.settle();
+  const { bytes, result } = await runpod.fetchAudio(finished.output, deadline, tie.signal);
+  checkFormat(result, format);
+  headers["x-runpod-job-id"] = finished.id;
+  if (speech.timestamps) {
+    tie.finish();
+    return timedReply(bytes, result, format, speech.responseFormat, headers);
+  }
+  if (speech.streamFormat === "sse") {
+    return sseResponse(single({ bytes, base64: null }), result, speech, headers, ctx, tie);
+  }
+  for (const name of RETURNED) {
+    if (result[name] !== undefined) headers[returnedHeader(name)] = encodeReturned(result[name]);
+  }
+  tie.finish();
+  return new Response(bytes, { headers: { ...headers, "content-length": String(bytes.byteLength) } });
+}
+
+async function streamed(runpod, tie, job, format, headers, speech, ctx) {
+  const deadline = runpod.deadline();
+  const input = { ...job.input, stream: true };
+  const submitted = await tie.submit(() => runpod.submit(input, { sync: false, deadline, characters: job.characters }));
+  headers["x-runpod-job-id"] = submitted.id;
+  const summary = {};
+  const items = runpod.streamItems(submitted.id, { deadline, signal: tie.signal });
+  const pieces = audioPieces(runpod, tie, items, format, deadline, summary);
+  // The wait for the first byte: queueing, a cold start, the first decoded frames.
+  const first = await pieces.next();
+  if (first.done) {
+    throw new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
+  }
+  const rest = prepend(first.value, pieces);
+  if (speech.streamFormat === "sse") return sseResponse(rest, summary, speech, headers, ctx, tie);
+  return rawResponse(rest, headers, ctx, tie);
+}
+
+export function parseSpeechRequest(body, config) {
   const { model, input, voice, instructions, response_format, speed, stream_format } = body;
   if (model === undefined || model === null || model === "") throw invalid("'model' is required.", "model");
   if (typeof model !== "string") throw invalid("'model' must be a string.", "model");
-  if (!MODELS.includes(model)) {
-    throw invalid(
-      `Model '${model.slice(0, 100)}' does not exist; use one of: ${MODELS.join(", ")}.`,
-      "model",
-      "model_not_found",
-    );
+  if (model.length > MODEL_NAME_MAX) {
+    throw invalid(`'model' is longer than ${MODEL_NAME_MAX} characters.`, "model", "string_above_max_length");
   }
   if (input === undefined || input === null) throw invalid("'input' is required: give the text to speak.", "input");
   if (typeof input !== "string") throw invalid("'input' must be a string.", "input");
   if (!input.trim()) throw invalid("'input' is empty; give the text to speak.", "input");
-  const length = [...input].length;
-  if (length > INPUT_MAX) {
-    throw invalid(
-      `'input' is ${length} characters long; the limit is ${INPUT_MAX}.`,
-      "input",
-      "string_above_max_length",
-    );
-  }
+  checkText(input, config.MAX_TEXT_LENGTH);
   const speakers = parseSpeakers(body.speakers);
   const hasVoice = voice !== undefined && voice !== null;
   if (!hasVoice && !speakers) throw invalid("'voice' is required.", "voice");
@@ -129,13 +169,12 @@ export function parseSpeechRequest(body) {
     throw invalid(`'stream_format' must be 'audio' or 'sse' (got ${shown(streamFormat)}).`, "stream_format");
   }
   const extras = {};
-  for (const name of WORKER_EXTRAS) if (body[name] !== undefined && body[name] !== null) extras[name] = body[name];
   const streamExtras = {};
-  for (const name of STREAM_EXTRAS) {
-    if (body[name] !== undefined && body[name] !== null) streamExtras[name] = body[name];
+  for (const [name, { streamedOnly }] of Object.entries(EXTRAS)) {
+    if (body[name] !== undefined && body[name] !== null) (streamedOnly ? streamExtras : extras)[name] = body[name];
   }
   return {
-    model,
+    model: MODELS.includes(model) ? model : DEFAULT_MODEL,
     input,
     voice: parsedVoice,
     speakers,
@@ -145,36 +184,69 @@ export function parseSpeechRequest(body) {
     streamFormat,
     extras,
     streamExtras,
+    timestamps: wantsTimestamps(body),
   };
 }
 
+// The worker's own text rules, checked before a GPU job is queued.
+function checkText(input, limit) {
+  const length = [...input].length;
+  if (length > limit) {
+    throw invalid(`'input' is ${length} characters long; the limit is ${limit}.`, "input", "string_above_max_length");
+  }
+  const match = UNPRINTABLE.exec(input);
+  if (match) {
+    const position = [...input.slice(0, match.index)].length;
+    const code = match[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+    const what = /\p{Surrogate}/u.test(match[0])
+      ? "invalid Unicode (a lone surrogate)"
+      : `the control character U+${code}`;
+    throw invalid(`'input' contains ${what} at position ${position}.`, "input", "invalid_characters");
+  }
+}
+
 // The audio of a streaming job as {bytes, base64} pieces, in order; fills `summary` from the
-// worker's last ("complete") item.
-async function* audioPieces(runpod, items, format, deadline, summary) {
-  let lastSeq = -Infinity;
+// worker's last ("complete") item. Lost audio is an error, never a shorter file: the worker
+// numbers its items (`seq`) and counts them in the summary (`items`).
+async function* audioPieces(runpod, tie, items, format, deadline, summary) {
+  let lastSeq = -1;
+  let received = 0;
+  let finished = false;
   for await (const item of items) {
     if (!item || typeof item !== "object") continue;
     if (item.status === "complete" || item.status === "completed") {
       Object.assign(summary, item);
+      finished = true;
     }
     if (typeof item.audio_chunk === "string") {
       if (typeof item.seq === "number") {
         if (item.seq <= lastSeq) continue; // a repeated delivery
+        if (item.seq > lastSeq + 1) throw incomplete(`item ${lastSeq + 1} is missing`);
         lastSeq = item.seq;
       }
       checkFormat(item, format);
       const bytes = fromBase64(item.audio_chunk);
       if (!bytes)
         throw new ApiError(502, "The worker sent an audio chunk that is not base64.", { code: "upstream_bad_output" });
+      received += 1;
       if (bytes.byteLength) yield { bytes, base64: item.audio_chunk };
     } else if (item.audio_url || item.audio_base64) {
       // A whole file in the stream (a worker that does not stream this job).
-      const { bytes, result } = await runpod.fetchAudio([item], deadline);
+      const { bytes, result } = await runpod.fetchAudio([item], deadline, tie.signal);
       checkFormat(result, format);
       Object.assign(summary, result);
       yield { bytes, base64: null };
     }
   }
+  tie.settle();
+  if (!finished) throw incomplete("the stream ended without the worker's summary");
+  if (typeof summary.items === "number" && summary.items !== received) {
+    throw incomplete(`${received} of ${summary.items} audio items arrived`);
+  }
+}
+
+function incomplete(why) {
+  return new ApiError(502, `The audio from RunPod is incomplete: ${why}.`, { code: "upstream_incomplete" });
 }
 
 function checkFormat(item, format) {
@@ -185,61 +257,95 @@ function checkFormat(item, format) {
   }
 }
 
-function rawResponse(pieces, headers, ctx, runpod, id) {
+function rawResponse(pieces, headers, ctx, tie) {
   const { readable, writable } = new TransformStream();
   const writer = writable.getWriter();
   const pump = (async () => {
     try {
-      for await (const piece of pieces) await writer.write(piece.bytes);
+      for await (const piece of pieces) await write(writer, piece.bytes, tie);
       await writer.close();
     } catch (error) {
-      // The client went away, or the job failed after audio was sent: stop the job, break the stream.
-      runpod.cancel(id);
-      console.warn(`bridge: stream of job ${id} ended early (${error?.code || error?.name || "error"})`);
+      // The client went away, or the job failed or lost audio after bytes were sent: stop the
+      // job and break the transfer, so the client cannot take part of a file for all of it.
+      tie.abandon(error);
+      logEarlyEnd("audio stream", tie, error);
       await writer.abort(error).catch(() => {});
+    } finally {
+      tie.finish();
     }
   })();
   ctx?.waitUntil?.(pump);
   return new Response(readable, { headers });
 }
 
-function sseResponse(pieces, summary, usage, headers, ctx, runpod, id) {
+function sseResponse(pieces, summary, speech, headers, ctx, tie) {
   const { readable, writable } = new TransformStream();
   const writer = writable.getWriter();
   const encoder = new TextEncoder();
-  const send = (event) => writer.write(encoder.encode(`data: ${JSON.stringify(event)}\n\n`));
+  // As OpenAI sends them: an `event:` line naming the type, then the JSON.
+  const send = (event) =>
+    write(writer, encoder.encode(`event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`), tie);
   const pump = (async () => {
     try {
       for await (const piece of pieces) {
         await send({ type: "speech.audio.delta", audio: piece.base64 ?? toBase64(piece.bytes) });
       }
-      const outputTokens = Math.ceil((Number(summary.duration_sec) || 0) * FRAMES_PER_SECOND - 1e-6);
-      await send({
-        type: "speech.audio.done",
-        usage: {
-          input_tokens: usage.characters,
-          output_tokens: outputTokens,
-          total_tokens: usage.characters + outputTokens,
-        },
-      });
+      await send(doneEvent(summary, speech));
       await writer.close();
     } catch (error) {
-      runpod.cancel(id);
-      console.warn(`bridge: event stream of job ${id} ended early (${error?.code || error?.name || "error"})`);
-      const apiError =
-        error instanceof ApiError ? error : new ApiError(502, "The stream failed.", { code: "stream_failed" });
-      try {
-        await send({ type: "error", error: apiError.toJSON().error });
-        await writer.close();
-      } catch {
+      tie.abandon(error);
+      logEarlyEnd("event stream", tie, error);
+      if (error instanceof CallerGone) {
         await writer.abort(error).catch(() => {});
+      } else {
+        const apiError =
+          error instanceof ApiError ? error : new ApiError(502, "The stream failed.", { code: "stream_failed" });
+        await send({ type: "error", error: apiError.toJSON().error })
+          .then(() => writer.close())
+          .catch(() => writer.abort(error).catch(() => {}));
       }
+    } finally {
+      tie.finish();
     }
   })();
   ctx?.waitUntil?.(pump);
+  const { "content-disposition": _file, ...eventHeaders } = headers; // events, not a file
   return new Response(readable, {
-    headers: { ...headers, "content-type": "text/event-stream", "cache-control": "no-cache" },
+    headers: { ...eventHeaders, "content-type": "text/event-stream", "cache-control": "no-cache" },
   });
+}
+
+// speech.audio.done: usage (input characters; output in VibeVoice speech frames, as VibeVoice has
+// no OpenAI tokens), and the returned extras the worker produced.
+function doneEvent(summary, speech) {
+  const characters = [...speech.input].length;
+  const outputTokens = Math.ceil((Number(summary.duration_sec) || 0) * FRAMES_PER_SECOND - 1e-6);
+  const event = {
+    type: "speech.audio.done",
+    usage: { input_tokens: characters, output_tokens: outputTokens, total_tokens: characters + outputTokens },
+  };
+  for (const name of RETURNED) if (summary[name] !== undefined) event[name] = summary[name];
+  return event;
+}
+
+// A failed write means the client is gone.
+async function write(writer, bytes, tie) {
+  try {
+    await writer.write(bytes);
+  } catch {
+    tie.callerGone("a write to the client failed");
+    throw new CallerGone();
+  }
+}
+
+function logEarlyEnd(what, tie, error) {
+  const why = error instanceof CallerGone ? "the client went away" : error?.code || error?.name || "error";
+  console.warn(`bridge: ${what} of job ${tie.id} ended early (${why}); the reply is marked incomplete`);
+}
+
+function encodeReturned(value) {
+  const text = typeof value === "string" ? value : JSON.stringify(value);
+  return toBase64(new TextEncoder().encode(text));
 }
 
 async function* single(piece) {

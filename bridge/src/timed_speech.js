@@ -5,10 +5,11 @@
 //   {"audio": "<base64>", "audio_format": "mp3", "content_type": "audio/mpeg", "duration_sec": 3.2,
 //    "timestamps": [{"word": "Hello,", "start_time": 0.12, "end_time": 0.48, "speaker": "Speaker 1"}, ...]}
 //
-// The worker aligns the words (its job field "timestamps": "word"); the job runs as a whole file.
-// Without the field, or with false, nothing here runs: the plain OpenAI reply is unchanged.
+// The worker aligns the words (its job field "timestamps": "word"); the job runs as a whole file
+// (speech.js, tied to its request like every job). Without the field, or with false, nothing here
+// runs: the plain OpenAI reply is unchanged.
 
-import { ApiError, invalid } from "./errors.js";
+import { invalid } from "./errors.js";
 import { toBase64 } from "./http.js";
 
 // Whether the request asks for timestamps; a value other than a boolean is refused.
@@ -25,15 +26,8 @@ export function wantsTimestamps(body) {
   return true;
 }
 
-export async function timedSpeech(runpod, jobInput, format, responseFormat, headers) {
-  const deadline = runpod.deadline();
-  const job = await runpod.runToCompletion({ ...jobInput, timestamps: "word" }, deadline);
-  const { bytes, result } = await runpod.fetchAudio(job.output, deadline);
-  if (result.format && result.format !== format.worker) {
-    throw new ApiError(502, `The worker sent ${result.format} audio instead of ${format.worker}.`, {
-      code: "upstream_bad_output",
-    });
-  }
+// The reply to a finished job that was asked for word timestamps (the job ran as a whole file).
+export function timedReply(bytes, result, format, responseFormat, headers) {
   const words = Array.isArray(result.words) ? result.words : [];
   const body = {
     audio: toBase64(bytes),
@@ -48,7 +42,6 @@ export async function timedSpeech(runpod, jobInput, format, responseFormat, head
     })),
   };
   if (Array.isArray(result.warnings) && result.warnings.length) body.warnings = result.warnings;
-  return new Response(JSON.stringify(body), {
-    headers: { ...headers, "content-type": "application/json", "x-runpod-job-id": job.id },
-  });
+  const { "content-disposition": _file, ...jsonHeaders } = headers; // JSON, not an audio file
+  return new Response(JSON.stringify(body), { headers: { ...jsonHeaders, "content-type": "application/json" } });
 }

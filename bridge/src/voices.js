@@ -5,32 +5,18 @@
 //
 // voices.json is read through a short in-memory cache (VOICES_CACHE_SECONDS). Created voices are
 // looked up directly by id, so a new voice works in the very next request, on any isolate.
+// Clips reach the worker as signed URLs to the bridge (clips.js). PRESET_VOICES, when set, names
+// the endpoint's presets: they are listed, and other preset names are refused before a job starts.
 
+import { clipUrl } from "./clips.js";
+import { ConsentStore, randomHex } from "./consents.js";
 import { ApiError, invalid, notFound } from "./errors.js";
-import { formatBytes, toBase64 } from "./http.js";
+import { formatBytes } from "./http.js";
+import { checkClip } from "./uploads.js";
 
 export const CLIP_PREFIX = "clips/";
 const VOICE_ID = /^voice_[0-9a-f]{24}$/;
 const NAME_MAX = 64;
-
-// Clip containers the worker decodes, recognised by their first bytes.
-const CLIP_KINDS = [
-  { kind: "wav", contentType: "audio/wav", test: (b) => ascii(b, 0, 4) === "RIFF" && ascii(b, 8, 12) === "WAVE" },
-  { kind: "flac", contentType: "audio/flac", test: (b) => ascii(b, 0, 4) === "fLaC" },
-  { kind: "ogg", contentType: "audio/ogg", test: (b) => ascii(b, 0, 4) === "OggS" },
-  {
-    kind: "mp3",
-    contentType: "audio/mpeg",
-    test: (b) => ascii(b, 0, 3) === "ID3" || (b[0] === 0xff && (b[1] & 0xe6) === 0xe2),
-  },
-  { kind: "m4a", contentType: "audio/mp4", test: (b) => ascii(b, 4, 8) === "ftyp" },
-  { kind: "aac", contentType: "audio/aac", test: (b) => b[0] === 0xff && (b[1] & 0xf6) === 0xf0 },
-  {
-    kind: "webm",
-    contentType: "audio/webm",
-    test: (b) => b[0] === 0x1a && b[1] === 0x45 && b[2] === 0xdf && b[3] === 0xa3,
-  },
-];
 
 // One cache per isolate; keyed by bucket so tests with separate buckets do not share it.
 const mapCache = new WeakMap();
@@ -58,12 +44,18 @@ export class VoiceStore {
     return voices;
   }
 
-  async list() {
+  // The voices of voices.json, then the endpoint's presets, then (unless `presetsOnly`, the public
+  // listing) the created voices. Ids and names only: no clip keys or URLs.
+  async list({ presetsOnly = false } = {}) {
     const voices = [];
     for (const [id, entry] of await this.map()) {
       voices.push({ id, name: entry.name, object: "audio.voice", type: entry.preset ? "preset" : "audio_sample" });
     }
-    for (const clip of await this.createdVoices()) voices.push(clip);
+    const seen = new Set(voices.map((voice) => voice.id.toLowerCase()));
+    for (const name of this.config.presetVoices) {
+      if (!seen.has(name.toLowerCase())) voices.push({ id: name, name, object: "audio.voice", type: "preset" });
+    }
+    if (!presetsOnly) for (const clip of await this.createdVoices()) voices.push(clip);
     return voices;
   }
 
@@ -90,33 +82,45 @@ export class VoiceStore {
     return object ? describeCreated(id, object) : null;
   }
 
-  // What the worker needs for an OpenAI `voice`: {speaker} | {voice_audio_base64} | {voice_url}.
-  async resolve(voice) {
+  // What the worker needs for an OpenAI `voice`: {speaker} or {voice_url}. `request` gives the
+  // origin that signed clip URLs point at.
+  async resolve(voice, request) {
     const byObject = typeof voice === "object";
     const id = byObject ? voice.id : voice;
-    if (VOICE_ID.test(id)) return { voice_audio_base64: await this.clipBase64(CLIP_PREFIX + id, id) };
+    if (VOICE_ID.test(id)) return { voice_url: await this.clipLink(CLIP_PREFIX + id, id, request) };
 
     let voices = await this.map();
     let entry = lookup(voices, id);
     if (!entry && byObject) entry = lookup((voices = await this.map({ fresh: true })), id);
     if (entry) {
-      if (entry.preset) return { speaker: entry.preset };
+      if (entry.preset) return { speaker: this.checkPreset(entry.preset) };
       if (entry.url) return { voice_url: entry.url };
-      return { voice_audio_base64: await this.clipBase64(entry.clip, id) };
+      return { voice_url: await this.clipLink(entry.clip, id, request) };
     }
     if (byObject) throw voiceNotFound(id);
-    // Any other name goes to the worker as a preset name; the worker lists its presets when it
-    // does not know the name.
-    return { speaker: id };
+    // Any other name goes to the worker as a preset name.
+    return { speaker: this.checkPreset(id) };
   }
 
-  async clipBase64(key, id) {
+  // With PRESET_VOICES set, a name the endpoint does not have is refused here, as the worker
+  // would refuse it (file stem or VibeVoice short name, any case), before a GPU job is queued.
+  checkPreset(name) {
+    const presets = this.config.presetVoices;
+    if (!presets.length || findPreset(presets, name)) return name;
+    throw invalid(
+      `'voice': unknown voice '${String(name).slice(0, 100)}'; available voices: ${presets.join(", ")}.`,
+      "voice",
+      "voice_not_found",
+    );
+  }
+
+  // A signed URL for a clip in the bucket, valid as long as the job may live.
+  async clipLink(key, id, request) {
     if (!this.bucket) throw voiceNotFound(id);
-    const object = await this.bucket.get(key);
+    const object = await this.bucket.head(key);
     if (!object) throw voiceNotFound(id);
-    const bytes = new Uint8Array(await object.arrayBuffer());
-    if (bytes.byteLength > this.config.MAX_VOICE_BYTES) {
-      const size = formatBytes(bytes.byteLength);
+    if (object.size > this.config.MAX_VOICE_BYTES) {
+      const size = formatBytes(object.size);
       const limit = formatBytes(this.config.MAX_VOICE_BYTES);
       throw invalid(
         `The clip of voice '${id}' is ${size}, over the ${limit} limit for reference audio.`,
@@ -124,13 +128,15 @@ export class VoiceStore {
         "voice_too_large",
       );
     }
-    return toBase64(bytes);
+    const seconds = this.config.JOB_TIMEOUT_SECONDS + this.config.TTL_MARGIN_SECONDS;
+    return clipUrl(key, request, this.config, seconds);
   }
 
   async create({ name, audio, consent }) {
     this.requireBucket();
     const cleanName = checkName(name);
-    const kind = checkClip(audio, this.config.MAX_VOICE_BYTES);
+    const kind = checkClip(audio, this.config.MAX_VOICE_BYTES, "audio_sample");
+    await this.checkConsent(consent);
     const id = newVoiceId();
     const createdAt = Math.floor(Date.now() / 1000);
     await this.bucket.put(CLIP_PREFIX + id, audio, {
@@ -143,6 +149,24 @@ export class VoiceStore {
       },
     });
     return { id, object: "audio.voice", name: cleanName, created_at: createdAt, type: "audio_sample" };
+  }
+
+  // With REQUIRE_VOICE_CONSENT, a voice needs the id of a stored consent recording; otherwise a
+  // given `consent` is kept as it is, as metadata.
+  async checkConsent(consent) {
+    if (consent !== undefined && (typeof consent !== "string" || consent.length > 100)) {
+      throw invalid("'consent' must be a consent recording id of at most 100 characters.", "consent");
+    }
+    if (!this.config.REQUIRE_VOICE_CONSENT) return;
+    if (!consent) {
+      throw invalid(
+        "'consent' is required: upload a consent recording to /v1/audio/voice_consents and give its id.",
+        "consent",
+      );
+    }
+    if (!(await new ConsentStore(this.bucket, this.config).get(consent))) {
+      throw notFound(`No consent recording with id '${consent.slice(0, 100)}'.`, "consent", "consent_not_found");
+    }
   }
 
   async delete(id) {
@@ -187,8 +211,7 @@ function voiceNotFound(id) {
 
 // 96 random bits: unguessable, and stable once created.
 function newVoiceId() {
-  const bytes = crypto.getRandomValues(new Uint8Array(12));
-  return "voice_" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return "voice_" + randomHex(12);
 }
 
 function checkName(name) {
@@ -201,28 +224,14 @@ function checkName(name) {
   return clean;
 }
 
-function checkClip(audio, limit) {
-  if (!(audio instanceof Uint8Array) || audio.byteLength === 0) {
-    throw invalid("'audio_sample' is required: send the reference audio file.", "audio_sample");
-  }
-  if (audio.byteLength > limit) {
-    throw new ApiError(
-      413,
-      `'audio_sample' is ${formatBytes(audio.byteLength)}, over the ${formatBytes(limit)} limit.`,
-      {
-        param: "audio_sample",
-        code: "voice_too_large",
-      },
-    );
-  }
-  const kind = CLIP_KINDS.find(({ test }) => test(audio));
-  if (!kind) {
-    throw invalid(
-      "'audio_sample' must be WAV, MP3, FLAC, Ogg (Opus or Vorbis), M4A/AAC or WebM audio.",
-      "audio_sample",
-    );
-  }
-  return kind;
+// The preset `name` matches: a file stem, or the short name of exactly one VibeVoice-style file
+// ("Alice" for en-Alice_woman), case-insensitively; as the worker's voices.VoiceLibrary.find.
+export function findPreset(presets, name) {
+  const wanted = String(name).trim().toLowerCase();
+  const exact = presets.find((preset) => preset.toLowerCase() === wanted);
+  if (exact) return exact;
+  const short = presets.filter((preset) => /^[a-z]{2,3}-([^_]+)_/i.exec(preset)?.[1].toLowerCase() === wanted);
+  return short.length === 1 ? short[0] : null;
 }
 
 // voices.json: {"voices": {"alloy": "Alice" | {"preset"|"clip"|"url": ..., "name"?: ...}}}
@@ -251,8 +260,4 @@ export function parseVoicesJson(text, key = "voices.json") {
     voices.set(id, { name, [sources[0]]: entry[sources[0]] });
   }
   return voices;
-}
-
-function ascii(bytes, start, end) {
-  return String.fromCharCode(...bytes.subarray(start, end));
 }

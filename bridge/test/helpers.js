@@ -7,12 +7,13 @@ export const TOKEN = env.AUTH_TOKEN;
 export const RUNPOD_KEY = env.RUNPOD_API_KEY;
 const STANDIN = new URL(env.RUNPOD_ENDPOINT_URL).origin;
 
-// Calls the bridge; `envOverrides` replaces bindings (undefined removes one).
+// Calls the bridge; `envOverrides` replaces bindings (undefined removes one). `signal` becomes
+// request.signal: aborting it is the client disconnecting.
 export async function call(
   path,
-  { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true } = {},
+  { method = "GET", body, headers = {}, auth = true, envOverrides = {}, wait = true, signal } = {},
 ) {
-  const init = { method, headers: { ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}), ...headers } };
+  const init = { method, headers: { ...(auth ? { authorization: `Bearer ${TOKEN}` } : {}), ...headers }, signal };
   if (body !== undefined) {
     if (
       typeof body === "string" ||
@@ -34,6 +35,22 @@ export async function call(
   return response;
 }
 
+// A speech request whose client can disconnect mid-way: `abort()` aborts request.signal.
+// `response` is the bridge's answer (a 499 when the client left before it); `settled()` waits
+// for the bridge's background work (the cancellation) to end.
+export function disconnectable(body, options = {}) {
+  const controller = new AbortController();
+  const ctx = createExecutionContext();
+  const request = new Request("http://bridge.test/v1/audio/speech", {
+    method: "POST",
+    headers: { authorization: `Bearer ${TOKEN}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "tts-1", voice: "alloy", ...body }),
+    signal: controller.signal,
+  });
+  const response = worker.fetch(request, { ...env, ...(options.envOverrides || {}) }, ctx);
+  return { response, abort: () => controller.abort(), settled: () => waitOnExecutionContext(ctx) };
+}
+
 export function speech(body, options = {}) {
   return call("/v1/audio/speech", { method: "POST", body: { model: "tts-1", voice: "alloy", ...body }, ...options });
 }
@@ -50,6 +67,21 @@ export async function plan(text, value) {
 
 export async function jobs(text) {
   return (await fetch(`${STANDIN}/__jobs?text=${encodeURIComponent(text)}`)).json();
+}
+
+// Submissions for `text` that the stand-in refused before starting a job.
+export async function refused(text) {
+  return (await (await fetch(`${STANDIN}/__refused?text=${encodeURIComponent(text)}`)).json()).count;
+}
+
+// Waits (bounded) until the stand-in has a job for `text` that passes `check`; returns it.
+export async function waitForJob(text, check = () => true) {
+  for (let i = 0; i < 200; i++) {
+    const [job] = await jobs(text);
+    if (job && check(job)) return job;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  throw new Error(`no job for ${text} reached the expected state`);
 }
 
 export async function release(text) {
@@ -85,18 +117,22 @@ export function base64(text) {
   return btoa(String.fromCharCode(...bytesOf(text)));
 }
 
-// Server-sent events: the JSON of every `data:` line.
+// Server-sent events: the JSON of every `data:` line; each block's `event:` line must name its type.
 export function parseSse(text) {
   return text
     .split("\n\n")
     .filter((block) => block.trim())
     .map((block) => {
-      const data = block
-        .split("\n")
-        .filter((line) => line.startsWith("data: "))
-        .map((line) => line.slice(6))
-        .join("\n");
-      return JSON.parse(data);
+      const lines = block.split("\n");
+      const data = JSON.parse(
+        lines
+          .filter((line) => line.startsWith("data: "))
+          .map((line) => line.slice(6))
+          .join("\n"),
+      );
+      const event = lines.find((line) => line.startsWith("event: "))?.slice(7);
+      if (event !== data.type) throw new Error(`event line ${event} does not match the type ${data.type}`);
+      return data;
     });
 }
 

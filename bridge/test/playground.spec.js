@@ -40,6 +40,11 @@ describe("GET /", () => {
     }
   });
 
+  it("tells the page the text limit of this deployment (MAX_TEXT_LENGTH)", async () => {
+    const html = await (await call("/", { auth: false, envOverrides: { MAX_TEXT_LENGTH: "2000" } })).text();
+    expect(html).toContain('data-limit="2000"');
+  });
+
   it("loads nothing from elsewhere and runs no inline script or style", async () => {
     const html = await (await call("/", { auth: false })).text();
     expect(html).not.toMatch(/(src|href)="(https?:)?\/\//);

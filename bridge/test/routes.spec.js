@@ -35,6 +35,13 @@ describe("GET /v1/models", () => {
     expect(await (await call("/v1/models/tts-1-hd")).json()).toMatchObject({ id: "tts-1-hd", object: "model" });
     await expectError(await call("/v1/models/gpt-4o"), 404, { code: "model_not_found" });
   });
+
+  it("lists models without a token (as Open WebUI asks) unless PUBLIC_LISTINGS is off", async () => {
+    for (const path of ["/v1/models", "/v1/audio/models", "/v1/models/tts-1"]) {
+      expect((await call(path, { auth: false })).status, path).toBe(200);
+      await expectError(await call(path, { auth: false, envOverrides: { PUBLIC_LISTINGS: "false" } }), 401);
+    }
+  });
 });
 
 describe("GET /health", () => {
@@ -47,6 +54,7 @@ describe("GET /health", () => {
       runpod: { endpoint_configured: true, api_key_configured: true },
       voices_bucket: true,
       auth_required: true,
+      public_listings: true,
     });
     expect(text).not.toContain(RUNPOD_KEY);
     expect(text).not.toContain(TOKEN);
@@ -66,6 +74,7 @@ describe("GET /health", () => {
       runpod: { endpoint_configured: false, api_key_configured: false },
       voices_bucket: false,
       auth_required: false,
+      public_listings: true,
     });
     const byId = await (
       await call("/health", { envOverrides: { RUNPOD_ENDPOINT_URL: undefined, RUNPOD_ENDPOINT_ID: "abc123" } })
@@ -76,9 +85,10 @@ describe("GET /health", () => {
 
 describe("auth", () => {
   const routes = [
-    ["GET", "/v1/models"],
-    ["GET", "/v1/audio/voices"],
+    ["GET", "/v1/audio/voices/alloy"],
     ["POST", "/v1/audio/voices"],
+    ["GET", "/v1/audio/voice_consents"],
+    ["POST", "/v1/audio/voice_consents"],
     ["DELETE", "/v1/audio/voices/voice_0123456789abcdef01234567"],
     ["POST", "/v1/audio/speech"],
     ["GET", "/nowhere"],
@@ -96,8 +106,9 @@ describe("auth", () => {
 
   it("accepts the token, and everything when no AUTH_TOKEN is set", async () => {
     expect((await call("/v1/models", { auth: false, headers: { authorization: `bearer ${TOKEN}` } })).status).toBe(200);
-    expect((await call("/v1/models", { auth: false, envOverrides: { AUTH_TOKEN: undefined } })).status).toBe(200);
-    expect((await call("/v1/models", { auth: false, envOverrides: { AUTH_TOKEN: "" } })).status).toBe(200);
+    const consents = "/v1/audio/voice_consents";
+    expect((await call(consents, { auth: false, envOverrides: { AUTH_TOKEN: undefined } })).status).toBe(200);
+    expect((await call(consents, { auth: false, envOverrides: { AUTH_TOKEN: "" } })).status).toBe(200);
   });
 });
 
@@ -121,7 +132,7 @@ describe("CORS", () => {
     const ok = await call("/v1/models");
     expect(ok.headers.get("access-control-allow-origin")).toBe("*");
     expect(ok.headers.get("access-control-expose-headers")).toContain("x-runpod-job-id");
-    const denied = await call("/v1/models", {
+    const denied = await call("/v1/audio/voice_consents", {
       auth: false,
       envOverrides: { CORS_ALLOW_ORIGIN: "https://app.example" },
     });

@@ -9,16 +9,23 @@
 //   {fail: "sentence"}      the job FAILS with that error (also for streams, after `chunks`)
 //   {status: "CANCELLED"}   the job ends with that status
 //   {http: {op: code}}      the operation (run, runsync, status, stream, cancel, audio) answers HTTP code
+//   {flaky: {op: n}}        the first n calls of the operation answer 503 (a passing gateway failure)
+//   {limited: {op: n}}      the first n calls answer 429 with Retry-After: {retryAfter} (default "0");
+//                           a refused run or runsync starts no job (GET /__refused?text= counts them)
 //   {delay: {op: ms}}       the operation answers after ms
+//   {running: true}         a pending job reads RUNNING (a documented state) instead of IN_PROGRESS
 //   {delivery: "url"}       the result has an audio_url served by this server (else audio_base64)
 //   {audio: "text"}         the result's audio bytes (default "AUDIO:<format>:<text>")
 //   {format: "wav"}         the format the result claims (default: the one asked for)
 //   {chunks: ["a", "b"]}    streamed audio pieces; {hold: i} withholds piece i until POST /__release
+//   {split: n}              the stream is all generated at once (the job is COMPLETED) and each /stream
+//                           reply carries at most n items, as RunPod splits backlogs over 1 MB
+//   {lose: i}               stream item i never arrives (a lost /stream reply)
 //   {streamError: "FAILED without error"} the failed /stream reply carries no error (the bridge asks /status)
 //   {wholeInStream: true}   a streamed job yields one whole result instead of chunks
 //   {output: value}         the COMPLETED output, verbatim
 //
-// GET /__jobs?text=... returns what the bridge sent for that text (inputs, calls, cancellations).
+// GET /__jobs?text=... returns what the bridge sent for that text (inputs, policy, calls, cancellations).
 
 import http from "node:http";
 
@@ -28,6 +35,7 @@ export function startStandin() {
   const plans = new Map();
   const jobs = new Map();
   const released = new Set();
+  const refused = new Map(); // text -> submissions answered 429 or 503 before a job existed
   let counter = 0;
 
   const server = http.createServer(async (req, res) => {
@@ -47,6 +55,7 @@ export function startStandin() {
       released.add(url.searchParams.get("text"));
       return send(200, { ok: true });
     }
+    if (url.pathname === "/__refused") return send(200, { count: refused.get(url.searchParams.get("text")) || 0 });
     if (url.pathname === "/__jobs") {
       const text = url.searchParams.get("text");
       return send(200, [...jobs.values()].filter((job) => job.input?.text === text).map(publicJob));
@@ -69,11 +78,17 @@ export function startStandin() {
     let job;
     if (op === "run" || op === "runsync") {
       if (req.method !== "POST") return send(405, { error: "method" });
-      const input = JSON.parse(body).input;
+      const { input, policy } = JSON.parse(body);
       const plan = plans.get(input?.text) || {};
+      const seen = refused.get(input?.text) || 0;
+      if (seen < (plan.limited?.[op] || 0)) {
+        refused.set(input.text, seen + 1);
+        return send(429, { error: "rate limited" }, { "retry-after": plan.retryAfter ?? "0" });
+      }
       job = {
         id: `job-${++counter}`,
         input,
+        policy,
         plan,
         op,
         polls: 0,
@@ -94,10 +109,19 @@ export function startStandin() {
     if (delay) await new Promise((resolve) => setTimeout(resolve, delay));
     const code = job.plan.http?.[op];
     if (code) return send(code, { error: `HTTP ${code} from the stand-in` });
+    const faults = (job.faults ??= {});
+    faults[op] = (faults[op] || 0) + 1;
+    if (op !== "run" && op !== "runsync") {
+      if (faults[op] <= (job.plan.flaky?.[op] || 0)) return send(503, { error: "upstream connect error" });
+      if (faults[op] <= (job.plan.flaky?.[op] || 0) + (job.plan.limited?.[op] || 0)) {
+        return send(429, { error: "rate limited" }, { "retry-after": job.plan.retryAfter ?? "0" });
+      }
+    }
 
     if (op === "cancel") {
-      job.cancelled = true;
-      return send(200, { id: job.id, status: "CANCELLED" });
+      job.cancels = (job.cancels || 0) + 1;
+      if (!job.finished) job.cancelled = true;
+      return send(200, { id: job.id, status: job.cancelled ? "CANCELLED" : "COMPLETED" });
     }
     if (op === "run") return send(200, { id: job.id, status: "IN_QUEUE" });
     if (op === "runsync" || op === "status") {
@@ -113,8 +137,9 @@ export function startStandin() {
     const plan = job.plan;
     if (job.cancelled) return { id: job.id, status: "CANCELLED" };
     if (plan.never || (op === "runsync" && plan.polls) || job.polls < (plan.polls || 0)) {
-      return { id: job.id, status: "IN_PROGRESS" };
+      return { id: job.id, status: plan.running ? "RUNNING" : "IN_PROGRESS" };
     }
+    job.finished = true;
     if (plan.fail) return { id: job.id, status: "FAILED", error: plan.fail };
     if (plan.status) return { id: job.id, status: plan.status };
     return { id: job.id, status: "COMPLETED", output: plan.output !== undefined ? plan.output : [result(job)] };
@@ -128,6 +153,7 @@ export function startStandin() {
       sample_rate: job.input.sample_rate || 48000,
       duration_sec: 1.2,
     };
+    if (job.input.captions) item.captions = `captions:${job.input.captions}`;
     if (job.plan.delivery === "url") {
       item.audio_url = `http://127.0.0.1:${server.address().port}/__audio/${job.id}?X-Amz-Signature=secret`;
     } else {
@@ -138,8 +164,9 @@ export function startStandin() {
 
   function streamReply(job, isReleased) {
     const plan = job.plan;
+    const pending = plan.running ? "RUNNING" : "IN_PROGRESS";
     if (job.cancelled) return { status: "CANCELLED", stream: [] };
-    if (plan.never) return { status: "IN_PROGRESS", stream: [] };
+    if (plan.never) return { status: pending, stream: [] };
     if (plan.fail && !plan.chunks) return { status: "FAILED", error: plan.fail, stream: [] };
     if (plan.wholeInStream) {
       if (job.sent) return { status: "COMPLETED", stream: [] };
@@ -147,10 +174,12 @@ export function startStandin() {
       return { status: "COMPLETED", stream: [{ output: result(job) }] };
     }
     const chunks = plan.chunks || ["chunk-0", "chunk-1"];
-    const limit = plan.hold !== undefined && !isReleased ? plan.hold : chunks.length;
+    const held = plan.hold !== undefined && !isReleased ? plan.hold : chunks.length;
+    const limit = plan.split ? Math.min(held, job.sent + plan.split) : held;
     const items = [];
     while (job.sent < limit) {
       const seq = job.sent++;
+      if (seq === plan.lose) continue;
       items.push({
         output: {
           status: "streaming",
@@ -162,7 +191,8 @@ export function startStandin() {
       });
       if (plan.repeat) items.push(items[items.length - 1]); // a duplicated delivery
     }
-    if (job.sent < chunks.length) return { status: "IN_PROGRESS", stream: items };
+    if (plan.split && job.sent < chunks.length) return { status: "COMPLETED", stream: items };
+    if (job.sent < chunks.length) return { status: pending, stream: items };
     if (plan.fail) {
       return plan.streamError
         ? { status: "FAILED", stream: items }
@@ -170,9 +200,9 @@ export function startStandin() {
     }
     if (!job.finished) {
       job.finished = true;
-      items.push({
-        output: { status: "complete", format: job.input.output_format, duration_sec: 2.0, chunks: chunks.length },
-      });
+      const summary = { status: "complete", format: job.input.output_format, duration_sec: 2.0, items: chunks.length };
+      if (job.input.captions) summary.captions = `captions:${job.input.captions}`;
+      items.push({ output: summary });
     }
     return { status: "COMPLETED", stream: items };
   }
@@ -188,7 +218,9 @@ export function startStandin() {
       op: job.op,
       calls: job.calls,
       polls: job.polls,
+      policy: job.policy,
       cancelled: job.cancelled,
+      cancels: job.cancels || 0,
       wait: job.wait,
       sent: job.sent,
     };

@@ -45,11 +45,14 @@ describe("speakers in speech requests", () => {
     expect(job.input.speakers).toEqual([
       "Alice",
       "Frank",
-      { audio_base64: expect.any(String) },
-      { audio_base64: expect.any(String) },
+      { audio_url: expect.any(String) },
+      { audio_url: expect.any(String) },
     ]);
+    // Clips go to the worker as signed URLs to this bridge, like a single created voice.
+    expect(new URL(job.input.speakers[2].audio_url).pathname).toBe(`/voice-clips/clips%2F${guest.id}`);
+    expect(new URL(job.input.speakers[3].audio_url).pathname).toBe("/voice-clips/clips%2Fnarrator.wav");
     expect(job.input).not.toHaveProperty("speaker");
-    expect(job.input).not.toHaveProperty("voice_audio_base64");
+    expect(job.input).not.toHaveProperty("voice_url");
   });
 
   it("passes a url voice as audio_url, and any other name to the worker as a preset", async () => {
@@ -92,16 +95,6 @@ describe("speakers in speech requests", () => {
     const text = script("unknown");
     const response = await speech({ input: text, speakers: ["alloy", { id: "voice_0123456789abcdef01234567" }] });
     await expectError(response, 404, { param: "voice" });
-    expect(await jobs(text)).toEqual([]);
-  });
-
-  it("refuses clips that together do not fit in one RunPod request", async () => {
-    const first = await createdVoice(tinyWav(1_800_000)); // 3.6 MB each, 7.2 MB together
-    const second = await createdVoice(tinyWav(1_800_000));
-    const text = script("big");
-    const response = await speech({ input: text, speakers: [{ id: first.id }, { id: second.id }] });
-    const error = await expectError(response, 413, { param: "speakers", code: "voice_too_large" });
-    expect(error.message).toMatch(/7\.2 MB together, over the 7 MB/);
     expect(await jobs(text)).toEqual([]);
   });
 });

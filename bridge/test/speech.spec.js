@@ -11,7 +11,7 @@ describe("request validation", () => {
   const cases = [
     [{ model: undefined }, "model"],
     [{ model: 7 }, "model"],
-    [{ model: "whisper-1" }, "model", "model_not_found"],
+    [{ model: "m".repeat(257) }, "model", "string_above_max_length"],
     [{ input: undefined }, "input"],
     [{ input: "   " }, "input"],
     [{ input: 42 }, "input"],
@@ -33,7 +33,7 @@ describe("request validation", () => {
       const response = await speech({ input: text, ...fields });
       const error = await expectError(response, 400, { param, type: "invalid_request_error" });
       if (code) expect(error.code).toBe(code);
-      expect(error.message).toMatch(new RegExp(`'${param}'|Model`));
+      expect(error.message).toMatch(new RegExp(`'${param}'`));
       expect(await jobs(text)).toEqual([]); // nothing reached RunPod
     });
   }
@@ -75,6 +75,78 @@ describe("request validation", () => {
   });
 });
 
+describe("models", () => {
+  it("runs any model name: known ones as given, others as the default, and says which", async () => {
+    for (const [model, used] of [
+      ["tts-1", "tts-1"],
+      ["gpt-4o-mini-tts", "gpt-4o-mini-tts"],
+      ["kokoro", "vibevoice-7b"],
+      ["whisper-1", "vibevoice-7b"],
+    ]) {
+      const text = uniqueText();
+      const response = await speech({ model, input: text }, WHOLE);
+      expect(response.status).toBe(200);
+      expect(response.headers.get("x-vibevoice-model")).toBe(used);
+      expect((await jobs(text)).length).toBe(1);
+    }
+  });
+});
+
+describe("the worker's limits, checked first", () => {
+  it("refuses text over MAX_TEXT_LENGTH, in characters, before a job starts", async () => {
+    const text = uniqueText().padEnd(2001, "é");
+    const error = await expectError(await speech({ input: text }, { envOverrides: { MAX_TEXT_LENGTH: "2000" } }), 400, {
+      param: "input",
+      code: "string_above_max_length",
+    });
+    expect(error.message).toBe("'input' is 2001 characters long; the limit is 2000.");
+    expect(await jobs(text)).toEqual([]);
+    const start = uniqueText();
+    const fits = start + "😀".repeat(2000 - start.length); // 2000 characters, 4000 UTF-16 units
+    expect(
+      (await speech({ input: fits }, { envOverrides: { MAX_TEXT_LENGTH: "2000", ...WHOLE.envOverrides } })).status,
+    ).toBe(200);
+  });
+
+  it("refuses control characters and lone surrogates, as the worker would; keeps tabs and line breaks", async () => {
+    for (const [bad, what] of [
+      ["\u0000", "U+0000"],
+      ["\u001b", "U+001B"],
+      ["\u0085", "U+0085"],
+      ["\ud83d", "lone surrogate"],
+    ]) {
+      const text = uniqueText() + bad + "after";
+      const error = await expectError(await speech({ input: text }), 400, {
+        param: "input",
+        code: "invalid_characters",
+      });
+      expect(error.message).toContain(what);
+      expect(error.message).toContain(`at position ${[...text].indexOf([...bad][0])}`);
+      if (what !== "lone surrogate") expect(await jobs(text)).toEqual([]);
+    }
+    const text = uniqueText() + "\tone\r\ntwo\n";
+    expect((await speech({ input: text }, WHOLE)).status).toBe(200);
+  });
+
+  it("refuses preset names the endpoint does not have, with PRESET_VOICES set", async () => {
+    const presets = { PRESET_VOICES: "en-Alice_woman, en-Frank_man, de-Anna_woman", STREAM_AUDIO: "false" };
+    for (const voice of ["Alice", "frank", "EN-ALICE_WOMAN", "anna"]) {
+      const text = uniqueText();
+      expect((await speech({ input: text, voice }, { envOverrides: presets })).status, voice).toBe(200);
+      expect((await jobs(text))[0].input.speaker).toBe(voice);
+    }
+    const text = uniqueText();
+    const error = await expectError(await speech({ input: text, voice: "Bob" }, { envOverrides: presets }), 400, {
+      param: "voice",
+      code: "voice_not_found",
+    });
+    expect(error.message).toBe(
+      "'voice': unknown voice 'Bob'; available voices: en-Alice_woman, en-Frank_man, de-Anna_woman.",
+    );
+    expect(await jobs(text)).toEqual([]);
+  });
+});
+
 describe("whole files", () => {
   const expected = {
     mp3: ["mp3", 24000, "audio/mpeg"],
@@ -93,6 +165,7 @@ describe("whole files", () => {
       const body = textOf(await response.arrayBuffer());
       expect(body).toBe(`AUDIO:${workerFormat}:${text}`);
       expect(response.headers.get("content-length")).toBe(String(body.length));
+      expect(response.headers.get("content-disposition")).toBe(`inline; filename="speech.${format}"`);
       const [job] = await jobs(text);
       expect(job.op).toBe("runsync");
       expect(job.input.output_format).toBe(workerFormat);
@@ -128,14 +201,29 @@ describe("whole files", () => {
     expect(JSON.stringify(error)).not.toMatch(/Signature|__audio|127\.0\.0\.1/);
   });
 
-  it("polls /status with backoff while the job is in progress", async () => {
-    const text = uniqueText();
-    await plan(text, { polls: 3 });
-    const response = await speech({ input: text }, WHOLE);
-    expect(response.status).toBe(200);
-    const [job] = await jobs(text);
-    expect(job.calls).toEqual(["runsync", "status", "status", "status"]);
-    expect(Number(job.wait)).toBeGreaterThanOrEqual(1000);
+  it("polls /status while the job is in progress, RUNNING as well as IN_PROGRESS", async () => {
+    for (const running of [false, true]) {
+      const text = uniqueText();
+      await plan(text, { polls: 3, running });
+      const response = await speech({ input: text }, WHOLE);
+      expect(response.status).toBe(200);
+      const [job] = await jobs(text);
+      expect(job.calls).toEqual(["runsync", "status", "status", "status"]);
+      expect(Number(job.wait)).toBeGreaterThanOrEqual(1000);
+      expect(job.cancels).toBe(0);
+    }
+  });
+
+  it("sends every job with a policy: a TTL past the bridge's deadline, an execution timeout from the text", async () => {
+    const short = uniqueText();
+    await speech({ input: short }, WHOLE);
+    expect((await jobs(short))[0].policy).toEqual({ ttl: 330_000, executionTimeout: 60_000 + short.length * 200 });
+    const long = uniqueText().padEnd(4000, "a");
+    await speech({ input: long }, { envOverrides: { ...WHOLE.envOverrides, JOB_TIMEOUT_SECONDS: "600" } });
+    expect((await jobs(long))[0].policy).toEqual({ ttl: 630_000, executionTimeout: 600_000 });
+    const streamedText = uniqueText();
+    await (await speech({ input: streamedText, stream_format: "audio" })).arrayBuffer();
+    expect((await jobs(streamedText))[0].policy.ttl).toBe(330_000);
   });
 
   it("passes VibeVoice's extra fields to the worker and never sends instructions", async () => {
@@ -208,21 +296,26 @@ describe("worker and RunPod failures", () => {
     expect(error.message).toBe("The worker failed (ValueError).");
   });
 
-  it("maps CANCELLED to 502 and TIMED_OUT to 504", async () => {
+  it("maps CANCELLED to 502 and TIMED_OUT to 504, and cancels neither again", async () => {
     for (const [status, code] of [
       ["CANCELLED", 502],
       ["TIMED_OUT", 504],
     ]) {
       const text = uniqueText();
       await plan(text, { status });
-      await expectError(await speech({ input: text }, WHOLE), code);
+      const response = await speech({ input: text }, WHOLE);
+      await expectError(response, code);
+      await response.settled();
+      expect((await jobs(text))[0].cancels).toBe(0);
     }
   });
 
   it("answers 502 for RunPod HTTP errors, a refused key, an unreachable endpoint and output without audio", async () => {
     let text = uniqueText();
     await plan(text, { http: { runsync: 500 } });
-    await expectError(await speech({ input: text }, WHOLE), 502, { message: /HTTP 500/ });
+    const failed = await speech({ input: text }, WHOLE);
+    await expectError(failed, 502, { message: /HTTP 500/ });
+    expect(failed.headers.get("x-should-retry")).toBe("false"); // a job may have started
 
     text = uniqueText();
     const refused = await speech(

@@ -32,6 +32,21 @@ function wavForm(name, bytes = tinyWav(), field = "audio_sample") {
 }
 
 const createVoice = (body, options = {}) => call("/v1/audio/voices", { method: "POST", body, ...options });
+
+// What the worker downloads from a voice_url (a signed URL to this bridge; no token).
+async function fetchClip(url) {
+  const response = await call(url.pathname + url.search, { auth: false });
+  expect(response.status).toBe(200);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+// A signed clip URL (path and query) that expires `seconds` from now.
+async function clipUrlFor(key, seconds) {
+  const { clipUrl } = await import("../src/clips.js");
+  const { loadConfig } = await import("../src/config.js");
+  const url = new URL(await clipUrl(key, new Request("http://bridge.test/"), loadConfig(env), seconds));
+  return url.pathname + url.search;
+}
 const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
 
 describe("GET /v1/audio/voices", () => {
@@ -49,6 +64,37 @@ describe("GET /v1/audio/voices", () => {
     ]);
     expect(body.voices[0]).toMatchObject({ object: "audio.voice", type: "preset" });
     expect(body.data).toEqual(body.voices);
+  });
+
+  it("lists the endpoint's presets after voices.json, once each", async () => {
+    const presets = { envOverrides: { PRESET_VOICES: "en-Alice_woman,ALLOY,en-Frank_man" } };
+    const voices = (await (await call("/v1/audio/voices", presets)).json()).voices;
+    expect(voices.map((voice) => [voice.id, voice.type])).toEqual([
+      ["alloy", "preset"],
+      ["echo", "preset"],
+      ["narrator", "audio_sample"],
+      ["remote", "audio_sample"],
+      ["en-Alice_woman", "preset"],
+      ["en-Frank_man", "preset"],
+    ]);
+  });
+
+  it("answers without a token (as Open WebUI asks), with presets only; created voices need the token", async () => {
+    const created = await (await createVoice(wavForm("Private"))).json();
+    const presets = { PRESET_VOICES: "en-Alice_woman" };
+    const open = await call("/v1/audio/voices", { auth: false, envOverrides: presets });
+    expect(open.status).toBe(200);
+    const ids = (await open.json()).voices.map((voice) => voice.id);
+    expect(ids).toEqual(["alloy", "echo", "narrator", "remote", "en-Alice_woman"]);
+    expect(JSON.stringify(ids)).not.toContain(created.id);
+    const withToken = (await (await call("/v1/audio/voices", { envOverrides: presets })).json()).voices;
+    expect(withToken.map((voice) => voice.id)).toContain(created.id);
+    // A wrong token is still wrong; PUBLIC_LISTINGS=false closes the listing.
+    await expectError(await call("/v1/audio/voices", { auth: false, headers: { authorization: "Bearer no" } }), 401);
+    await expectError(await call("/v1/audio/voices", { auth: false, envOverrides: { PUBLIC_LISTINGS: "false" } }), 401);
+    // One voice, creating and deleting stay behind the token.
+    await expectError(await call(`/v1/audio/voices/${created.id}`, { auth: false }), 401);
+    await expectError(await createVoice(wavForm("Anonymous"), { auth: false }), 401);
   });
 
   it("lists nothing without voices.json, and says so when voices.json is broken", async () => {
@@ -103,11 +149,35 @@ describe("voices in speech requests", () => {
     });
   }
 
-  it("sends a stored clip as base64 audio", async () => {
+  it("sends a stored clip as a signed URL to the bridge, which serves the clip until it expires", async () => {
     const text = uniqueText();
     expect((await speech({ input: text, voice: "narrator" }, WHOLE)).status).toBe(200);
     const [job] = await jobs(text);
-    expect(job.input.voice_audio_base64).toBe(b64(NARRATOR_CLIP));
+    expect(job.input).not.toHaveProperty("voice_audio_base64");
+    const url = new URL(job.input.voice_url);
+    expect(url.origin).toBe("http://bridge.test");
+    expect(url.pathname).toBe("/voice-clips/clips%2Fnarrator.wav");
+    // Valid as long as the job may live (its TTL: JOB_TIMEOUT_SECONDS + TTL_MARGIN_SECONDS).
+    expect(Number(url.searchParams.get("expires")) - Date.now() / 1000).toBeCloseTo(330, -1);
+    expect(await fetchClip(url)).toEqual(NARRATOR_CLIP);
+
+    const forged = new URL(url);
+    forged.searchParams.set("expires", String(Number(url.searchParams.get("expires")) + 1));
+    await expectError(await call(forged.pathname + forged.search, { auth: false }), 403, { code: "invalid_signature" });
+    const elsewhere = new URL(url);
+    elsewhere.pathname = "/voice-clips/voices.json";
+    await expectError(await call(elsewhere.pathname + elsewhere.search, { auth: false }), 403);
+    const expired = await clipUrlFor("clips/narrator.wav", -10);
+    await expectError(await call(expired, { auth: false }), 403, { code: "expired" });
+  });
+
+  it("points clip URLs at PUBLIC_URL when set", async () => {
+    const text = uniqueText();
+    await speech(
+      { input: text, voice: "narrator" },
+      { envOverrides: { ...WHOLE.envOverrides, PUBLIC_URL: "https://tts.example/" } },
+    );
+    expect((await jobs(text))[0].input.voice_url).toMatch(/^https:\/\/tts\.example\/voice-clips\//);
   });
 
   it("answers 404 for an unknown voice id", async () => {
@@ -142,7 +212,7 @@ describe("POST /v1/audio/voices", () => {
       const text = uniqueText();
       expect((await speech({ input: text, voice: reference }, WHOLE)).status).toBe(200);
       const [job] = await jobs(text);
-      expect(job.input.voice_audio_base64).toBe(b64(clip));
+      expect(await fetchClip(new URL(job.input.voice_url))).toEqual(clip);
       expect(job.input).not.toHaveProperty("speaker");
     }
     expect(await (await call(`/v1/audio/voices/${voice.id}`)).json()).toMatchObject({ id: voice.id, name: "Grandpa" });
