@@ -81,8 +81,10 @@ run: $(STAMP)
 
 ## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
 ## SERVE_FLAGS adds RunPod's rough edges (--running-state, --stream-reply-bytes, --rate-limit, --transient-every).
+## Its worker may fetch voice URLs on 127.0.0.0/8: `make bridge` hands it created voices that way.
 serve: $(STAMP)
-	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY) $(SERVE_FLAGS)
+	VOICE_URL_ALLOWED_NETWORKS=$${VOICE_URL_ALLOWED_NETWORKS-127.0.0.0/8} \
+		$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY) $(SERVE_FLAGS)
 
 ## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
 ## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.

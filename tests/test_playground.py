@@ -57,7 +57,13 @@ def run(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.TempPathFac
     soundfile.write(clip, synthetic_voice(150.0, 5, seconds=3.0), 24000, subtype="PCM_16")
     shutil.rmtree(OUT, ignore_errors=True)
     token = "playground-token-" + os.urandom(8).hex()
-    worker_env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
+    worker_env = {
+        "MODEL_PATH": str(tiny_model_dir),
+        "VIBEVOICE_HOME": str(volume),
+        "DEVICE": "cpu",
+        # Created voices reach the worker as signed URLs to the bridge, on 127.0.0.1 here (as with make serve).
+        "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
     with running_api(logs / "worker.log", worker_env) as api:
         process, origin = start_bridge(
             api.base_url,
