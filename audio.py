@@ -315,24 +315,84 @@ class LoudnessReport:
         return report
 
 
+@dataclass(frozen=True)
+class Level:
+    """What loudness normalisation needs to know of a signal: its loudness, true peak and length."""
+
+    lufs: float
+    peak_dbtp: float
+    samples: int
+
+
+class LevelMeter:
+    """Integrated loudness and true peak fed piece by piece, with the very arithmetic of one whole-signal call.
+
+    Pieces are regrouped into the `BLOCK_SAMPLES` blocks that a whole-signal measurement cuts the
+    signal into, so the meters' filters, running sums and oversampling see the same numbers in the
+    same order, and `level()` equals `measure_level` on the joined signal bit for bit. This lets the
+    level be measured while the engine generates the audio (rendering.LevelTracker).
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.rate = sample_rate
+        self.loudness = LoudnessMeter(sample_rate)
+        self.peak = TruePeakMeter()
+        self.samples = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
+
+    def add(self, samples: np.ndarray) -> None:
+        self._pending.append(samples)
+        self._pending_samples += samples.size
+        self.samples += samples.size
+        if self._pending_samples >= BLOCK_SAMPLES:
+            joined = np.concatenate(self._pending)
+            whole = joined.size // BLOCK_SAMPLES * BLOCK_SAMPLES
+            self._measure(joined[:whole])
+            self._pending, self._pending_samples = [joined[whole:]], joined.size - whole
+
+    def level(self) -> Level:
+        """The level of everything added (call once, at the end)."""
+        if self._pending_samples:
+            self._measure(np.concatenate(self._pending))
+        self._pending, self._pending_samples = [], 0
+        lufs = self.loudness.integrated() if self.samples >= LOUDNESS_MIN_SECONDS * self.rate else -math.inf
+        return Level(lufs, self.peak.dbtp(), self.samples)
+
+    def _measure(self, samples: np.ndarray) -> None:
+        for start in range(0, samples.size, BLOCK_SAMPLES):
+            block = samples[start : start + BLOCK_SAMPLES]
+            self.loudness.add(block)
+            self.peak.add(block)
+
+
+def measure_level(samples: np.ndarray, sample_rate: int) -> Level:
+    meter = LevelMeter(sample_rate)
+    meter.add(samples)
+    return meter.level()
+
+
 def normalize_loudness(
     samples: np.ndarray,
     sample_rate: int,
     target_lufs: float,
     ceiling_dbtp: float = TRUE_PEAK_CEILING_DBTP,
     in_place: bool = False,
+    level: Level | None = None,
 ) -> tuple[np.ndarray, LoudnessReport]:
     """Scale to `target_lufs`, but never so far that the true peak passes `ceiling_dbtp`.
 
     Audio shorter than one gating block, or quieter than the absolute gate (silence), is returned
-    unchanged with the reason in the report. `in_place` scales `samples` itself (no copy).
+    unchanged with the reason in the report. `in_place` scales `samples` itself (no copy). `level`
+    is the signal's level when it was measured already (as it was generated); else it is measured here.
     """
     if samples.size < LOUDNESS_MIN_SECONDS * sample_rate:
         return samples, LoudnessReport(False, target_lufs, reason=f"shorter than {LOUDNESS_MIN_SECONDS} s")
-    measured = integrated_loudness(samples, sample_rate)
+    if level is None:
+        level = measure_level(samples, sample_rate)
+    measured, peak = level.lufs, level.peak_dbtp
     if not math.isfinite(measured) or measured < SILENCE_LUFS:
         return samples, LoudnessReport(False, target_lufs, measured_lufs=measured, reason="silent or too quiet")
-    peak = true_peak_dbtp(samples)
     gain_db = target_lufs - measured
     limited = peak + gain_db > ceiling_dbtp
     if limited:

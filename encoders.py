@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 
+import mp3
 from audio import BLOCK_SAMPLES
 
 if TYPE_CHECKING:
@@ -136,6 +137,34 @@ class FFmpegEncoder(Encoder):
         if isinstance(self._buffer, _WriteOnlySink):
             return self._buffer.take()
         return self._buffer.getvalue() if self._closed else b""
+
+
+class LameEncoder(Encoder):
+    """MP3 through LAME directly (mp3.py). A whole file starts with the Info/LAME tag frame that
+    makes it gapless; a stream cannot have one (its frame count is known only at the end), so
+    decoders keep the encoder's delay in front of a streamed file, as with FFmpeg's muxer."""
+
+    def __init__(self, spec: OutputFormat, sample_rate: int, bitrate_kbps: int | None, streaming: bool):
+        super().__init__(spec, sample_rate, bitrate_kbps, streaming)
+        assert spec.bitrate is not None
+        self._lame = mp3.LameStream(sample_rate, bitrate_kbps or spec.bitrate.default_at(sample_rate))
+        self._frames: list[bytes] = []  # a whole file's frames: the tag in front needs them all
+
+    def write(self, samples: np.ndarray) -> bytes:
+        pieces = [self._lame.encode(samples[i : i + BLOCK_SAMPLES]) for i in range(0, samples.size, BLOCK_SAMPLES)]
+        if self.streaming:
+            return b"".join(pieces)
+        self._frames.extend(pieces)
+        return b""
+
+    def close(self) -> bytes:
+        tail = self._lame.flush()
+        self._lame.close()
+        if self.streaming:
+            return tail
+        frames = b"".join([*self._frames, tail])
+        self._frames = []
+        return mp3.info_frame(frames, self._lame.samples, self._lame) + frames
 
 
 class _WriteOnlySink:

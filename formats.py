@@ -61,10 +61,10 @@ FORMATS: dict[str, OutputFormat] = {
     spec.name: spec
     for spec in (
         OutputFormat(
-            "mp3", "audio/mpeg", "mp3", codec="libmp3lame", container="mp3", encoder=encoders.FFmpegEncoder,
+            "mp3", "audio/mpeg", "mp3", codec="libmp3lame", container="mp3", encoder=encoders.LameEncoder,
             # libmp3lame's limits for MPEG-1 (32-48 kHz), MPEG-2 (16-24 kHz) and MPEG-2.5 (8-12 kHz)
             bitrate=Bitrate(128, ((32000, 32, 320), (16000, 8, 160), (0, 8, 64))),
-            streams=True, note="constant bitrate",
+            streams=True, note="constant bitrate; gapless as a whole file (LAME tag), 1105 samples late as a stream",
         ),
         OutputFormat(
             "opus", "audio/ogg", "opus", codec="libopus", container="ogg", encoder=encoders.FFmpegEncoder,

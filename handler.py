@@ -45,7 +45,7 @@ from lifecycle import (
 )
 from logs import setup_logging
 from planning import JobError, JobPlan, plan_job
-from rendering import StreamRenderer, render
+from rendering import LevelTracker, StreamRenderer, render
 from reporting import ProgressThrottle, after_items, job_result
 from schema import InputError, JobInput, parse_job_input
 from storage import DeliveryError, S3Storage, deliver
@@ -110,8 +110,9 @@ class Worker:
         """A whole-file job: plan, generate, render, deliver; returns the result."""
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         stamps = JobTimestamps.for_plan(self.aligner, plan)
-        results, generate_seconds = await self._generate(job, plan, stamps)
-        rendered = await asyncio.to_thread(render, plan, results, self.settings)
+        tracker = LevelTracker(plan, self.settings)  # measures loudness while the audio is generated
+        results, generate_seconds = await self._generate(job, plan, stamps, tracker)
+        rendered = await asyncio.to_thread(render, plan, results, self.settings, tracker.level())
         delivery = await asyncio.to_thread(
             deliver,
             data=rendered.data,
@@ -142,13 +143,21 @@ class Worker:
         )  # fmt: skip
         return result
 
-    async def _generate(self, job: dict, plan: JobPlan, stamps: JobTimestamps) -> tuple[list[ChunkAudio], float]:
+    async def _generate(
+        self, job: dict, plan: JobPlan, stamps: JobTimestamps, tracker: LevelTracker
+    ) -> tuple[list[ChunkAudio], float]:
         """The engine's audio for every chunk (in a worker thread), and the seconds it took; each
-        finished chunk goes to the aligner (when the job wants timings) while the next decodes."""
+        finished chunk goes to the aligner (when the job wants timings) while the next decodes, and
+        the audio to the level tracker as it comes."""
         stop = threading.Event()
         progress = None
         if self.progress is not None:
             progress = ProgressThrottle(len(plan.chunks), lambda message: self.progress(job, message))
+
+        def chunk_done(result: ChunkAudio, total: int) -> None:
+            stamps.chunk_done(result)
+            tracker.on_chunk(result, total)
+
         started = time.perf_counter()
         try:
             results = await asyncio.to_thread(
@@ -156,9 +165,10 @@ class Worker:
                 plan.chunks,
                 plan.voices,
                 plan.params,
-                on_chunk=lambda result, total: stamps.chunk_done(result),
+                on_chunk=chunk_done,
                 should_stop=lambda: stop.is_set() or self.shutdown.expired(),
                 on_progress=progress,
+                on_audio=tracker.on_audio if tracker.enabled else None,
             )
         except asyncio.CancelledError:
             stop.set()  # the generation thread ends at its next frame

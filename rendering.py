@@ -3,6 +3,8 @@
 render          -> one file: joined, speed-changed, loudness-normalised, resampled and encoded
 StreamRenderer  -> the same piece by piece as frames arrive, for streamed jobs (no loudness
                    normalisation: it needs the whole signal)
+LevelTracker    -> the loudness and true peak `render` normalises by, measured while the engine
+                   generates, so `render` only applies the gain
 (where chunks, pauses and words lie in the delivered audio: timeline.py, recorded by both)
 """
 
@@ -39,14 +41,22 @@ class Rendered:
     summary: AudioSummary
 
 
-def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rendered:
+def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings, level: audio.Level | None = None) -> Rendered:
     """Join (gaps between chunks, pauses between sections), change speed, normalise loudness,
-    resample and encode into one file."""
+    resample and encode into one file.
+
+    `level` is the signal's level measured during generation (`LevelTracker`); without it (or if
+    it was measured on a signal of another length) the level is measured here.
+    """
     started = time.perf_counter()
     stretched, layout = assemble(plan.chunks, results, gap_samples(settings), plan.speed, plan.script.lead_pause_ms)
     if plan.normalize:
+        if level is not None and level.samples != stretched.size:
+            level = None  # measured on another signal than the one built here: measure this one
         # In place: `stretched` is this function's own copy (the joined or time-stretched signal).
-        stretched, report = audio.normalize_loudness(stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True)
+        stretched, report = audio.normalize_loudness(
+            stretched, MODEL_SAMPLE_RATE, plan.target_lufs, in_place=True, level=level
+        )
     else:
         report = audio.LoudnessReport(False, plan.target_lufs, reason="normalize is false")
     output = audio.resample(stretched, MODEL_SAMPLE_RATE, plan.sample_rate)
@@ -67,6 +77,42 @@ def render(plan: JobPlan, results: list[ChunkAudio], settings: Settings) -> Rend
 def gap_samples(settings: Settings) -> int:
     """The silence between two chunks, in samples at the model's rate."""
     return round(settings.chunk_gap_ms * MODEL_SAMPLE_RATE / 1000)
+
+
+class LevelTracker:
+    """The level `render` normalises by, measured while the engine generates the audio.
+
+    Takes engine.synthesize's `on_audio` and `on_chunk` callbacks and feeds the signal `render`
+    assembles (timeline.assemble: the lead pause, chunks in order, the gap after a chunk or the
+    pause its text asked for) to an `audio.LevelMeter`, whose result equals the measurement
+    `render` would make on the whole signal, bit for bit. Only at speed 1 and when normalising:
+    with a speed change the signal to measure comes out of the time-stretch, after generation.
+    """
+
+    def __init__(self, plan: JobPlan, settings: Settings):
+        self.enabled = plan.normalize and plan.speed == 1.0
+        self.gap = np.zeros(gap_samples(settings), dtype=np.float32)
+        self.pause_after = {chunk.index: chunk.pause_after_ms for chunk in plan.chunks}
+        self.meter = audio.LevelMeter(MODEL_SAMPLE_RATE)
+        self._chunks_done = 0
+        if self.enabled and plan.script.lead_pause_ms:
+            self.meter.add(np.zeros(pause_samples(plan.script.lead_pause_ms), dtype=np.float32))
+
+    def on_audio(self, index: int, samples: np.ndarray) -> None:
+        if self.enabled:
+            self.meter.add(samples)
+
+    def on_chunk(self, result: ChunkAudio, total: int) -> None:
+        self._chunks_done += 1
+        if not self.enabled:
+            return
+        if self.pause_after.get(result.index):
+            self.meter.add(np.zeros(pause_samples(self.pause_after[result.index]), dtype=np.float32))
+        elif self._chunks_done < total:
+            self.meter.add(self.gap)
+
+    def level(self) -> audio.Level | None:
+        return self.meter.level() if self.enabled else None
 
 
 STREAM_LOUDNESS_REASON = (

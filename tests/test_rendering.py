@@ -13,7 +13,7 @@ from audio_helpers import probe, tone
 import audio
 from inference import ChunkAudio
 from planning import plan_job
-from rendering import StreamRenderer, render
+from rendering import LevelTracker, StreamRenderer, render
 from schema import parse_job_input
 from timeline import assemble, chunk_segments
 
@@ -93,3 +93,57 @@ def test_streamed_pieces_equal_the_whole_file_however_the_audio_arrives(settings
     assert summary.duration_sec == whole.summary.duration_sec
     assert summary.placements == whole.summary.placements
     assert summary.loudness["measured_lufs"] is not None and not summary.loudness["applied"]
+
+
+def track(tracker: LevelTracker, results: list[ChunkAudio], piece: int) -> None:
+    """Feed a tracker as engine.synthesize calls it: audio frame by frame, then each finished chunk."""
+    for result in results:
+        for start in range(0, result.audio.size, piece):
+            tracker.on_audio(result.index, result.audio[start : start + piece])
+        tracker.on_chunk(result, len(results))
+
+
+def assembled(job_plan, results: list[ChunkAudio]) -> np.ndarray:
+    return assemble(job_plan.chunks, results, GAP, job_plan.speed, job_plan.script.lead_pause_ms)[0]
+
+
+PAUSES = "[pause:120ms] Speaker 1: The first part is spoken here. [pause:1s]\nSpeaker 2: The second part. [pause]"
+
+
+@pytest.mark.parametrize("piece", [1, 3200, 7777, 70000])
+@pytest.mark.parametrize("pauses", [False, True])
+def test_level_measured_while_generating_equals_the_whole_signal_measurement(settings, piece, pauses) -> None:
+    """The meters see the assembled signal (gaps, pauses) in the blocks a whole-signal call uses:
+    equal bit for bit, so `render` gives the same bytes with the level it was handed."""
+    job_plan = plan(settings, output_format="pcm_16", **({"text": PAUSES} if pauses else {}))
+    results = chunks(3.1, 0.9)  # more than one 64k-sample block, and a partial one
+    tracker = LevelTracker(job_plan, settings)
+    track(tracker, results, piece)
+    level = tracker.level()
+    signal = assembled(job_plan, results)
+    assert level == audio.measure_level(signal, 24000) and level.samples == signal.size
+    assert level.lufs == audio.integrated_loudness(signal, 24000)
+    assert level.peak_dbtp == audio.true_peak_dbtp(signal)
+    handed, measured_here = render(job_plan, results, settings, level), render(job_plan, results, settings)
+    assert handed.data == measured_here.data and handed.summary.loudness == measured_here.summary.loudness
+
+
+def test_level_is_measured_in_render_when_generation_could_not(settings) -> None:
+    """With a speed change the signal to measure comes from the time-stretch; normalize false needs none."""
+    for job in ({"speed": 1.5}, {"normalize": False}):
+        tracker = LevelTracker(plan(settings, **job), settings)
+        track(tracker, chunks(1.0, 1.0), 3200)
+        assert tracker.level() is None
+    job_plan = plan(settings, output_format="pcm_16")
+    other = audio.measure_level(tone(100, 2.0, amplitude=0.01), 24000)  # a level of another signal
+    assert render(job_plan, chunks(1.0, 1.0), settings, other).data == render(job_plan, chunks(1.0, 1.0), settings).data
+
+
+def test_the_engine_feeds_the_tracker_the_signal_render_assembles(engine, settings) -> None:
+    """Through the real engine (tiny checkpoint): on_audio and on_chunk give exactly that signal."""
+    job_plan = plan(settings, output_format="pcm_16", max_new_tokens=4, diffusion_steps=3, seed=5, text=PAUSES)
+    tracker = LevelTracker(job_plan, settings)
+    results = engine.synthesize(
+        job_plan.chunks, job_plan.voices, job_plan.params, on_audio=tracker.on_audio, on_chunk=tracker.on_chunk
+    )
+    assert tracker.level() == audio.measure_level(assembled(job_plan, results), 24000)
