@@ -11,10 +11,11 @@ its own process and reports that reference beside it: a rise in both is the mach
 Three waves warm the worker up first and the baseline is taken after them. Two pools fill up lazily
 and then stay, so a count above the baseline is not by itself a leak:
 
-- threads: asyncio's default thread pool (the worker's `asyncio.to_thread`) starts a thread when a
-  task finds none idle, up to min(32, CPUs + 4), and never stops one; each pool thread that runs
-  torch code gets its own OpenMP team (torch's thread count - 1 helpers). The worker's threads are
-  therefore at most its idle count (before any job) + pool size x torch threads;
+- threads: the event loop's thread pool (the worker's `asyncio.to_thread`; `handler.thread_pool_size`
+  threads for its concurrency) starts a thread when a task finds none idle and never stops one; each
+  pool thread that runs torch code gets its own OpenMP team (torch's thread count - 1 helpers), and
+  so does the decode scheduler's thread. The worker's threads are therefore at most its idle count
+  (before any job) + (pool size + 1) x torch threads;
 - file descriptors: the runpod SDK's one HTTP session keeps a connection to the control plane for
   every request it ever had open at once: the job-take and job-stop polls and one result or stream
   call per running job, so at most concurrency + 2.
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from audio_helpers import encode_file, tone  # noqa: E402
 
+from handler import thread_pool_size  # noqa: E402
 from tools.local_home import prepare  # noqa: E402
 from tools.runpod_emulator import RunpodEmulator  # noqa: E402
 
@@ -69,8 +71,6 @@ EXPECTED = {"bad": "FAILED", "cancelled": "CANCELLED"}
 CONCURRENCY = 4  # the worker's MAX_CONCURRENCY
 WARM_UP_WAVES = 3
 CONTROL = "connection to the control plane"
-# asyncio's default executor (Python 3.8+): threads started on demand, never stopped, at most this many.
-THREAD_POOL_MAX = min(32, (os.cpu_count() or 1) + 4)
 TARGETS = {"rss_growth": 0.10, "cpu_trend": 0.10, "control_connections": CONCURRENCY + 2}
 
 
@@ -238,13 +238,14 @@ def soak(jobs: int) -> dict:
 
 
 def thread_ceiling(idle_threads: int) -> int:
-    """The most threads the worker can hold: its own, plus every pool thread with its OpenMP team.
+    """The most threads the worker can hold: its own, plus every pool thread and the decode thread,
+    each with its OpenMP team.
 
     torch's thread count is read here, in the same environment as the worker's (neither sets it).
     """
     import torch
 
-    return idle_threads + THREAD_POOL_MAX * torch.get_num_threads()
+    return idle_threads + (thread_pool_size(CONCURRENCY) + 1) * torch.get_num_threads()
 
 
 def summarise(results: list[dict], taken: Counter, stats: dict, waves: list[dict], wall: float, jobs: int) -> dict:
@@ -328,8 +329,8 @@ def write(result: dict) -> None:
         ("open file descriptors", b["fds"], m["fds"], a["fds"], changed,
          f"others back to baseline; control-plane connections <= {targets['control_connections']}"),
         ("threads", b["threads"], m["threads"], a["threads"], f"{a['threads'] - b['threads']:+d}",
-         f"<= {result['thread_ceiling']}: idle {result['idle']['threads']} + thread pool {THREAD_POOL_MAX} x torch "
-         "threads"),
+         f"<= {result['thread_ceiling']}: idle {result['idle']['threads']} + "
+         f"(pool {thread_pool_size(CONCURRENCY)} + decode) x torch threads"),
         ("jobs lost / duplicated", "", "", "", f"{result['lost']} / {result['duplicated']}", "0 / 0"),
         ("worker CPU s per wave of 11 jobs, first / last fifth (median)", cpu["first_fifth"], "", cpu["last_fifth"],
          _change(cpu), f"trend <= +{targets['cpu_trend']:.0%}"),
