@@ -59,7 +59,7 @@ def bucket_for(rows: int) -> int:
     raise ValueError(f"at most {BUCKETS[-1]} rows decode together in the compiled step, not {rows}")
 
 
-# Buckets compiled at start-up (up to the batch cap); a larger bucket compiles when a batch first needs it.
+# Buckets compiled at start-up (up to the batch cap); a larger bucket runs uncompiled.
 WARM_UP_BUCKETS = (1, 2, 4, 8, 16)
 
 
@@ -338,6 +338,11 @@ class FrameStep:
         self._pinned: torch.Tensor | None = None
         self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}  # idle buffers by (bucket, capacity, steps)
         self._warming = False
+        # Shapes (bucket, capacity, steps) the warm-up compiled. Any other shape runs uncompiled:
+        # compiling it mid-job would stall every row of the batch for as long as compilation takes
+        # (minutes for the 7B on a GPU), as vLLM runs batches beyond its captured sizes eagerly.
+        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compiled_frames = 0  # frames that ran through the compiled function (tests, logs)
 
     @property
     def device(self) -> torch.device:
@@ -353,12 +358,15 @@ class FrameStep:
         return torch.compile(frame, mode=mode, dynamic=False, fullgraph=True)
 
     def run(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame; a compilation failure logs one line and the frame runs uncompiled from then on."""
-        if self.compiled:
+        """One frame, compiled when the warm-up compiled its shape; a compilation failure logs one
+        line and every frame runs uncompiled from then on."""
+        if self.compiled and (self._warming or _shape_of(tensors) in self.compiled_shapes):
             try:
                 if self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()
-                return self._run(tensors)
+                result = self._run(tensors)
+                self.compiled_frames += 1
+                return result
             except Exception as exc:  # any compiler fault: never fail a job for it
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise
@@ -410,9 +418,9 @@ class FrameStep:
         self._free.setdefault((slots.bucket, slots.capacity, slots.steps), []).append(slots.tensors)
 
     def _new_tensors(self, bucket: int, capacity: int, steps: int) -> SlotTensors:
-        if self.compiled and not self._warming:  # a shape the warm-up did not cover: this frame waits for it
-            log.info("a new decode shape (%d rows, %d cache columns, %d diffusion steps): compiled at its first frame",
-                     bucket, capacity, steps)  # fmt: skip
+        if self.compiled and not self._warming:  # a shape the warm-up did not cover
+            log.info("a decode shape the warm-up did not compile (%d rows, %d cache columns, %d diffusion steps) "
+                     "runs uncompiled", bucket, capacity, steps)  # fmt: skip
         model, device, dtype = self.model, self.device, self.model.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -451,8 +459,10 @@ class FrameStep:
         old: Slots | None = batch.static
         members = list(batch.sequences) + sequences
         capacity = capacity_for(max([_columns_needed(s) for s in members], default=1), self.device)
-        # Rows with fewer steps pad with no-op steps, which still run the head: as many as the batch needs.
-        steps = max([s.request.diffusion_steps for s in members], default=self.default_steps)
+        # Rows with fewer steps pad with no-op steps, which still run the head: as many as the batch
+        # needs, and compiled at least the warm-up's count (a shape it compiled beats fewer steps uncompiled).
+        floor = self.default_steps if self.compiled else 1
+        steps = max([s.request.diffusion_steps for s in members] + [floor])
         bucket = bucket_for(max(rows, 1))
         if old is not None:
             capacity, steps = max(capacity, old.capacity), max(steps, old.steps)
@@ -624,6 +634,7 @@ class FrameStep:
             self.release(slots)
             if not self.compiled:
                 break
+            self.compiled_shapes.add((slots.bucket, slots.capacity, slots.steps))
         self._warming = False
 
 
@@ -643,6 +654,11 @@ def _tensors_of(tensors: SlotTensors) -> list[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             out.append(value)
     return out
+
+
+def _shape_of(tensors: SlotTensors) -> tuple[int, int, int]:
+    """(bucket, capacity, steps) of a frame's tensors: what a compiled graph is specialised to."""
+    return tensors.live.shape[0], tensors.noise.shape[1], tensors.solver.shape[1]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -88,6 +88,7 @@ class Worker:
         size_thread_pool(self.concurrency)
         started = time.perf_counter()
         streamed = 0
+        on_cancel = watch_cancellation(job)
         try:
             if self.shutdown.expired():
                 raise ShutdownError(NOT_STARTED_BY_SHUTDOWN)
@@ -95,7 +96,7 @@ class Worker:
             if job_input.action == "list_voices":
                 yield {"voices": self.library.describe()}
             elif job_input.stream:
-                async for item in self.stream(job, job_input, started):
+                async for item in self.stream(job, job_input, started, on_cancel):
                     yield item
                     streamed += 1
             else:
@@ -103,9 +104,6 @@ class Worker:
         except USER_ERRORS as exc:
             log.info("job %s failed: %s", job.get("id"), exc)
             yield {"error": after_items(str(exc), streamed)}
-        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: cancelled while the SDK held an item
-            log.info("job %s cancelled", job.get("id"))
-            raise
         except Exception as exc:  # a bug or a fault: log the traceback, tell the user one sentence
             log.exception("job %s failed unexpectedly", job.get("id"))
             message = f"internal error while generating audio ({type(exc).__name__}); the job was not completed."
@@ -182,12 +180,15 @@ class Worker:
             raise ShutdownError(STOPPED_BY_SHUTDOWN)
         return results, time.perf_counter() - started
 
-    async def stream(self, job: dict, job_input: JobInput, started: float) -> AsyncIterator[dict]:
+    async def stream(
+        self, job: dict, job_input: JobInput, started: float, on_cancel: list[Callable[[], None]]
+    ) -> AsyncIterator[dict]:
         """A streamed job: audio items while the engine decodes, then the summary item."""
         plan = await asyncio.to_thread(plan_job, job_input, self.settings, self.library)
         renderer = StreamRenderer(plan, self.settings)
         stamps = JobTimestamps.for_plan(self.aligner, plan)
         generation = StreamedGeneration(self.engine, plan, renderer, self.shutdown, stamps)
+        on_cancel.append(generation.stop.set)  # a cancel that lands while the SDK holds an item
         generation.start()
         first_audio: float | None = None
         items = 0
@@ -301,6 +302,27 @@ def main() -> None:
 
 
 _POOL_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> threads in its pool
+
+
+def watch_cancellation(job: dict) -> list[Callable[[], None]]:
+    """Log the job's cancellation and run the returned hooks when RunPod cancels it.
+
+    The SDK cancels the task that iterates the handler. A whole job is inside the handler then and
+    gets CancelledError there; a streamed job is often not: the SDK is posting its last item, so
+    the handler's generator stays suspended until it is collected, and its engine would go on
+    decoding. The task's own end is the one signal both cases share."""
+    hooks: list[Callable[[], None]] = []
+    task = asyncio.current_task()
+
+    def ended(task: asyncio.Task) -> None:
+        if task.cancelled():
+            log.info("job %s cancelled", job.get("id"))
+            for hook in hooks:
+                hook()
+
+    if task is not None:
+        task.add_done_callback(ended)
+    return hooks
 
 
 def thread_pool_size(jobs: int) -> int:

@@ -17,7 +17,7 @@ import torch
 
 import framestep
 from decoder import Batch, BatchDecoder
-from framestep import FrameStep, solver_coefficients
+from framestep import FrameStep, capacity_for, solver_coefficients
 from tests.test_decoder import STEPS, TOLERANCE, decode_by_hand, max_difference, request
 from text import Chunk, Turn
 
@@ -178,8 +178,9 @@ def compiled(engine):
 def test_the_compiled_step_equals_the_eager_loop(engine, voices, chunks, compiled) -> None:
     requests = [request(engine, c, voices, 4, 3) for c in chunks[:2]]
     eager = engine.decoder.decode(requests)
+    frames = compiled.frame_step.compiled_frames
     got = compiled.decode(requests)
-    assert compiled.compiled
+    assert compiled.compiled and compiled.frame_step.compiled_frames > frames  # it really ran compiled
     for mine, want in zip(got, eager, strict=True):
         assert mine.tokens == want.tokens
         assert max_difference(mine.audio, want.audio) <= TOLERANCE
@@ -198,6 +199,20 @@ def test_joining_and_leaving_never_recompile(engine, voices, chunks, compiled) -
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_a_shape_the_warm_up_did_not_compile_runs_uncompiled(engine, voices, chunks, compiled, caplog) -> None:
+    """Compiling mid-job would stall the whole batch: a bucket the warm-up skipped (4) runs as is."""
+    from torch._dynamo.utils import counters
+
+    requests = [request(engine, c, voices, 3, 5) for c in chunks]  # 3 rows: bucket 4
+    before, frames = counters["stats"]["unique_graphs"], compiled.frame_step.compiled_frames
+    with caplog.at_level(logging.INFO, logger="vibevoice.framestep"):
+        got = compiled.decode(requests)
+    assert counters["stats"]["unique_graphs"] == before and compiled.frame_step.compiled_frames == frames
+    assert "the warm-up did not compile (4 rows" in caplog.text
+    for mine, want in zip(got, engine.decoder.decode(requests), strict=True):
+        assert mine.tokens == want.tokens and max_difference(mine.audio, want.audio) <= TOLERANCE
+
+
 def test_a_compile_failure_logs_one_line_and_decodes_uncompiled(engine, voices, chunks, caplog, monkeypatch) -> None:
     decoder = static_decoder(engine, compile_frame=True)
 
@@ -206,6 +221,8 @@ def test_a_compile_failure_logs_one_line_and_decodes_uncompiled(engine, voices, 
 
     monkeypatch.setattr(decoder.frame_step, "_run", broken)
     r = request(engine, chunks[1], voices, 3, 4)
+    # As if the warm-up had compiled this shape, so the failure comes in the middle of a job.
+    decoder.frame_step.compiled_shapes.add((1, capacity_for(1, decoder.device), STEPS))
     with caplog.at_level(logging.WARNING, logger="vibevoice.framestep"):
         [got] = decoder.decode([r])
     [want] = engine.decoder.decode([r])
