@@ -636,6 +636,9 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--out", type=Path, help="write OUT.md and OUT.json (default: bench/gpu_results on CUDA, nothing on the CPU)"
     )
+    parser.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU"
+    )
     parser.add_argument("--inject", choices=["nan", "mismatch"], help=argparse.SUPPRESS)  # the tests' faults
     args = parser.parse_args(argv)  # fmt: skip
     on_cuda = args.device == "cuda"
@@ -651,7 +654,7 @@ def parse_options(argv: list[str] | None) -> Options:
     return Options(
         models=models,
         device=args.device,
-        dtype=torch.bfloat16 if on_cuda else torch.float32,
+        dtype=getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32")),
         frames=frames,
         budget_s=args.budget if args.budget is not None else (GPU_BUDGET_S if on_cuda else 300),
         compiled=args.compiled if args.compiled is not None else on_cuda,
