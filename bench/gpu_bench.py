@@ -34,6 +34,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -372,9 +373,17 @@ def decode_checked(decoder: BatchDecoder, batch: list[DecodeRequest], options: O
 class ModelBench:
     """One model's checks and timed rows, inside its part of the time budget; fills `report`."""
 
-    def __init__(self, name: str, options: Options, deadline: float, bandwidth: float | None, report: dict):
+    def __init__(
+        self,
+        name: str,
+        options: Options,
+        deadline: float,
+        bandwidth: float | None,
+        report: dict,
+        save: Callable[[], None],
+    ):
         self.name, self.options, self.deadline, self.bandwidth = name, options, deadline, bandwidth
-        self.report = report
+        self.report, self.save = report, save  # save(): write the report so far
         self.rows: list[Row] = []
         report.update(model=name, checks={}, rows=self.rows, notes=[])
 
@@ -394,6 +403,7 @@ class ModelBench:
         self.step_estimate = self.eager_check.step_s or self.eager_check.wall_s / CHECK_FRAMES
         check_stock(self.eager, self.model, options, checks)
         self.count_weight_reads()
+        self.save()
         self.timed("own loop, eager", self.eager, 1)
         self.stock_row()
         for n in CONCURRENCY:
@@ -442,6 +452,7 @@ class ModelBench:
         self.fill(row, decode_checked(decoder, batch, self.options, f"{loop} at batch {n}"), self.step_bytes["own"])
         if loop == "own loop, eager" and n == 1 and row.step_ms:
             self.step_estimate = row.step_ms / 1e3
+        self.save()
 
     def stock_row(self) -> None:
         frames = self.options.frames
@@ -454,6 +465,7 @@ class ModelBench:
         timing = run_stock(self.model, request, self.options.device)
         timing.step_s = (timing.wall_s - short.wall_s) / (frames - 2)  # the prompt's share taken out
         self.fill(row, timing, self.step_bytes["stock"])
+        self.save()
 
     def fill(self, row: Row, timing: Timing, step_bytes: int) -> None:
         audio = row.frames * self.frame_seconds
@@ -540,19 +552,27 @@ def run(options: Options) -> dict:
     result.update(ok=True, failure=None, models=[])
     ends = deadlines(options, started)
     bandwidth = result["bandwidth_tb_s"] and result["bandwidth_tb_s"] * 1e12
+
+    def save() -> None:  # after each check and row: a run stopped from outside still leaves its report
+        result["elapsed_s"] = time.monotonic() - started
+        save_files(result, options.out)
+
     try:
         for name in options.models:
             print(f"gpu-bench: {name} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
             report: dict = {}
             result["models"].append(report)
-            bench = ModelBench(name, options, ends[name], bandwidth, report)
+            bench = ModelBench(name, options, ends[name], bandwidth, report, save)
             try:
                 bench.run()
             finally:
                 bench.close()
     except CheckFailed as exc:
         result.update(ok=False, failure=str(exc))
-    result["elapsed_s"] = time.monotonic() - started
+    except Exception as exc:  # a crash on the device: what was measured before it is still reported
+        traceback.print_exc()
+        result.update(ok=False, failure=f"{type(exc).__name__}: {exc}")
+    save()
     return result
 
 
@@ -609,15 +629,16 @@ def _model_markdown(report: dict) -> list[str]:
     return lines
 
 
-def write(result: dict, out: Path | None) -> None:
-    text = json.dumps(result, indent=2, default=lambda value: asdict(value) if isinstance(value, Row) else str(value))
-    page = markdown(json.loads(text))
-    print(page)
+def as_json(result: dict) -> str:
+    return json.dumps(result, indent=2, default=lambda value: asdict(value) if isinstance(value, Row) else str(value))
+
+
+def save_files(result: dict, out: Path | None) -> None:
     if out is not None:
+        text = as_json(result)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(text + "\n")
-        out.with_suffix(".md").write_text(page)
-        print(f"gpu-bench: wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}", file=sys.stderr)
+        out.with_suffix(".md").write_text(markdown(json.loads(text)))
 
 
 def parse_options(argv: list[str] | None) -> Options:
@@ -667,7 +688,11 @@ def parse_options(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
     result = run(options)
-    write(result, options.out)
+    print(markdown(json.loads(as_json(result))))
+    if options.out is not None:
+        print(
+            f"gpu-bench: wrote {options.out.with_suffix('.md')} and {options.out.with_suffix('.json')}", file=sys.stderr
+        )
     if not result["ok"]:
         print(f"gpu-bench FAILED: {result['failure']}", file=sys.stderr)
         return 1
