@@ -615,23 +615,29 @@ def markdown(result: dict) -> str:
 def _model_markdown(report: dict) -> list[str]:
     lines = [f"## {report['model']}", ""]
     if "parameters" in report:
-        lines.append(f"{report['parameters'] / 1e9:.3g} B parameters, {report['weight_gb']:.3g} GB of weights, built "
+        count = report["parameters"]
+        count = f"{count / 1e9:.3g} B" if count >= 1e9 else f"{count / 1e6:.3g} M"
+        lines.append(f"{count} parameters, {report['weight_gb']:.3g} GB of weights, built "
                      f"in {report['build_s']:.0f} s; attention {report['attention']}.")  # fmt: skip
     for name, check in report.get("checks", {}).items():
-        seen = f"max error {_number(check['max_error'])} of the peak per frame {check['per_frame']}, tolerance " \
-               f"{check['tolerance']}" if "max_error" in check else check.get("note", "")  # fmt: skip
+        seen = check.get("note", "")
+        if "max_error" in check:
+            seen = f"max error {_number(check['max_error'])} of the peak (per frame {check['per_frame']}), " \
+                   f"tolerance {check['tolerance']}"  # fmt: skip
         verdict = {True: "ok", False: "FAILED", None: "not run"}[check["ok"]]
         lines.append(f"- check {name}: {verdict}{'; ' + seen if seen else ''}")
     if "weight_bytes_per_step" in report:
         reads = report["weight_bytes_per_step"]
-        lines.append(f"- weight reads per frame step: own loop {reads['own'] / 1e9:.3g} GB, stock generate "
-                     f"{reads['stock'] / 1e9:.3g} GB; peak memory {_number(report.get('peak_gib'))} GiB; "
-                     f"compiling took {_number(report.get('compile_s'))} s")  # fmt: skip
+        lines.append(f"- weight reads per frame step: own loop {reads['own'] / 1e9:.3g} GB, "
+                     f"stock generate {reads['stock'] / 1e9:.3g} GB")  # fmt: skip
+    if report.get("peak_gib") is not None:
+        lines.append(f"- peak GPU memory: {report['peak_gib']:.3g} GiB")
+    if report.get("compile_s") is not None:
+        lines.append(f"- compiling the step (warm-up of every batch size): {report['compile_s']:.0f} s")
     lines += [f"- {note}" for note in report.get("notes", [])]
     header = "| loop | batch | RTF | x real time | first frame (s) | step (ms) | bandwidth used | peak (GiB) | note |"
     lines += ["", header, "|---|---|---|---|---|---|---|---|---|"]
     for row in report.get("rows", []):
-        row = row if isinstance(row, dict) else asdict(row)
         share = f"{row['bandwidth_fraction']:.1%}" if row["bandwidth_fraction"] is not None else "—"
         cells = [row["loop"], row["batch"], *(_number(row[key]) for key in ("rtf", "realtime_multiple",
                  "first_frame_s", "step_ms")), share, _number(row["peak_gib"]), row["note"]]  # fmt: skip
