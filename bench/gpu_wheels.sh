@@ -17,6 +17,8 @@ packages=(
   "transformers==$(pinned transformers)" "diffusers==$(pinned diffusers)"
   "huggingface_hub==$(pinned huggingface_hub)" "safetensors==$(pinned safetensors)" "numpy==$(pinned numpy)"
   "urllib3==$(pinned urllib3)"
+  # accelerate is not needed, but transformers uses it where it is installed: this keeps it at the pin.
+  "accelerate==$(pinned accelerate)" psutil==7.2.2
   # What transformers, huggingface_hub and diffusers import (diffusers needs PIL and requests).
   tokenizers==0.23.3 regex==2026.11.19 PyYAML==6.0.4 packaging==26.4 tqdm==4.70.1
   httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 truststore==0.10.5
