@@ -15,14 +15,14 @@ stderr and in the report) when one is off:
 Then it measures: the real-time factor at batch 1 of stock `generate`, the own loop eager and the
 own loop compiled; the aggregate real-time multiple at 4, 8 and 16 concurrent sequences; the time
 to the first frame; the peak GPU memory; and the share of the GPU's memory bandwidth used (weight
-bytes one frame step reads / its time / the GPU's bandwidth). A time budget (8 minutes in all on
-one H100 or H200) skips the rows that no longer fit, with a note.
+bytes one frame step reads / its time / the GPU's bandwidth). A time budget (GPU_BUDGET_S: the run
+stays under 8 minutes on one H100 or H200) skips the rows that no longer fit, with a note.
 
 Without CUDA the same code runs the tiny configuration on the CPU in float32 in seconds (a test does).
 
     python -m bench.gpu_bench                     # CUDA: writes bench/gpu_results.md and .json
     python -m bench.gpu_bench --out /tmp/r        # writes /tmp/r.md and /tmp/r.json
-    python -m bench.gpu_bench --models 1.5b --device cpu --frames 2   # a real size on the CPU
+    python -m bench.gpu_bench --models 1.5b --device cpu --dtype bfloat16 --frames 3   # a real size on the CPU
 """
 
 from __future__ import annotations
