@@ -8,19 +8,26 @@
 # Network-volume mode: the image holds Python and the code only; bootstrap.sh builds the venv and the
 # model cache on /runpod-volume on the first boot. Self-contained: the dependencies are installed at
 # build time (VIBEVOICE_PYTHON), the model comes from RunPod's cached models, the volume, or is baked in.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+#
+# The base is CUDA's smallest image: torch's wheels bring their own CUDA runtime, cuBLAS, cuDNN and
+# NCCL (nvidia-* packages in the venv), and the flash-attn wheel is prebuilt, so neither needs the
+# toolkit, headers or nvcc of a devel image; the base image adds the settings that make the NVIDIA
+# container runtime mount the host's driver, and refuses hosts whose driver is older than CUDA 12.8.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# RUNPOD_INIT_TIMEOUT: a first boot (venv and model download) takes longer than RunPod's default 420 s.
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    APP_DIR=/app
+    APP_DIR=/app \
+    RUNPOD_INIT_TIMEOUT=2400
 # Ubuntu 24.04's python3 is 3.12. Versions come from the pinned base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev libsndfile1 git ca-certificates util-linux \
+        python3 python3-venv libsndfile1 ca-certificates util-linux \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 

@@ -10,8 +10,8 @@ REF_VENV := .venv-reference
 REF_PY := $(REF_VENV)/bin/python
 REF_STAMP := $(REF_VENV)/.installed
 
-# Every shell script in the repository (outside virtual environments and node_modules).
-SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
+# Every shell script in the repository (outside virtual environments, node_modules and .local).
+SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git -o -path ./.local \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
 SERVE_PORT ?= 8000
 SERVE_FLAGS ?=
@@ -26,7 +26,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve soak test espeak bench gpu-bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve soak test test-deploy espeak bench gpu-bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run
 	$(PY) -m pytest
+
+## The production stack (not part of `make test`; downloads several GB on every run): bootstrap.sh builds
+## the production venv (Python 3.12, torch 2.8.0, requirements.txt) in .local/test-deploy, boots twice,
+## runs a job through handler.py, then the fast test suite on that venv. Results: docs' testing section.
+test-deploy: $(STAMP)
+	bash tools/test_deploy.sh
 
 ## shellcheck on every shell script, hadolint on the Dockerfile.
 lint-deploy: $(STAMP)

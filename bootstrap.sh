@@ -4,16 +4,22 @@
 # First boot (or after requirements.txt / the torch spec changed, or the venv broke):
 #   1. create the volume layout under VIBEVOICE_HOME (hf_home, hf_cache, models, output, demo/voices, venv)
 #   2. build a virtual environment on the volume: torch (CUDA 12.8), flash-attn, requirements.txt
-#   3. find the model (MODEL_PATH, MODEL_SOURCE, a model baked into the image, RunPod's cached models,
-#      or download MODEL_ID into the volume's cache; resumable)
-#      and convert a community-layout checkpoint to the transformers-native layout, once
-#   4. write VIBEVOICE_HOME/.first_run_complete (atomically, only after every step succeeded)
+#   3. fetch the pinned reference voices (demo/voices.json: source commit, size and sha256 of each file)
+#      into demo/voices; a voice that cannot be had is a warning, never a failure
+#   4. find the model (MODEL_PATH, MODEL_SOURCE, a model baked into the image, RunPod's cached models,
+#      the volume's cache, or download MODEL_ID into it; resumable) and convert a community-layout
+#      checkpoint to the transformers-native layout, once
+#   5. write VIBEVOICE_HOME/.first_run_complete (atomically, only after every step succeeded)
 # Every later boot checks the flag and the venv (a few milliseconds) and starts the worker offline.
 #
-# Setup runs under a lock on the volume: workers booting together build once; the others wait
-# (at most BOOTSTRAP_LOCK_TIMEOUT seconds) and reuse the result. Each venv lives in venv/<hash of
-# what it was built from>, is built in a temporary folder and renamed into place when complete, so
-# a running worker never sees its packages change and an interrupted build leaves nothing half-made.
+# Setup runs under a lock on the volume: workers booting together build once; the others wait (at
+# most BOOTSTRAP_LOCK_TIMEOUT seconds, which stays below RUNPOD_INIT_TIMEOUT) and reuse the result.
+# The lock is flock, or an atomic mkdir with a heartbeat where flock does not work. Whatever a boot
+# builds goes into a folder of its own (worker id + random suffix) with an owner file whose heartbeat
+# it keeps fresh: a venv is built in place under its final name (so its scripts work), a conversion
+# is renamed into place when complete, and only folders whose owner's heartbeat has gone stale are
+# ever removed. Long steps log a progress line every BOOTSTRAP_PROGRESS_SECONDS, and each step that
+# writes gigabytes first checks the free disk space.
 # With VIBEVOICE_PYTHON set (the self-contained image), the venv steps are skipped.
 #
 # Any failure ends the script with exit status 1 and one line starting "bootstrap: FAILED".
@@ -31,7 +37,18 @@ TORCH_INDEX_ARGS=${TORCH_INDEX_ARGS---index-url https://download.pytorch.org/whl
 FLASH_ATTN_SPEC=${FLASH_ATTN_SPEC-https://github.com/Dao-AILab/flash-attention/releases/download/v2.8.3/flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl}
 PIP_EXTRA_ARGS=${PIP_EXTRA_ARGS:-}
 BOOTSTRAP_CHECK_IMPORTS=${BOOTSTRAP_CHECK_IMPORTS:-torch transformers diffusers runpod}
-BOOTSTRAP_LOCK_TIMEOUT=${BOOTSTRAP_LOCK_TIMEOUT:-1500}
+# RunPod marks a worker unhealthy when its start-up takes longer than this (its default is 420 s).
+RUNPOD_INIT_TIMEOUT=${RUNPOD_INIT_TIMEOUT:-2400}
+# Seconds a worker keeps, after waiting for another worker's setup, to load the model itself.
+BOOTSTRAP_START_RESERVE=${BOOTSTRAP_START_RESERVE:-600}
+BOOTSTRAP_LOCK_TIMEOUT=${BOOTSTRAP_LOCK_TIMEOUT:-$((RUNPOD_INIT_TIMEOUT - BOOTSTRAP_START_RESERVE))}
+BOOTSTRAP_LOCK=${BOOTSTRAP_LOCK:-auto}                            # auto (flock, else mkdir), flock or mkdir
+BOOTSTRAP_LOCK_POLL_SECONDS=${BOOTSTRAP_LOCK_POLL_SECONDS:-2}     # how often a mkdir-lock waiter looks
+BOOTSTRAP_HEARTBEAT_SECONDS=${BOOTSTRAP_HEARTBEAT_SECONDS:-15}    # owner files are touched this often
+BOOTSTRAP_STALE_SECONDS=${BOOTSTRAP_STALE_SECONDS:-120}           # a heartbeat this old means its owner died
+BOOTSTRAP_PROGRESS_SECONDS=${BOOTSTRAP_PROGRESS_SECONDS:-15}      # one progress line per long step this often
+BOOTSTRAP_STALL_SECONDS=${BOOTSTRAP_STALL_SECONDS:-60}            # a download without new bytes is "stalled"
+BOOTSTRAP_VENV_BYTES=${BOOTSTRAP_VENV_BYTES:-9000000000}          # free space a venv build needs (measured 7.5 GB)
 BOOTSTRAP_EXEC=${BOOTSTRAP_EXEC:-1}
 WORKER_SCRIPT=${WORKER_SCRIPT:-$APP_DIR/handler.py}
 MODEL_ID=${MODEL_ID:-vibevoice/VibeVoice-7B-hf}
@@ -40,21 +57,34 @@ MODEL_SOURCE=${MODEL_SOURCE:-}
 BAKED_MODEL=${BAKED_MODEL:-/opt/vibevoice-model} # where the self-contained image bakes a model
 RUNPOD_HF_CACHE=${RUNPOD_HF_CACHE:-/runpod-volume/huggingface-cache/hub}
 TOKENIZER=${TOKENIZER:-}
+VOICES_MANIFEST=${VOICES_MANIFEST-$APP_DIR/demo/voices.json} # empty: fetch no voices
+VOICES_URLS=${VOICES_URLS:-}                                   # base URLs to fetch from (default: the manifest's)
+VOICES_TIMEOUT=${VOICES_TIMEOUT:-120}                          # seconds for all voices together
 
 FLAG="$VIBEVOICE_HOME/.first_run_complete"
 LOCK="$VIBEVOICE_HOME/.bootstrap.lock"
+TOOL_PYTHON=${VIBEVOICE_PYTHON:-$PYTHON_BIN} # runs provision.py's standard-library steps before a venv exists
+# Names a boot's folders: RunPod's pod id or the host name (never $$: bash is PID 1 in every container).
+WORKER_ID=${RUNPOD_POD_ID:-${HOSTNAME:-worker}}
+WORKER_ID=${WORKER_ID//[^A-Za-z0-9_.-]/_}
 export HF_HOME="$VIBEVOICE_HOME/hf_home"
-export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export HF_HUB_DISABLE_PROGRESS_BARS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_PROGRESS_BAR=off
 
 STEP="starting"
 FAILED_LINE=""
+LOCK_KIND=""
+LOCK_TOKEN=""
+BACKGROUND=() # heartbeat loops and progress watchers, stopped before the worker starts
+WATCHER=""
 
 log() { printf 'bootstrap: %s\n' "$*"; }
 
 # One clear line on any failure: either the message given to die, or the step that was running.
 on_exit() {
     local status=$?
+    stop_background
     if [ "$status" -ne 0 ]; then
+        release_lock
         printf 'bootstrap: FAILED %s\n' "${FAILED_LINE:-while $STEP (exit status $status)}" >&2
     fi
 }
@@ -65,7 +95,171 @@ die() {
     exit 1
 }
 
-# --- what the venv is built from ------------------------------------------------------------------
+random_suffix() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
+
+# provision.py with the given interpreter ($1): its standard-library steps also run before a venv exists.
+provision() { "$1" "$APP_DIR/provision.py" "${@:2}" 9>&-; }
+
+# Stop with provision.py's one-line reason when a step lacks disk space: $1 folder, $2 bytes, $3 step.
+need_space() {
+    local reason
+    reason=$(provision "$TOOL_PYTHON" space --path "$1" --bytes "$2" --step "$3") || die "$reason"
+}
+
+# --- owner files, heartbeats and progress lines ------------------------------------------------------
+
+# Touch $1 every BOOTSTRAP_HEARTBEAT_SECONDS while this script lives (and while $1 exists).
+heartbeat() {
+    (while kill -0 "$$" 2>/dev/null && [ -e "$1" ]; do
+        touch "$1" 2>/dev/null || true
+        sleep "$BOOTSTRAP_HEARTBEAT_SECONDS"
+    done) 9>&- &
+    BACKGROUND+=("$!")
+}
+
+# Seconds since the heartbeat of folder $1: its owner file's mtime, else the folder's own.
+heartbeat_age() {
+    local stamp
+    stamp=$(stat -c %Y "$1/.owner" 2>/dev/null || stat -c %Y "$1" 2>/dev/null || date +%s)
+    echo $(($(date +%s) - stamp))
+}
+
+# Create folder $1 as ours: an owner file inside, kept fresh by a heartbeat.
+claim() {
+    mkdir -p "$1"
+    printf 'owner=%s\nstarted=%s\n' "$WORKER_ID" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$1/.owner"
+    heartbeat "$1/.owner"
+}
+
+owner_of() { sed -n 's/^owner=//p' "$1/.owner" 2>/dev/null || true; }
+
+# Log a progress line every BOOTSTRAP_PROGRESS_SECONDS: $1 label, $2 expected total bytes (or ""), then folders.
+watch_start() {
+    local label=$1 total=$2 args=() path
+    shift 2
+    for path in "$@"; do args+=(--path "$path"); done
+    [ -n "$total" ] && args+=(--total "$total")
+    # Started directly (not through a function), so $! is the watcher itself.
+    "$TOOL_PYTHON" "$APP_DIR/provision.py" watch --label "$label" --parent "$$" \
+        --interval "$BOOTSTRAP_PROGRESS_SECONDS" "${args[@]}" 9>&- &
+    WATCHER=$!
+}
+
+watch_stop() {
+    [ -n "$WATCHER" ] || return 0
+    kill "$WATCHER" 2>/dev/null || true
+    wait "$WATCHER" 2>/dev/null || true
+    WATCHER=""
+}
+
+stop_background() {
+    watch_stop
+    [ "${#BACKGROUND[@]}" -gt 0 ] || return 0
+    kill "${BACKGROUND[@]}" 2>/dev/null || true
+    wait "${BACKGROUND[@]}" 2>/dev/null || true
+    BACKGROUND=()
+}
+
+# Remove what a dead boot left behind: unfinished venvs and conversions whose owner's heartbeat is
+# stale. A folder with a fresh heartbeat belongs to a live worker and is left alone.
+remove_dead_builds() {
+    local dir age
+    for dir in "$VIBEVOICE_HOME"/venv/*/ "$VIBEVOICE_HOME"/models/.build-*/ "$VIBEVOICE_HOME"/venv/.build-*/ \
+        "$VIBEVOICE_HOME"/models/.*.converting-*/; do
+        dir=${dir%/}
+        [ -d "$dir" ] || continue
+        [ -f "$dir/.requirements-hash" ] && continue # a finished venv (prune_venvs decides about those)
+        age=$(heartbeat_age "$dir")
+        if [ "$age" -ge "$BOOTSTRAP_STALE_SECONDS" ]; then
+            log "removing the unfinished build $dir (owner $(owner_of "$dir" | grep . || echo unknown), no heartbeat for ${age}s)"
+            rm -rf "$dir"
+        else
+            log "leaving $dir alone: its owner $(owner_of "$dir") is alive (heartbeat ${age}s ago)"
+        fi
+    done
+}
+
+# --- the setup lock ---------------------------------------------------------------------------------------
+
+acquire_lock() {
+    STEP="waiting for the setup lock"
+    if [ $((BOOTSTRAP_LOCK_TIMEOUT + BOOTSTRAP_START_RESERVE)) -gt "$RUNPOD_INIT_TIMEOUT" ]; then
+        log "warning: BOOTSTRAP_LOCK_TIMEOUT (${BOOTSTRAP_LOCK_TIMEOUT}s) leaves less than ${BOOTSTRAP_START_RESERVE}s" \
+            "of RUNPOD_INIT_TIMEOUT (${RUNPOD_INIT_TIMEOUT}s) to load the model: RunPod may mark this worker unhealthy"
+    fi
+    if [ "$BOOTSTRAP_LOCK" = mkdir ]; then
+        mkdir_lock
+        return
+    fi
+    local status=0
+    exec 9>>"$LOCK"
+    flock -E 75 -n 9 || status=$?
+    if [ "$status" -eq 75 ]; then
+        log "another worker is setting up the volume; waiting (at most ${BOOTSTRAP_LOCK_TIMEOUT}s)"
+        status=0
+        flock -E 75 -w "$BOOTSTRAP_LOCK_TIMEOUT" 9 || status=$?
+        [ "$status" -eq 75 ] && die "another worker held the setup lock $LOCK for over ${BOOTSTRAP_LOCK_TIMEOUT}s" \
+            "(raise RUNPOD_INIT_TIMEOUT, or prepare the volume once from a pod)."
+    fi
+    if [ "$status" -ne 0 ]; then
+        exec 9>&-
+        [ "$BOOTSTRAP_LOCK" = flock ] && die "flock failed on $LOCK (exit status $status); set BOOTSTRAP_LOCK=mkdir."
+        log "flock does not work on $VIBEVOICE_HOME (exit status $status); using a mkdir lock with a heartbeat"
+        mkdir_lock
+        return
+    fi
+    LOCK_KIND="flock"
+}
+
+# An atomic mkdir as the lock, for filesystems without flock. Its owner file carries a heartbeat;
+# a lock whose heartbeat is stale (its owner died) is taken over, checked by the owner's token.
+mkdir_lock() {
+    local dir="$LOCK.d" started=$SECONDS waiting=0 age token grave
+    while ! mkdir "$dir" 2>/dev/null; do
+        age=$(heartbeat_age "$dir")
+        if [ "$age" -ge "$BOOTSTRAP_STALE_SECONDS" ]; then
+            token=$(sed -n 's/^token=//p' "$dir/.owner" 2>/dev/null || true)
+            log "the setup lock $dir has had no heartbeat for ${age}s (owner $(owner_of "$dir")); taking it over"
+            grave="$dir.stale-$WORKER_ID-$(random_suffix)"
+            if mv "$dir" "$grave" 2>/dev/null; then
+                # Another worker may have taken it over first: then this is its fresh lock; put it back.
+                if [ "$(sed -n 's/^token=//p' "$grave/.owner" 2>/dev/null || true)" = "$token" ]; then
+                    rm -rf "$grave"
+                else
+                    mv "$grave" "$dir" 2>/dev/null || true
+                fi
+            fi
+            continue
+        fi
+        if [ "$waiting" -eq 0 ]; then
+            log "another worker ($(owner_of "$dir")) is setting up the volume; waiting (at most ${BOOTSTRAP_LOCK_TIMEOUT}s)"
+            waiting=1
+        fi
+        [ $((SECONDS - started)) -ge "$BOOTSTRAP_LOCK_TIMEOUT" ] &&
+            die "another worker held the setup lock $dir for over ${BOOTSTRAP_LOCK_TIMEOUT}s" \
+                "(raise RUNPOD_INIT_TIMEOUT, or prepare the volume once from a pod)."
+        sleep "$BOOTSTRAP_LOCK_POLL_SECONDS"
+    done
+    LOCK_TOKEN="$WORKER_ID-$(random_suffix)"
+    printf 'owner=%s\ntoken=%s\n' "$WORKER_ID" "$LOCK_TOKEN" >"$dir/.owner"
+    heartbeat "$dir/.owner"
+    LOCK_KIND="mkdir"
+}
+
+release_lock() {
+    case "$LOCK_KIND" in
+    flock) exec 9>&- ;;
+    mkdir)
+        # Only our own lock: a stale-lock takeover may have given the folder to another worker.
+        if [ "$(sed -n 's/^token=//p' "$LOCK.d/.owner" 2>/dev/null || true)" = "$LOCK_TOKEN" ]; then
+            rm -rf "$LOCK.d"
+        fi
+        ;;
+    esac
+    LOCK_KIND=""
+}
+
+# --- the virtual environment -----------------------------------------------------------------------------------
 
 requirements_hash() {
     {
@@ -84,46 +278,73 @@ venv_healthy() {
         $BOOTSTRAP_CHECK_IMPORTS 2>/dev/null
 }
 
+# The newest finished, healthy venv built for requirements hash $1 (venv/<hash>-<worker>-<suffix>).
+find_venv() {
+    local dir
+    while IFS= read -r dir; do
+        [ -f "$dir/.requirements-hash" ] && venv_healthy "$dir/bin/python" && {
+            echo "$dir"
+            return 0
+        }
+    done < <(find "$VIBEVOICE_HOME/venv" -mindepth 1 -maxdepth 1 -type d -name "$1*" -printf '%T@ %p\n' |
+        sort -rn | cut -d' ' -f2-)
+    return 1
+}
+
 pip_install() {
     # shellcheck disable=SC2086  # PIP_EXTRA_ARGS holds several arguments
-    "$1" -m pip install --no-cache-dir $PIP_EXTRA_ARGS "${@:2}" 9>&-
+    TMPDIR="$PIP_TMP" "$1" -m pip install --no-cache-dir $PIP_EXTRA_ARGS "${@:2}" 9>&-
 }
 
+# One phase of the venv build with progress lines: $1 what is installed, then pip's arguments.
+install_phase() {
+    local what=$1
+    shift
+    STEP="installing $what"
+    log "installing $what"
+    watch_start "building the virtual environment (installing $what)" "" "$VENV_BUILD" "$PIP_TMP"
+    local status=0
+    pip_install "$VENV_BUILD/bin/python" "$@" || status=$?
+    watch_stop
+    return "$status"
+}
+
+# Build a venv in place under its final, unique name and set VENV to it. It counts as finished only
+# once .requirements-hash is written, last; until then its owner file's heartbeat marks it as ours.
 build_venv() {
-    local target=$1 hash=$2 build
-    build="$VIBEVOICE_HOME/venv/.build-$hash-$$"
+    local hash=$1
+    VENV_BUILD="$VIBEVOICE_HOME/venv/$hash-$WORKER_ID-$(random_suffix)"
     STEP="creating the virtual environment"
-    log "building the virtual environment $target (requirements hash $hash)"
-    "$PYTHON_BIN" -m venv "$build" 9>&-
+    need_space "$VIBEVOICE_HOME/venv" "$BOOTSTRAP_VENV_BYTES" "building the virtual environment"
+    log "building the virtual environment $VENV_BUILD (requirements hash $hash)"
+    claim "$VENV_BUILD"
+    PIP_TMP=$(mktemp -d "${TMPDIR:-/tmp}/vibevoice-pip.XXXXXX")
+    "$PYTHON_BIN" -m venv "$VENV_BUILD" 9>&-
     if [ -n "$TORCH_SPEC" ]; then
-        STEP="installing $TORCH_SPEC"
-        log "installing $TORCH_SPEC"
         # shellcheck disable=SC2086  # TORCH_INDEX_ARGS holds several arguments
-        pip_install "$build/bin/python" $TORCH_INDEX_ARGS "$TORCH_SPEC"
+        install_phase "$TORCH_SPEC" $TORCH_INDEX_ARGS "$TORCH_SPEC"
     fi
     if [ -n "$FLASH_ATTN_SPEC" ]; then
-        STEP="installing flash-attn"
-        log "installing flash-attn"
         # Optional: without it the worker uses sdpa attention and says so in its log.
-        pip_install "$build/bin/python" "$FLASH_ATTN_SPEC" ||
+        install_phase flash-attn "$FLASH_ATTN_SPEC" ||
             log "warning: flash-attn could not be installed; the worker will use sdpa attention"
     fi
-    STEP="installing $REQUIREMENTS_FILE"
-    log "installing $REQUIREMENTS_FILE"
-    pip_install "$build/bin/python" -r "$REQUIREMENTS_FILE"
+    install_phase "$REQUIREMENTS_FILE" -r "$REQUIREMENTS_FILE"
+    rm -rf "$PIP_TMP"
     STEP="checking the new virtual environment"
-    venv_healthy "$build/bin/python" ||
+    venv_healthy "$VENV_BUILD/bin/python" ||
         die "the new virtual environment lacks one of: $BOOTSTRAP_CHECK_IMPORTS."
-    printf '%s\n' "$hash" >"$build/.requirements-hash"
-    rm -rf "$target" # a broken venv of the same hash
-    mv "$build" "$target"
+    rm -f "$VENV_BUILD/.owner"
+    printf '%s\n' "$hash" >"$VENV_BUILD/.requirements-hash"
+    VENV=$VENV_BUILD
 }
 
-# Keep the current venv and the newest other one (a worker started before an upgrade may still use it).
+# Keep the current venv and the newest other finished one (a worker started before an upgrade may still use it).
 prune_venvs() {
     local current=$1 kept=0 dir
     while IFS= read -r dir; do
         [ "$dir" = "$current" ] && continue
+        [ -f "$dir/.requirements-hash" ] || continue # unfinished: remove_dead_builds decides
         if [ "$kept" -eq 0 ]; then
             kept=1
         else
@@ -133,7 +354,25 @@ prune_venvs() {
     done < <(find "$VIBEVOICE_HOME/venv" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -printf '%T@ %p\n' | sort -rn | cut -d' ' -f2-)
 }
 
-# --- the model ----------------------------------------------------------------------------------------
+# --- the reference voices --------------------------------------------------------------------------------------
+
+# Fetch the manifest's voices that demo/voices lacks; set VOICES_STATE. Never fails the boot: a job
+# that names no voice runs without a voice prompt (and says so) when the default voice is missing.
+fetch_voices() {
+    local args=() url
+    VOICES_STATE=complete
+    [ -n "$VOICES_MANIFEST" ] || return 0
+    [ -f "$VOICES_MANIFEST" ] || {
+        log "warning: the voice manifest $VOICES_MANIFEST is missing; no reference voices fetched"
+        return 0
+    }
+    for url in $VOICES_URLS; do args+=(--url "$url"); done
+    STEP="fetching the reference voices"
+    provision "$TOOL_PYTHON" voices --manifest "$VOICES_MANIFEST" --dest "$VIBEVOICE_HOME/demo/voices" \
+        --timeout "$VOICES_TIMEOUT" "${args[@]}" >/dev/null || VOICES_STATE=incomplete
+}
+
+# --- the model ---------------------------------------------------------------------------------------------------
 
 # Which model is asked for: the flag is only valid for the same request.
 model_request() {
@@ -146,7 +385,8 @@ model_request() {
     fi
 }
 
-# Set MODEL_FOLDER to the requested checkpoint, downloading MODEL_ID into hf_cache when needed.
+# Set MODEL_FOLDER to the requested checkpoint: a local folder, RunPod's cached model (with or without
+# refs/main), a complete copy in the volume's cache, or a download into it (resumable, with progress).
 locate_model() {
     local python=$1 output
     if [ -n "$MODEL_PATH" ] || [ -n "$MODEL_SOURCE" ]; then
@@ -154,48 +394,38 @@ locate_model() {
         [ -f "$MODEL_FOLDER/config.json" ] || die "the model folder $MODEL_FOLDER has no config.json."
         return
     fi
-    STEP="downloading $MODEL_ID"
-    log "looking for $MODEL_ID in RunPod's cached models, else downloading it (resumable)"
-    # RunPod's cached models first (no download), then the volume's cache (resumes a partial download).
-    # On failure the script prints one line saying why, instead of the path.
-    if ! output=$(MODEL_ID="$MODEL_ID" RUNPOD_HF_CACHE="$RUNPOD_HF_CACHE" HF_CACHE="$VIBEVOICE_HOME/hf_cache" \
-        "$python" - 9>&- <<'PY'
-import os
-import sys
-
-from huggingface_hub import snapshot_download
-
-model_id = os.environ["MODEL_ID"]
-try:
-    print(snapshot_download(model_id, cache_dir=os.environ["RUNPOD_HF_CACHE"], local_files_only=True))
-    sys.exit(0)
-except Exception:
-    pass
-try:
-    print(snapshot_download(model_id, cache_dir=os.environ["HF_CACHE"], token=os.environ.get("HF_TOKEN") or None))
-except Exception as exc:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    print(f"could not download {model_id}: {reason}")
-    sys.exit(1)
-PY
-    ); then
-        die "${output##*$'\n'}"
+    STEP="looking for $MODEL_ID in the model caches"
+    if MODEL_FOLDER=$(provision "$python" find-model "$MODEL_ID" --runpod-cache "$RUNPOD_HF_CACHE" \
+        --cache "$VIBEVOICE_HOME/hf_cache"); then
+        log "found $MODEL_ID in $MODEL_FOLDER"
+        return
     fi
+    STEP="downloading $MODEL_ID"
+    output=$(provision "$python" download "$MODEL_ID" --cache "$VIBEVOICE_HOME/hf_cache" \
+        --interval "$BOOTSTRAP_PROGRESS_SECONDS" --stall "$BOOTSTRAP_STALL_SECONDS") || die "${output##*$'\n'}"
     MODEL_FOLDER=${output##*$'\n'}
 }
 
 # Set NATIVE_MODEL to a native checkpoint for MODEL_FOLDER: itself, or its conversion under models/ (once).
 native_model() {
-    local python=$1 name
+    local python=$1 name build size
     NATIVE_MODEL=$MODEL_FOLDER
     grep -q -e '"decoder_config"' -e '"acoustic_tokenizer_config"' "$MODEL_FOLDER/config.json" || return 0
     if [ -n "$MODEL_PATH$MODEL_SOURCE" ]; then name=$(basename "$MODEL_FOLDER"); else name=${MODEL_ID//\//--}; fi
     NATIVE_MODEL="$VIBEVOICE_HOME/models/$name-hf"
     [ -f "$NATIVE_MODEL/config.json" ] && return 0
     STEP="converting $MODEL_FOLDER to the transformers-native layout"
+    size=$(du -sbL "$MODEL_FOLDER" | cut -f1)
+    need_space "$VIBEVOICE_HOME/models" "$size" "converting $MODEL_FOLDER"
+    build="$VIBEVOICE_HOME/models/.build-$WORKER_ID-$(random_suffix)"
+    claim "$build"
     log "converting the community-layout checkpoint $MODEL_FOLDER into $NATIVE_MODEL"
-    rm -rf "$NATIVE_MODEL"
-    "$python" "$APP_DIR/convert_checkpoint.py" "$MODEL_FOLDER" "$NATIVE_MODEL" ${TOKENIZER:+--tokenizer "$TOKENIZER"} 9>&-
+    watch_start "converting to the transformers-native layout" "$size" "$build"
+    "$python" "$APP_DIR/convert_checkpoint.py" "$MODEL_FOLDER" "$build/$name-hf" ${TOKENIZER:+--tokenizer "$TOKENIZER"} 9>&-
+    watch_stop
+    rm -rf "$NATIVE_MODEL" # a broken leftover without config.json
+    mv "$build/$name-hf" "$NATIVE_MODEL"
+    rm -rf "$build"
 }
 
 # --- the flag --------------------------------------------------------------------------------------------
@@ -205,32 +435,46 @@ flag_value() {
     sed -n "s/^$1=//p" "$FLAG"
 }
 
-# The previous setup is complete and still matches what is asked for.
+# The previous setup is complete and still matches what is asked for ($1: the requirements hash).
 setup_done() {
-    local hash=$1 python=$2 model_path
+    local model_path
     [ -f "$FLAG" ] || return 1
-    [ "$(flag_value requirements)" = "$hash" ] || return 1
+    [ "$(flag_value requirements)" = "$1" ] || return 1
     [ "$(flag_value model)" = "$(model_request)" ] || return 1
     model_path=$(flag_value model_path)
     [ -f "$model_path/config.json" ] || return 1
-    venv_healthy "$python"
+    venv_healthy "$(flag_value python)"
 }
 
+# Write the flag atomically: $1 requirements hash, $2 python, $3 model folder, $4 voices state.
 write_flag() {
-    local tmp="$FLAG.tmp.$$"
+    local tmp
+    tmp="$FLAG.tmp.$WORKER_ID.$(random_suffix)"
     {
         printf 'requirements=%s\n' "$1"
         printf 'python=%s\n' "$2"
         printf 'model=%s\n' "$(model_request)"
         printf 'model_path=%s\n' "$3"
+        printf 'voices=%s\n' "$4"
         printf 'completed=%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     } >"$tmp"
     mv -f "$tmp" "$FLAG"
 }
 
+# A later boot retries the voices a first boot could not fetch (bounded by VOICES_TIMEOUT).
+retry_voices() {
+    [ "$(flag_value voices)" = complete ] && return 0
+    log "some reference voices are missing; trying to fetch them again"
+    fetch_voices
+    write_flag "$(flag_value requirements)" "$(flag_value python)" "$(flag_value model_path)" "$VOICES_STATE" ||
+        log "warning: could not update $FLAG"
+}
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 run_worker() {
+    stop_background
+    release_lock
     export MODEL_PATH=$1 VIBEVOICE_HOME HF_HUB_OFFLINE=1
     if [ "$BOOTSTRAP_EXEC" = "0" ]; then
         log "setup complete (BOOTSTRAP_EXEC=0: not starting the worker)"
@@ -241,71 +485,74 @@ run_worker() {
     exec "$2" "$WORKER_SCRIPT" "${@:3}"
 }
 
-main() {
-    if [ -z "$MODEL_PATH$MODEL_SOURCE" ] && [ -f "$BAKED_MODEL/config.json" ]; then
-        MODEL_PATH=$BAKED_MODEL
-    fi
+prepare_layout() {
     STEP="creating the volume layout in $VIBEVOICE_HOME"
     mkdir -p "$VIBEVOICE_HOME"/{hf_home,hf_cache,models,output,demo/voices,venv}
     local voice
     for voice in "$APP_DIR"/demo/voices/*.wav; do # voices shipped with the image; never overwrite the volume's
         [ -f "$voice" ] && [ ! -e "$VIBEVOICE_HOME/demo/voices/${voice##*/}" ] && cp "$voice" "$VIBEVOICE_HOME/demo/voices/"
     done
+    return 0
+}
 
-    local hash venv python
+# Set VENV to a venv for requirements hash $1: a finished one, or a new build.
+prepare_venv() {
+    if VENV=$(find_venv "$1"); then
+        log "reusing the virtual environment $VENV"
+    else
+        build_venv "$1"
+        prune_venvs "$VENV"
+    fi
+}
+
+main() {
+    if [ -z "$MODEL_PATH$MODEL_SOURCE" ] && [ -f "$BAKED_MODEL/config.json" ]; then
+        MODEL_PATH=$BAKED_MODEL
+    fi
+    prepare_layout
+
+    local hash python
     if [ -n "$VIBEVOICE_PYTHON" ]; then
         hash="image"
-        python=$VIBEVOICE_PYTHON
-        venv=""
     else
-        [ -x "$PYTHON_BIN" ] || die "no Python interpreter found (set PYTHON_BIN)."
+        STEP="checking the Python interpreter $PYTHON_BIN"
+        "$PYTHON_BIN" -c 'import venv' >/dev/null 2>&1 || die "no working Python interpreter with venv at '$PYTHON_BIN' (set PYTHON_BIN)."
         [ -r "$REQUIREMENTS_FILE" ] || die "the requirements file $REQUIREMENTS_FILE is missing."
         hash=$(requirements_hash)
-        venv="$VIBEVOICE_HOME/venv/$hash"
-        python="$venv/bin/python"
     fi
 
-    if setup_done "$hash" "$python"; then
+    if setup_done "$hash"; then
         log "already set up ($FLAG); starting offline"
-        run_worker "$(flag_value model_path)" "$python" "$@"
+        retry_voices
+        run_worker "$(flag_value model_path)" "$(flag_value python)" "$@"
     fi
 
-    STEP="waiting for the setup lock"
-    exec 9>"$LOCK"
-    if ! flock -n 9; then
-        log "another worker is setting up the volume; waiting (at most ${BOOTSTRAP_LOCK_TIMEOUT}s)"
-        flock -w "$BOOTSTRAP_LOCK_TIMEOUT" 9 ||
-            die "another worker held the setup lock $LOCK for over ${BOOTSTRAP_LOCK_TIMEOUT}s (raise BOOTSTRAP_LOCK_TIMEOUT)."
-    fi
-    if setup_done "$hash" "$python"; then
+    acquire_lock
+    if setup_done "$hash"; then
         log "set up by another worker; starting offline"
-        exec 9>&-
-        run_worker "$(flag_value model_path)" "$python" "$@"
+        run_worker "$(flag_value model_path)" "$(flag_value python)" "$@"
     fi
 
-    # We hold the lock: whatever a killed setup left behind can go.
-    rm -f "$FLAG" "$FLAG".tmp.*
-    rm -rf "$VIBEVOICE_HOME"/venv/.build-* "$VIBEVOICE_HOME"/models/.*.converting-*
+    # We hold the lock: the flag goes until every step succeeded; dead boots' leftovers go too.
+    rm -f "$FLAG"
+    remove_dead_builds
 
     if [ -z "$VIBEVOICE_PYTHON" ]; then
-        if venv_healthy "$python" && [ -f "$venv/.requirements-hash" ]; then
-            log "reusing the virtual environment $venv"
-        else
-            build_venv "$venv" "$hash"
-            prune_venvs "$venv"
-        fi
-    elif ! venv_healthy "$python"; then
-        die "VIBEVOICE_PYTHON $python lacks one of: $BOOTSTRAP_CHECK_IMPORTS."
+        prepare_venv "$hash"
+        python="$VENV/bin/python"
+    else
+        python=$VIBEVOICE_PYTHON
+        venv_healthy "$python" || die "VIBEVOICE_PYTHON $python lacks one of: $BOOTSTRAP_CHECK_IMPORTS."
     fi
 
-    STEP="locating the model"
+    fetch_voices
     locate_model "$python"
     native_model "$python"
+    remove_dead_builds # again: a folder left alone above may have lost its heartbeat by now
 
     STEP="writing $FLAG"
-    write_flag "$hash" "$python" "$NATIVE_MODEL"
+    write_flag "$hash" "$python" "$NATIVE_MODEL" "$VOICES_STATE"
     log "first-run setup complete"
-    exec 9>&-
     run_worker "$NATIVE_MODEL" "$python" "$@"
 }
 

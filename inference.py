@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, VibeVoiceForConditionalGeneration
 
+import hub_cache
 from config import MODEL_SAMPLE_RATE, Settings
 from decoder import (
     PREFILL_PIECE_TOKENS,
@@ -38,7 +39,7 @@ from decoder import (
     ended_by_cap,
 )
 from scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
-from text import Chunk, max_frames_for
+from text import Chunk, Turn, max_frames_for
 
 log = logging.getLogger("vibevoice.engine")
 
@@ -158,6 +159,58 @@ class VibeVoiceEngine:
             source, device, info.dtype, attention, info.load_seconds,
         )  # fmt: skip
         return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop)
+
+    # --- start-up check -------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Check that a full forward pass runs and yields finite audio (a start-up fitness check).
+
+        A short prompt without voices goes through the whole frame path once: the language model,
+        the diffusion head and the acoustic decoder. The first token is forced to a speech frame, so
+        the check does not depend on which token the model would pick first. If the configured
+        attention fails here (a flash-attn build that imports but whose kernels do not run on this
+        GPU), the model switches to sdpa, the log says so, and the check runs again.
+        """
+        try:
+            self._forward_once()
+        except Exception as exc:  # any failure of the kernels: the sdpa retry below decides
+            if self.info.attention == "sdpa":
+                raise RuntimeError(f"the warm-up forward pass failed: {_first_line(exc)}") from None
+            note = f"{self.info.attention} failed on the first forward pass ({_first_line(exc)}); using sdpa attention"
+            log.warning(note)
+            self._use_sdpa()
+            self.info.attention = "sdpa"
+            try:
+                self._forward_once()
+            except Exception as retry_exc:
+                raise RuntimeError(f"the warm-up forward pass failed with sdpa too: {_first_line(retry_exc)}") from None
+        log.info("warm-up: a forward pass with %s attention gave finite audio", self.info.attention)
+
+    def _use_sdpa(self) -> None:
+        # Only the language model has a choice of attention; switching the whole model would also
+        # hand sdpa to the codecs, which have none.
+        text_config = self.model.config.get_text_config(decoder=True)
+        for module in self.model.modules():
+            if module is not self.model and getattr(module, "config", None) is text_config:
+                module.set_attn_implementation("sdpa")
+                return
+        raise RuntimeError("the language model could not be found to switch its attention to sdpa")
+
+    def _forward_once(self) -> None:
+        inputs = self.prepare_inputs(Chunk(0, (Turn(0, "Hello."),)), {}, with_voices=False)
+        speech_frame = int(self.model.config.audio_token_id)
+        request = DecodeRequest(
+            index=0,
+            input_ids=inputs["input_ids"][0],
+            max_frames=1,
+            seed=0,
+            diffusion_steps=1,
+            forced_tokens=(speech_frame,),
+        )
+        decoded = self.decoder.decode([request])  # holds the model's lock itself
+        audio = decoded[0].audio
+        if audio.size == 0 or not bool(np.isfinite(audio).all()):
+            raise RuntimeError(f"the forward pass gave {audio.size} samples, not all of them finite")
 
     # --- prompts --------------------------------------------------------------------------
 
@@ -448,13 +501,16 @@ def resolve_model_path(settings: Settings) -> tuple[Path, str]:
             raise ModelLoadError(f"MODEL_PATH {settings.model_path} has no config.json.")
         return settings.model_path, str(settings.model_path)
 
-    for cache, label in ((settings.runpod_hf_cache, "RunPod cached model"), (settings.hf_cache, "volume cache")):
-        if cache.is_dir():
-            try:
-                path = snapshot_download(settings.model_id, cache_dir=str(cache), local_files_only=True)
-                return Path(path), f"{settings.model_id} ({label})"
-            except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-                continue
+    # RunPod's cached models may lack refs/main: find_snapshot also finds them by their snapshot folders.
+    cached = hub_cache.find_snapshot(settings.runpod_hf_cache, settings.model_id)
+    if cached is not None:
+        return cached, f"{settings.model_id} (RunPod cached model)"
+    if settings.hf_cache.is_dir():
+        try:
+            path = snapshot_download(settings.model_id, cache_dir=str(settings.hf_cache), local_files_only=True)
+            return Path(path), f"{settings.model_id} (volume cache)"
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+            pass
 
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     try:
@@ -519,3 +575,8 @@ def _load_model(
                 log.warning(notes[-1])
     reason = str(last_error).splitlines()[0] if last_error else "unknown error"
     raise ModelLoadError(f"could not load the model from {path}: {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

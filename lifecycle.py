@@ -13,8 +13,6 @@ import signal
 import threading
 import time
 
-import numpy as np
-
 from inference import VibeVoiceEngine
 
 log = logging.getLogger("vibevoice.handler")
@@ -79,19 +77,8 @@ def register_failed_load(runpod_module, reason: str) -> None:
 
 
 def register_warm_up(runpod_module, engine: VibeVoiceEngine) -> None:
-    """A start-up fitness check that generates one frame, so a worker whose GPU or kernels are
-    broken is reported unhealthy before it takes a job rather than failing every job."""
-
-    def model_generates() -> None:
-        from inference import GenerationParams
-        from text import Chunk, Turn
-
-        params = GenerationParams(cfg_scale=1.3, diffusion_steps=1, seed=0, max_new_tokens=1, use_voice_prompt=False)
-        result = engine.generate_chunk(Chunk(0, (Turn(0, "Hello."),)), {}, params)
-        if result.audio.size == 0 or not bool(np.isfinite(result.audio).all()):
-            raise RuntimeError("the model produced no usable audio in a one-frame warm-up")
-
-    runpod_module.serverless.register_fitness_check(model_generates)
+    """A start-up fitness check: one forward pass with finite audio (see VibeVoiceEngine.warm_up)."""
+    runpod_module.serverless.register_fitness_check(engine.warm_up)
 
 
 def report_unstarted_jobs() -> int:

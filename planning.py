@@ -79,7 +79,7 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
             warnings.append("disable_prefill is set, so the given voices were not used.")
     else:
         budget = settings.voice_max_total_seconds
-        for speaker, (field_name, source) in _voice_sources(job, script, settings, warnings).items():
+        for speaker, (field_name, source) in _voice_sources(job, script, settings, warnings, library).items():
             voices[speaker] = _load_voice(source, field_name, library, budget)
             budget -= voices[speaker].size / MODEL_SAMPLE_RATE
 
@@ -93,7 +93,7 @@ def plan_job(job: JobInput, settings: Settings, library: VoiceLibrary) -> JobPla
             diffusion_steps=job.diffusion_steps,
             seed=seed,
             max_new_tokens=job.max_new_tokens,
-            use_voice_prompt=not job.disable_prefill,
+            use_voice_prompt=bool(voices),  # none: disable_prefill, or no default voice to fall back on
         ),
         output_format=job.output_format,
         sample_rate=job.sample_rate,
@@ -145,9 +145,13 @@ def check_costs(script: Script, chunks: list[Chunk], job: JobInput, settings: Se
 
 
 def _voice_sources(
-    job: JobInput, script: Script, settings: Settings, warnings: list[str]
+    job: JobInput, script: Script, settings: Settings, warnings: list[str], library: VoiceLibrary
 ) -> dict[int, tuple[str, str | VoiceSource]]:
-    """Which field gives each speaker's voice: `speakers[i]` for scripts, else the single voice."""
+    """Which field gives each speaker's voice: `speakers[i]` for scripts, else the single voice.
+
+    A job that names no voice gets DEFAULT_SPEAKER; when that preset is not on the volume (its
+    download failed, or it was removed), the job runs without a voice prompt and says so.
+    """
     if job.speakers is not None:
         if not script.is_script:
             raise JobError(
@@ -180,8 +184,14 @@ def _voice_sources(
         source = ("voice_url", VoiceSource(audio_url=job.voice_url))
     elif job.speaker is not None:
         source = ("speaker", job.speaker)
-    else:
+    elif library.has(settings.default_speaker):
         source = ("speaker", settings.default_speaker)
+    else:
+        warnings.append(
+            f"no voice was given and the default voice {settings.default_speaker!r} is not in the voices folder, "
+            "so the audio was generated without a voice prompt (the model picks a voice)."
+        )
+        return {}
     return {script.speakers[0]: source}
 
 

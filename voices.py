@@ -108,6 +108,11 @@ class VoiceLibrary:
     def names(self) -> list[str]:
         return [preset.name for preset in self.presets()]
 
+    def has(self, name: str) -> bool:
+        """Whether any preset answers to `name` (stem or VibeVoice short name, any case)."""
+        wanted = name.strip().lower()
+        return any(wanted in (preset.name.lower(), (preset.short_name or "").lower()) for preset in self.presets())
+
     def find(self, name: str) -> Preset:
         """The preset called `name` (stem or VibeVoice short name, any case), or a VoiceError."""
         wanted = name.strip().lower()

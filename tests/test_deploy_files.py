@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -16,19 +18,59 @@ import pytest
 
 from config import Settings
 from schema import parse_job_input
+from voices import VoiceLibrary
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 HUB_TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
-BOOTSTRAP_VARIABLES = set(re.findall(r"^([A-Z_]+)=\$\{", (ROOT / "bootstrap.sh").read_text(), re.MULTILINE))
+BOOTSTRAP = (ROOT / "bootstrap.sh").read_text()
+BOOTSTRAP_VARIABLES = set(re.findall(r"^([A-Z_]+)=\$\{", BOOTSTRAP, re.MULTILINE))
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+VOICES = json.loads((ROOT / "demo" / "voices.json").read_text())
 
 
 def test_hub_metadata_describes_a_gpu_audio_worker():
     assert HUB["type"] == "serverless" and HUB["category"] == "audio"
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/\S+/[0-9a-f]{40}/\S+\.png", HUB["iconUrl"])
     config = HUB["config"]
     assert config["runsOn"] == "GPU" and config["gpuCount"] == 1
-    assert "12.8" in config["allowedCudaVersions"]  # torch 2.8.0 is built for CUDA 12.8
-    assert config["containerDiskInGb"] >= 20
+    for versions in (config["allowedCudaVersions"], HUB_TESTS["config"]["allowedCudaVersions"]):
+        assert "12.8" in versions  # torch 2.8.0 is built for CUDA 12.8 ...
+        assert any(v.startswith("13.") for v in versions)  # ... and runs on hosts whose drivers report 13.x
+
+
+# Sizes that fill the container disk when there is no network volume (bytes), measured as
+# docs/operations.md says; the runpod SDK's start-up check then wants 10% of the disk free.
+MEASURED = {
+    "image": 2.0e9,  # upper bound for the network-volume image (Ubuntu 24.04, CUDA base layer, Python 3.12)
+    "venv": 7.5e9,  # the production venv, measured by `make test-deploy` (torch 2.8.0 + requirements.txt)
+    "flash_attn": 0.8e9,  # the flash-attn 2.8.3 wheel, installed
+    "model": 18.7e9,  # vibevoice/VibeVoice-7B-hf in bf16
+    "converted": 18.7e9,  # a community-layout MODEL_ID (offered in hub.json) is kept and converted beside it
+}
+
+
+def test_container_disk_fits_a_first_boot_and_leaves_what_the_sdk_checks_for():
+    needed_gb = sum(MEASURED.values()) / 0.9 / 1e9  # at most 90% used after the first boot
+    assert HUB["config"]["containerDiskInGb"] == math.ceil(needed_gb)
+
+
+def test_first_boot_fits_runpods_start_up_limit():
+    hub = next(e["input"] for e in HUB["config"]["env"] if e["key"] == "RUNPOD_INIT_TIMEOUT")
+    tests = next(e["value"] for e in HUB_TESTS["config"]["env"] if e["key"] == "RUNPOD_INIT_TIMEOUT")
+    image = re.search(r"RUNPOD_INIT_TIMEOUT=(\d+)", DOCKERFILE)[1]
+    script = re.search(r"^RUNPOD_INIT_TIMEOUT=\$\{RUNPOD_INIT_TIMEOUT:-(\d+)\}$", BOOTSTRAP, re.MULTILINE)[1]
+    assert hub["default"] == int(tests) == int(image) == int(script) >= 1800  # RunPod's default is 420 s
+    reserve = int(re.search(r"^BOOTSTRAP_START_RESERVE=\$\{BOOTSTRAP_START_RESERVE:-(\d+)\}$", BOOTSTRAP, re.M)[1])
+    assert (
+        "BOOTSTRAP_LOCK_TIMEOUT=${BOOTSTRAP_LOCK_TIMEOUT:-$((RUNPOD_INIT_TIMEOUT - BOOTSTRAP_START_RESERVE))}"
+        in BOOTSTRAP
+    )
+    assert 0 < hub["default"] - reserve < hub["default"]  # workers waiting for the lock stay below the limit
+    # The Hub's test worker has no volume: it boots the small native model, so one cold start holds it all.
+    model = next(e["value"] for e in HUB_TESTS["config"]["env"] if e["key"] == "MODEL_ID")
+    assert model == "vibevoice/VibeVoice-1.5B-hf"
+    assert HUB_TESTS["tests"][0]["timeout"] >= hub["default"] * 1000 * 0.75
 
 
 def test_hub_env_inputs_are_real_settings_with_their_real_defaults():
@@ -51,9 +93,16 @@ def test_hub_env_inputs_are_real_settings_with_their_real_defaults():
         if name in fields:
             default = fields[name].default
             default = "" if default is None else default
+            if spec["type"] == "string":
+                default = str(default)
             assert spec["default"] == default, f"{key}: hub default {spec['default']!r}, settings {default!r}"
+        assert spec["type"] in ("string", "number", "boolean", "huggingface"), key
+        if spec["type"] == "number":
+            assert "options" not in spec and spec["min"] <= spec["default"] <= spec["max"], key
         for option in spec.get("options", []):
             Settings(**{name: option["value"]})  # every offered choice is accepted
+    model = next(e["input"] for e in HUB["config"]["env"] if e["key"] == "MODEL_ID")
+    assert model["type"] == "huggingface"  # RunPod's model picker
 
 
 def test_the_default_model_is_the_same_everywhere():
@@ -79,8 +128,9 @@ def test_local_test_input_is_a_valid_job(settings):
 
 
 def test_dockerfile_builds_both_modes_from_the_cuda_base():
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04" in dockerfile
+    dockerfile = DOCKERFILE
+    # The smallest CUDA image: torch's wheels bring the CUDA libraries, the flash-attn wheel needs no nvcc.
+    assert "ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04" in dockerfile
     stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE)
     assert stages == ["base", "self-contained", "volume"]  # the last stage is the default target
     assert dockerfile.count('CMD ["bash", "/app/bootstrap.sh"]') == 2
@@ -133,3 +183,46 @@ def test_gpu_smoke_script_runs_its_jobs_on_the_cpu(tiny_model_dir, volume, tmp_p
         assert jobs[name]["ok"] and jobs[name]["audio_sec"] > 0 and jobs[name]["real_time_factor"] > 0, jobs[name]
     assert jobs["long_multi_chunk"]["chunks"] > 1
     assert jobs["streaming"]["ok"] or "skipped" in jobs["streaming"]
+
+
+def test_reference_voices_are_pinned_by_commit_and_checksum():
+    assert VOICES["urls"] and all(re.search(r"/[0-9a-f]{40}/demo/voices/$", url) for url in VOICES["urls"])
+    assert len(VOICES["files"]) == 9
+    for name, spec in VOICES["files"].items():
+        assert re.fullmatch(r"[a-z]{2}-[A-Za-z]+_(man|woman)(_bgm)?\.wav", name), name
+        assert re.fullmatch(r"[0-9a-f]{64}", spec["sha256"]) and spec["bytes"] > 100_000, name
+
+
+def test_the_default_voice_and_the_bridge_presets_are_among_the_fetched_voices(tmp_path):
+    """Every preset name that ships as a default resolves to exactly one fetched file."""
+    library = VoiceLibrary.for_settings(Settings(vibevoice_home=tmp_path))
+    library.folder.mkdir(parents=True)
+    for name in VOICES["files"]:
+        (library.folder / name).write_bytes(b"")  # names only: find() never opens the files
+    assert library.find(Settings.model_fields["default_speaker"].default).name == "en-Alice_woman"
+    bridge = json.loads((ROOT / "bridge" / "voices.example.json").read_text())["voices"]
+    for voice in bridge.values():
+        library.find(voice["preset"] if isinstance(voice, dict) else voice)
+    for test in HUB_TESTS["tests"]:
+        for speaker in test["input"].get("speakers", []):
+            library.find(speaker)
+
+
+def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
+    """provision.py voices against a local server: a good file is kept, a corrupted one is not."""
+    base, folder = http_files
+    (folder / "good.wav").write_bytes(b"RIFF good bytes")
+    (folder / "bad.wav").write_bytes(b"RIFF tampered!!")
+    manifest = tmp_path / "manifest.json"
+    files = {
+        name: {"sha256": hashlib.sha256(b"RIFF good bytes").hexdigest(), "bytes": 15}
+        for name in ("good.wav", "bad.wav")
+    }
+    manifest.write_text(json.dumps({"urls": [base + "/"], "files": files}))
+    dest = tmp_path / "voices"
+    command = [sys.executable, str(ROOT / "provision.py"), "voices", "--manifest", str(manifest), "--dest", str(dest)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert sorted(p.name for p in dest.iterdir()) == ["good.wav"]
+    assert "voice bad.wav: " in done.stderr and "not used" in done.stderr
+    assert "warning: 1 reference voice(s) could not be fetched (bad.wav)" in done.stderr

@@ -51,8 +51,9 @@ def test_bitrate_ranges_pick_the_first_row_that_fits() -> None:
 def test_hub_offers_exactly_the_registry_and_the_rates() -> None:
     formats = [option["value"] for option in HUB_ENV["DEFAULT_OUTPUT_FORMAT"]["options"]]
     assert formats == list(FORMATS)
+    # An option input is a string input in RunPod's hub.json schema (number inputs take min/max only).
     rates = [option["value"] for option in HUB_ENV["DEFAULT_SAMPLE_RATE"]["options"]]
-    assert rates == list(SAMPLE_RATES)
+    assert rates == [str(rate) for rate in SAMPLE_RATES]
 
 
 def bridge_formats() -> dict[str, dict]:
