@@ -14,6 +14,8 @@ REF_STAMP := $(REF_VENV)/.installed
 SHELL_SCRIPTS = $(shell find . \( -name '.venv*' -o -name node_modules -o -name .git -o -path ./.local \) -prune -o -type f \( -name '*.sh' -o -path './.ci/run' \) -print)
 
 SERVE_PORT ?= 8000
+# The key `make serve` accepts and `make bridge` sends to it (both listen on 127.0.0.1 only).
+SERVE_API_KEY ?= local-dev
 SERVE_FLAGS ?=
 GPU_BENCH_FLAGS ?=
 
@@ -21,12 +23,16 @@ GPU_BENCH_FLAGS ?=
 BRIDGE_STAMP := bridge/node_modules/.installed
 BRIDGE_PORT ?= 8787
 RUNPOD_URL ?= http://127.0.0.1:$(SERVE_PORT)/v2/vibevoice-local
+# Debian's Chromium for the playground's browser tests (tests/test_playground.py); playwright-core
+# (an npm package of the bridge) drives it and downloads no browser of its own.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 # Quiet, offline runs of the Cloudflare tooling: no metrics, no request.cf lookups.
 export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve soak test test-deploy espeak bench gpu-bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test
+.PHONY: venv run serve soak test test-deploy espeak bench gpu-bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +48,17 @@ $(BRIDGE_STAMP): bridge/package-lock.json
 
 bridge-deps: $(BRIDGE_STAMP)
 
-## The OpenAI-compatible bridge in workerd on 127.0.0.1:$(BRIDGE_PORT), calling RUNPOD_URL (default: `make serve`).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+
+browser: $(CHROMIUM) $(BRIDGE_STAMP)
+
+## The OpenAI-compatible bridge and its playground (http://127.0.0.1:$(BRIDGE_PORT)/) in workerd, calling
+## RUNPOD_URL (default: `make serve`).
 bridge: $(BRIDGE_STAMP)
-	cd bridge && BRIDGE_PORT=$(BRIDGE_PORT) RUNPOD_URL=$(RUNPOD_URL) node scripts/serve.js
+	cd bridge && MINIFLARE_WORKERD_PATH=$(CURDIR)/tools/workerd_with_parent.py BRIDGE_PORT=$(BRIDGE_PORT) \
+		RUNPOD_URL=$(RUNPOD_URL) SERVE_API_KEY=$(SERVE_API_KEY) node scripts/serve.js
 
 ## The bridge's own tests, inside workerd.
 bridge-test: $(BRIDGE_STAMP)
@@ -69,17 +83,20 @@ run: $(STAMP)
 
 ## RunPod's public API on 127.0.0.1:$(SERVE_PORT) (an emulator) with a live worker; Ctrl-C stops both.
 ## SERVE_FLAGS adds RunPod's rough edges (--running-state, --stream-reply-bytes, --rate-limit, --transient-every).
+## Its worker may fetch voice URLs on 127.0.0.0/8: `make bridge` hands it created voices that way.
 serve: $(STAMP)
-	$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) $(SERVE_FLAGS)
+	VOICE_URL_ALLOWED_NETWORKS=$${VOICE_URL_ALLOWED_NETWORKS-127.0.0.0/8} \
+		$(PY) -m tools.runpod_emulator --port $(SERVE_PORT) --key $(SERVE_API_KEY) $(SERVE_FLAGS)
 
-## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the time trend
-## (about 15-25 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
+## 500 mixed jobs through the `make serve` stack; checks memory, fds, threads, losses and the CPU time trend
+## (about 5 minutes on 2 cores; not part of `make test`). Writes bench/soak.json and bench/soak.md.
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
 ## The whole test suite (CI runs this through .ci/run). The aligner's accuracy test speaks with
-## espeak-ng (Debian's package): installed with apt-get if missing.
-test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak
+## espeak-ng and the playground's browser tests drive Chromium (Debian's packages): installed with
+## apt-get if missing.
+test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
 	cd bridge && npx vitest run

@@ -303,14 +303,17 @@ def main() -> None:
 _POOL_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> threads in its pool
 
 
-def size_thread_pool(jobs: int) -> None:
-    """Give the running event loop's default thread pool room for `jobs` jobs at once.
+def thread_pool_size(jobs: int) -> int:
+    """Threads in the event loop's pool for `jobs` jobs at once: each running job holds a thread
+    while the engine generates for it, and another to plan or render; 4 to spare."""
+    return 2 * jobs + 4
 
-    Each running job holds a thread while the engine generates for it, and another to plan or
-    render; asyncio's own pool (min(32, cores + 4) threads) would cap how many jobs share the
-    decode batch."""
+
+def size_thread_pool(jobs: int) -> None:
+    """Give the running event loop's default thread pool room for `jobs` jobs at once
+    (asyncio's own pool, min(32, cores + 4) threads, would cap how many jobs share the decode batch)."""
     loop = asyncio.get_running_loop()
-    needed = 2 * jobs + 4
+    needed = thread_pool_size(jobs)
     if _POOL_SIZES.get(loop, 0) >= needed:
         return
     previous = getattr(loop, "_default_executor", None)

@@ -232,73 +232,75 @@ def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
 
     Every hop (redirects included) is resolved once and checked: loopback, private, link-local,
     multicast, reserved and cloud metadata addresses are refused unless their network is listed in
-    `allowed_networks`, and
-    the connection goes to the checked address (no second DNS lookup to rebind).
+    `allowed_networks`, and the connection goes to the checked address (no second DNS lookup to
+    rebind).
     """
     deadline = time.monotonic() + limits.fetch_timeout
     for _ in range(_MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise VoiceError(f"{field} must be an http:// or https:// URL.")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _resolve_allowed(parts.hostname, port, field, limits.allowed_networks)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
-        timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
-        common = {"port": port, "timeout": timeout, "retries": False, "maxsize": 1}
-        if parts.scheme == "https":
-            pool = urllib3.HTTPSConnectionPool(
-                address, server_hostname=parts.hostname, assert_hostname=parts.hostname, **common
-            )
-        else:
-            pool = urllib3.HTTPConnectionPool(address, **common)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        try:
-            response = pool.urlopen(
-                "GET",
-                path,
-                # The file as it is: a compressed response would be decompressed past the byte cap.
-                headers={
-                    "Host": parts.netloc.rpartition("@")[2],
-                    "User-Agent": "vibevoice-worker",
-                    "Accept-Encoding": "identity",
-                },
-                redirect=False,
-                preload_content=False,
-                decode_content=False,
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            pool.close()
-            raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+        pool, response = _request(url, field, limits, deadline)
         try:
             if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
                 url = urljoin(url, response.headers["Location"])
                 continue
             if response.status != 200:
                 raise VoiceError(f"{field} could not be fetched (HTTP {response.status}).")
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise VoiceError(f"{field} is larger than the {_megabytes(limits.max_bytes)} limit.")
-            received = bytearray()
-            try:
-                for piece in response.stream(64 * 1024):
-                    received += piece
-                    if len(received) > limits.max_bytes:
-                        raise VoiceError(f"{field} is larger than the {_megabytes(limits.max_bytes)} limit.")
-                    if time.monotonic() > deadline:
-                        raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
-            except urllib3.exceptions.HTTPError as exc:
-                if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-                    raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.") from None
-                raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
-            return bytes(received)
+            return _read_capped(response, field, limits, deadline)
         finally:
             response.release_conn()
             pool.close()
     raise VoiceError(f"{field} redirected more than {_MAX_REDIRECTS} times.")
+
+
+def _request(url: str, field: str, limits: VoiceLimits, deadline: float):
+    """One GET to the checked address of `url`'s host; returns (pool, response), body unread."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise VoiceError(f"{field} must be an http:// or https:// URL.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = _resolve_allowed(parts.hostname, port, field, limits.allowed_networks)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
+    timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
+    common = {"port": port, "timeout": timeout, "retries": False, "maxsize": 1}
+    if parts.scheme == "https":
+        pool = urllib3.HTTPSConnectionPool(
+            address, server_hostname=parts.hostname, assert_hostname=parts.hostname, **common
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, **common)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # The file as it is: a compressed response would be decompressed past the byte cap.
+    headers = {"Host": parts.netloc.rpartition("@")[2], "User-Agent": "vibevoice-worker", "Accept-Encoding": "identity"}
+    try:
+        response = pool.urlopen(
+            "GET", path, headers=headers, redirect=False, preload_content=False, decode_content=False
+        )
+    except urllib3.exceptions.HTTPError as exc:
+        pool.close()
+        raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+    return pool, response
+
+
+def _read_capped(response, field: str, limits: VoiceLimits, deadline: float) -> bytes:
+    """The body, stopped as soon as it passes the byte cap or the deadline."""
+    too_large = f"{field} is larger than the {_megabytes(limits.max_bytes)} limit."
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+        raise VoiceError(too_large)
+    received = bytearray()
+    try:
+        for piece in response.stream(64 * 1024):
+            received += piece
+            if len(received) > limits.max_bytes:
+                raise VoiceError(too_large)
+            if time.monotonic() > deadline:
+                raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
+    except urllib3.exceptions.HTTPError as exc:
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.") from None
+        raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+    return bytes(received)
 
 
 def _resolve_allowed(host: str, port: int, field: str, allowed_networks: tuple) -> str:

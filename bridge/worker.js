@@ -9,6 +9,7 @@
 //   GET    /v1/models                the model names (and /v1/audio/models, as Open WebUI reads them)
 //   GET    /voice-clips/{key}        a clip for the worker, by signed URL (no token)
 //   GET    /health                   whether the bridge is configured (no secrets, no auth)
+//   GET    /, /playground            the web playground (no auth for the page; its API calls send the token)
 // The listings (models, voices) answer without a token too when PUBLIC_LISTINGS is on: Open WebUI
 // fetches them without one. Settings and deployment: README.md beside this file.
 
@@ -17,6 +18,7 @@ import { ConfigError, loadConfig } from "./src/config.js";
 import { createConsent, deleteConsent, getConsent, listConsents, updateConsent } from "./src/consents.js";
 import { ApiError, errorResponse } from "./src/errors.js";
 import { checkAuth, corsHeaders, json, preflight, withHeaders } from "./src/http.js";
+import { playgroundAsset, playgroundPage } from "./src/playground.js";
 import { MODELS, createSpeech } from "./src/speech.js";
 import { createVoice, deleteVoice, getVoice, listVoices } from "./src/voice_routes.js";
 
@@ -74,6 +76,12 @@ const ROUTES = [
     methods: { GET: (c, key) => serveClip(c.request, c.env, c.config, key) },
   },
   { path: /^\/health\/?$/, access: "public", methods: { GET: (c) => health(c.env, c.config) } },
+  { path: /^\/(?:playground\/?)?$/, access: "public", methods: page((c) => playgroundPage(c.config, c.path)) },
+  {
+    path: /^\/playground\/([\w.-]+)$/,
+    access: "public",
+    methods: page((c, name) => playgroundAsset(c.config, c.path, name)),
+  },
 ];
 
 export default {
@@ -113,11 +121,16 @@ async function route(request, env, ctx, config) {
         headers: { allow: `${allowed}, OPTIONS` },
       });
     }
-    const context = { request, env, ctx, config, anonymous: anonymous && Boolean(config.authToken) };
+    const context = { request, env, ctx, config, path, anonymous: anonymous && Boolean(config.authToken) };
     return handler(context, ...match.slice(1).map(decodeSegment));
   }
   await checkAuth(request, config.authToken);
   throw new ApiError(404, `Unknown route: ${request.method} ${path}.`, { code: "unknown_route" });
+}
+
+// The playground's pages answer HEAD as well (the runtime sends no body for it).
+function page(handler) {
+  return { GET: handler, HEAD: handler };
 }
 
 function decodeSegment(segment) {

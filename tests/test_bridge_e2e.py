@@ -115,6 +115,7 @@ def start_bridge(runpod_url: str, runpod_key: str, log_path: Path, **settings: s
         "RUNPOD_API_KEY": runpod_key,
         "WRANGLER_SEND_METRICS": "false",
         "DO_NOT_TRACK": "1",
+        "MINIFLARE_WORKERD_PATH": str(ROOT / "tools" / "workerd_with_parent.py"),  # workerd dies with Node
         **settings,
     }
     with log_path.open("ab") as log:  # the child keeps its own handle
@@ -158,6 +159,8 @@ def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytes
         "S3_BUCKET_NAME": s3_server.bucket,
         # Voice clips come as URLs to the bridge, which listens on 127.0.0.1 here.
         "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+        # One job at a time, so that one busy job keeps the next ones IN_QUEUE (busy_worker).
+        "MAX_CONCURRENCY": "1",
     }
     with running_api(logs / "worker.log", worker_env) as api:
         yield Chain(api.emulator, logs)

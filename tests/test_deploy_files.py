@@ -208,6 +208,14 @@ def test_the_default_voice_and_the_bridge_presets_are_among_the_fetched_voices(t
             library.find(speaker)
 
 
+def test_the_bridge_lists_exactly_the_fetched_voices_as_presets():
+    """wrangler.jsonc's PRESET_VOICES are the stems of demo/voices.json: a preset the worker lacks
+    would pass the bridge and fail on the GPU; a fetched voice missing there would be refused early."""
+    wrangler = (ROOT / "bridge" / "wrangler.jsonc").read_text()
+    presets = re.search(r'"PRESET_VOICES":\s*"([^"]*)"', wrangler).group(1).split(",")
+    assert sorted(presets) == sorted(name.removesuffix(".wav") for name in VOICES["files"])
+
+
 def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
     """provision.py voices against a local server: a good file is kept, a corrupted one is not."""
     base, folder = http_files

@@ -6,8 +6,9 @@ and the next one; a job whose worker is lost once more than it may be retried en
 sentence. The runpod SDK's heartbeat (a fork of the worker) dies with the worker.
 
 `make serve` (`python -m tools.runpod_emulator`) ended by SIGKILL of the emulator or by SIGTERM of
-its process group leaves no process behind: every process is counted by a marker in its
-environment, which the worker and its heartbeat inherit.
+its process group leaves no process behind, and neither does the bridge (`node scripts/serve.js`)
+when Node is SIGKILLed: its workerd child dies with it. Every process is counted by a marker in its
+environment, which the worker, its heartbeat and workerd inherit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, RunpodAPI, free_port, wait_for_port
+from test_bridge_e2e import start_bridge
 
 import lifetime
 from tools.runpod_emulator import LOST_WORKER_ERROR, RunpodEmulator
@@ -149,3 +151,19 @@ def test_make_serve_leaves_no_process_behind(tiny_model_dir, tmp_path, ending: s
         for pid in tagged(tag):  # never leave one behind, even when the test fails
             os.kill(pid, signal.SIGKILL)
     assert before == [] and tagged(tag) == []
+
+
+def test_the_bridge_s_workerd_dies_with_node(tmp_path) -> None:
+    """Miniflare's workerd outlives a SIGKILLed Node unless started through tools/workerd_with_parent.py."""
+    tag = uuid.uuid4().hex
+    process, _ = start_bridge("http://127.0.0.1:9/v2/none", "key", tmp_path / "bridge.log", **{TAG: tag})
+    try:
+        running = tagged(tag)
+        assert len(running) == 2, running  # node, workerd
+        process.kill()
+        process.wait(timeout=60)
+        wait_until(lambda: not tagged(tag), 30, "workerd gone after SIGKILL of Node")
+    finally:
+        for pid in tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+    assert tagged(tag) == []

@@ -65,5 +65,5 @@ def test_non_finite_output_fails_the_check(tiny_model_dir):
     engine = make_engine(tiny_model_dir, attention="broken_for_tests")
     with torch.no_grad():
         engine.model.model.language_model.norm.weight.fill_(float("nan"))  # a GPU that computes garbage
-    with pytest.raises(RuntimeError, match="failed with sdpa too: .*not.* finite"):
+    with pytest.raises(RuntimeError, match=r"failed with sdpa too: .*not.* finite"):
         engine.warm_up()

@@ -11,7 +11,7 @@ import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Miniflare } from "miniflare";
-import { SETTING_NAMES } from "../src/config.js";
+import { SETTING_NAMES, loadConfig } from "../src/config.js";
 
 const BRIDGE = join(dirname(fileURLToPath(import.meta.url)), "..");
 
@@ -30,7 +30,11 @@ const miniflare = new Miniflare({
   scriptPath: join(BRIDGE, wrangler.main),
   modules: true,
   modulesRoot: BRIDGE,
-  modulesRules: [{ type: "ESModule", include: ["**/*.js"] }],
+  // wrangler.jsonc's rules first (the playground's files are text), then every other .js is code.
+  modulesRules: [
+    ...(wrangler.rules || []).map((rule) => ({ type: rule.type, include: rule.globs, fallthrough: rule.fallthrough })),
+    { type: "ESModule", include: ["**/*.js"] },
+  ],
   compatibilityDate: wrangler.compatibility_date,
   compatibilityFlags: wrangler.compatibility_flags || [],
   r2Buckets: wrangler.r2_buckets.map((bucket) => bucket.binding),
@@ -46,6 +50,7 @@ const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
 await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
 const auth = bindings.AUTH_TOKEN ? "on" : "off";
 console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
+if (loadConfig(bindings).PLAYGROUND) console.log(`bridge: playground at ${url.origin}/ (open it in a browser)`);
 
 if (!bindings.RUNPOD_API_KEY) {
   console.log("bridge: no RUNPOD_API_KEY (or SERVE_API_KEY) set: speech requests will answer 503 until one is.");

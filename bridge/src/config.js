@@ -34,6 +34,7 @@ const FLAGS = {
   STREAM_AUDIO: true,
   PUBLIC_LISTINGS: true,
   REQUIRE_VOICE_CONSENT: false,
+  PLAYGROUND: true,
 };
 
 // Every setting read from the environment besides the secrets (scripts/serve.js passes these on).

@@ -14,6 +14,7 @@ import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { fromBase64, readJsonObject, toBase64 } from "./http.js";
 import { JobTie } from "./lifecycle.js";
 import { CallerGone, RunPod } from "./runpod.js";
+import { parseSpeakers, parseVoice, resolveVoices } from "./speakers.js";
 import { timedReply, wantsTimestamps } from "./timed_speech.js";
 import { VoiceStore } from "./voices.js";
 
@@ -34,7 +35,7 @@ export async function createSpeech(request, env, ctx, config) {
   const body = await readJsonObject(request, config.MAX_REQUEST_BYTES);
   const speech = parseSpeechRequest(body, config);
   RunPod.requireConfigured(config);
-  const voice = await new VoiceStore(env.VOICES, config).resolve(speech.voice, request);
+  const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech, request);
   const format = FORMATS[speech.responseFormat];
   const mode = speech.timestamps ? "timed" : deliveryMode(speech, format, config);
   const job = {
@@ -144,13 +145,10 @@ export function parseSpeechRequest(body, config) {
   if (typeof input !== "string") throw invalid("'input' must be a string.", "input");
   if (!input.trim()) throw invalid("'input' is empty; give the text to speak.", "input");
   checkText(input, config.MAX_TEXT_LENGTH);
-  if (voice === undefined || voice === null) throw invalid("'voice' is required.", "voice");
-  if (typeof voice === "string") {
-    if (!voice.trim() || voice.length > 200)
-      throw invalid("'voice' must be a voice name of 1 to 200 characters.", "voice");
-  } else if (!(typeof voice === "object" && !Array.isArray(voice) && typeof voice.id === "string" && voice.id)) {
-    throw invalid('\'voice\' must be a voice name or an object {"id": "voice_..."}.', "voice");
-  }
+  const speakers = parseSpeakers(body.speakers);
+  const hasVoice = voice !== undefined && voice !== null;
+  if (!hasVoice && !speakers) throw invalid("'voice' is required.", "voice");
+  const parsedVoice = hasVoice ? parseVoice(voice) : undefined;
   if (instructions !== undefined && instructions !== null && typeof instructions !== "string") {
     throw invalid("'instructions' must be a string.", "instructions");
   }
@@ -178,7 +176,8 @@ export function parseSpeechRequest(body, config) {
   return {
     model: MODELS.includes(model) ? model : DEFAULT_MODEL,
     input,
-    voice: typeof voice === "string" ? voice.trim() : { id: voice.id },
+    voice: parsedVoice,
+    speakers,
     instructions: instructions ?? undefined,
     responseFormat,
     speed: speed ?? undefined,

@@ -145,7 +145,7 @@ describe("CORS", () => {
 describe("routing and settings", () => {
   it("answers 404 for unknown routes and 405 for wrong methods", async () => {
     await expectError(await call("/v1/chat/completions", { method: "POST" }), 404, { code: "unknown_route" });
-    await expectError(await call("/"), 404);
+    await expectError(await call("/index.php"), 404, { code: "unknown_route" });
     const wrong = await call("/v1/audio/speech");
     await expectError(wrong, 405, { code: "method_not_allowed" });
     expect(wrong.headers.get("allow")).toBe("POST, OPTIONS");
