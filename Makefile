@@ -17,6 +17,7 @@ SERVE_PORT ?= 8000
 # The key `make serve` accepts and `make bridge` sends to it (both listen on 127.0.0.1 only).
 SERVE_API_KEY ?= local-dev
 SERVE_FLAGS ?=
+GPU_BENCH_FLAGS ?=
 
 # The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
@@ -31,7 +32,7 @@ export WRANGLER_SEND_METRICS := false
 export DO_NOT_TRACK := 1
 export CLOUDFLARE_CF_FETCH_ENABLED := false
 
-.PHONY: venv run serve soak test test-deploy espeak bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
+.PHONY: venv run serve soak test test-deploy espeak bench gpu-bench lint lint-deploy parity parity-env format clean bridge bridge-deps bridge-test browser
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -120,6 +121,13 @@ bench: $(STAMP) espeak
 	@command -v ffmpeg >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
+
+## The GPU benchmark: VibeVoice-7B and -1.5B at full size with random weights on one CUDA GPU (under 8 minutes;
+## writes bench/gpu_results.md and .json). Runs in .venv when there is one, else with python3's torch and
+## the wheels of bench/gpu_wheels.sh. Without CUDA: the tiny configuration on the CPU, nothing written.
+## GPU_BENCH_FLAGS adds options (--out PREFIX, --models, --frames, --budget; see bench/gpu_bench.py).
+gpu-bench:
+	./bench/gpu_bench.sh $(GPU_BENCH_FLAGS)
 
 espeak:
 	@command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null) \

@@ -132,20 +132,21 @@ def build_config(tokenizer: Qwen2Tokenizer) -> VibeVoiceConfig:
     )
 
 
-def randomize_weights(model: VibeVoiceForConditionalGeneration, seed: int) -> None:
+def randomize_weights(model: VibeVoiceForConditionalGeneration, seed: int, device: str | torch.device = "cpu") -> None:
     """Redraw every weight: the stock init zeroes the diffusion head's output layers (exact silence).
 
     Codec convolutions get fan-in scaled weights (gain 0.4) so the decoded noise has a speech-like
-    level (RMS around 0.15) instead of vanishing or exploding through the conv stack.
+    level (RMS around 0.15) instead of vanishing or exploding through the conv stack. `device` is
+    where the noise is drawn (the model's own device: the GPU benchmark draws a 7B's weights there).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".act.weight"):
                 continue  # RMSNorm gains stay at 1
             if name.endswith(("latent_scaling_factor", "latent_bias_factor")):
                 continue  # stay 1 and 0: latents pass through unscaled
-            noise = torch.randn(param.shape, generator=generator)
+            noise = torch.randn(param.shape, generator=generator, device=device)
             in_codec = "audio_tower" in name or "semantic_tokenizer_encoder" in name
             if in_codec and param.ndim >= 2:
                 fan_in = param.shape[1] * (param.shape[2] if param.ndim == 3 else 1)
