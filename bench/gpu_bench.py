@@ -461,7 +461,10 @@ class ModelBench:
             return
         batch = requests(self.model.config, TIMED_PROMPT_LENGTHS, n, frames)
         decoder.decode([replace(r, max_frames=2) for r in batch])  # warm-up: this batch shape's kernels
+        compiled_frames = decoder.frame_step.compiled_frames if decoder.frame_step is not None else 0
         self.fill(row, decode_checked(decoder, batch, self.options, f"{loop} at batch {n}"), self.step_bytes["own"])
+        if decoder.compiled and decoder.frame_step.compiled_frames == compiled_frames:
+            row.note = "ran uncompiled: its shape is not one the warm-up compiled"
         if loop == "own loop, eager" and n == 1 and row.step_ms:
             self.step_estimate = row.step_ms / 1e3
         self.save()
@@ -504,7 +507,10 @@ class ModelBench:
         if note:
             self.report["notes"].append(note)
         batch = requests(self.model.config, CHECK_PROMPT_LENGTHS, len(CHECK_PROMPT_LENGTHS), CHECK_FRAMES)
+        frames = decoder.frame_step.compiled_frames
         timing = decode_checked(decoder, batch, self.options, "compiled")
+        if decoder.compiled and decoder.frame_step.compiled_frames == frames:  # a shape the warm-up did not compile
+            self.report["notes"].append("the compiled check ran uncompiled: its shape is not one the warm-up compiled")
         check_agrees("compiled vs eager", timing.audio, self.eager_check.audio, self.options,
                      self.model.config.audio_config.hop_length, self.report["checks"])  # fmt: skip
         self.save()
