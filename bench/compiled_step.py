@@ -99,9 +99,12 @@ def _per_frame(eager, compiled, requests) -> tuple[float, float, dict]:
         return time.perf_counter() - started
 
     runs: dict[str, list[float]] = {"compiled": [], "eager": []}
+    compiled_frames = compiled.frame_step.compiled_frames
     for _ in range(REPEATS):
         for name, decoder in (("eager", eager), ("compiled", compiled)):
             runs[name].append(statistics.median(frames(decoder, requests, timed)))
+    if compiled.frame_step.compiled_frames == compiled_frames:  # a shape the warm-up did not compile
+        raise RuntimeError("the compiled decoder ran these frames uncompiled; the figure would mean nothing")
     times = {name: [round(t * 1e3, 2) for t in values] for name, values in runs.items()}
     return statistics.median(runs["compiled"]), statistics.median(runs["eager"]), {"per_frame_ms": times}
 
