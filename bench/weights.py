@@ -48,6 +48,35 @@ def real_7b_config():
     )
 
 
+def real_1_5b_config():
+    """VibeVoice-1.5B: Qwen2.5-1.5B (tied embeddings), the 7B's codecs, a 4-layer diffusion head."""
+    from transformers import (
+        Qwen2Config,
+        VibeVoiceAcousticTokenizerConfig,
+        VibeVoiceAcousticTokenizerEncoderConfig,
+        VibeVoiceConfig,
+    )
+    from transformers.models.vibevoice.configuration_vibevoice import VibeVoiceDiffusionHeadConfig
+
+    text = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=65536,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    return VibeVoiceConfig(
+        text_config=text,
+        audio_config=VibeVoiceAcousticTokenizerConfig(),
+        semantic_model_config=VibeVoiceAcousticTokenizerEncoderConfig(hidden_size=128),
+        diffusion_head_config=VibeVoiceDiffusionHeadConfig(num_hidden_layers=4, intermediate_size=3 * 1536),
+    )
+
+
 def module_bytes(model) -> dict[str, int]:
     """Parameter bytes (bf16) of each module the loops call; '*_row' entries are per gathered row."""
 
