@@ -6,6 +6,8 @@ many times, and weighs each call by that module's parameter bytes in the real 7B
 from its configuration on the meta device: no weights needed). An embedding lookup reads only the
 rows it gathers, and so does the decode loop's token head (the lm_head rows of VibeVoice's four
 tokens). KV-cache and activation traffic is not counted.
+
+The real configurations (7B, and the 1.5B for `make gpu-bench`) live here, in one place.
 """
 
 from __future__ import annotations
