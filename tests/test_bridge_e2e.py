@@ -37,7 +37,7 @@ from audio_helpers import probe
 from conftest import ROOT, free_port, running_api
 
 import lifetime
-from tools.runpod_emulator import RunpodBehaviour, RunpodEmulator
+from tools.runpod_emulator import RunpodEmulator
 
 pytestmark = pytest.mark.slow
 
@@ -424,17 +424,6 @@ def short_bridge(chain: Chain) -> Iterator[Bridge]:
     yield from running_bridge(chain, "short-bridge", STREAM_AUDIO="false", JOB_TIMEOUT_SECONDS="3")
 
 
-@contextlib.contextmanager
-def behaving(emulator: RunpodEmulator, **switches: object) -> Iterator[None]:
-    """The emulator with RunpodBehaviour(**switches) for the length of a `with` block."""
-    saved = emulator.behaviour
-    emulator.behaviour = RunpodBehaviour(**switches)
-    try:
-        yield
-    finally:
-        emulator.behaviour = saved
-
-
 def emulator_call(emulator: RunpodEmulator, method: str, path: str, body: dict | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(emulator.base_url + path, data=data, headers=emulator.headers, method=method)
@@ -522,7 +511,7 @@ def test_rough_runpod_is_survived_and_nothing_is_truncated(bridge: Bridge, whole
     frames = 60
     rough = {"running_state": True, "stream_reply_bytes": 12_000, "transient_every": 3,
              "rate_limits": {"status": (4, 1.0), "stream": (4, 1.0)}}  # fmt: skip
-    with behaving(bridge.emulator, **rough):
+    with bridge.emulator.behaving(**rough):
         text = f"Streamed through a rough RunPod {os.urandom(4).hex()}."
         pcm = bridge.client().audio.speech.create(
             model="tts-1", voice="alloy", input=text, response_format="pcm",
@@ -609,10 +598,10 @@ def test_sdk_retries_never_start_a_second_job(
     ])  # fmt: skip
     # RunPod refuses a submission (429): the bridge says 429 with Retry-After, the SDK waits and
     # tries again, and only the accepted submission is a job.
-    with behaving(bridge.emulator, rate_limits={"run": (1, 2.0)}):
+    with bridge.emulator.behaving(rate_limits={"run": (1, 2.0)}):
         run(bridge, [({"input": unique("first")}, 200, 1), ({"input": unique("rate-limited")}, 200, 1)])
     # /status and /stream always fail: the bridge retries, gives up, cancels, answers 502.
-    with behaving(bridge.emulator, transient_every=1):
+    with bridge.emulator.behaving(transient_every=1):
         run(whole_file_bridge, [({"input": f"{LONG_TEXT} {unique('status fails')}", **LONG}, 502, 1)])
         run(bridge, [({"input": unique("stream fails")}, 502, 1)])
     # The job outlives the bridge's deadline: 504, the job cancelled.

@@ -8,7 +8,6 @@ job-done / job-stop calls and the real handler. Only the GPU and the real weight
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
@@ -331,24 +330,13 @@ def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
 # --- RunPod behaviours clients must survive (opt-in switches) --------------------------------------
 
 
-@contextlib.contextmanager
-def behaving(emulator: RunpodEmulator, **switches: object) -> Iterator[None]:
-    """The emulator with RunpodBehaviour(**switches) for the length of a `with` block."""
-    saved = emulator.behaviour
-    emulator.behaviour = RunpodBehaviour(**switches)
-    try:
-        yield
-    finally:
-        emulator.behaviour = saved
-
-
 def test_running_state_and_split_stream_backlog(runpod_api: RunpodAPI) -> None:
     """RUNNING while a worker has the job; a backlog split across /stream replies, the first of
     them already COMPLETED: only reading on until a final reply is empty gets every item."""
     emulator: RunpodEmulator = runpod_api.emulator  # type: ignore[assignment]
     job_input = {"text": "A split stream.", "stream": True, "output_format": "pcm_16", "stream_chunk_ms": 100,
                  "max_new_tokens": 12, "diffusion_steps": 3}  # fmt: skip
-    with behaving(emulator, running_state=True, stream_reply_bytes=8000):  # one 100 ms pcm item per reply
+    with emulator.behaving(running_state=True, stream_reply_bytes=8000):  # one 100 ms pcm item per reply
         _, job = runpod_api.call("POST", "/run", {"input": job_input})
         seen = {runpod_api.wait_for(job["id"], {"RUNNING", "COMPLETED"}, interval=0.02)["status"]}
         seen.add(runpod_api.wait_for(job["id"], FINAL)["status"])
@@ -378,7 +366,7 @@ def test_the_runpod_client_reads_a_split_backlog_whole(runpod_api: RunpodAPI) ->
     saved = runpod.endpoint_url_base
     runpod.endpoint_url_base = runpod_api.base_url.rsplit("/", 1)[0]
     try:
-        with behaving(emulator, stream_reply_bytes=8000, running_state=True):
+        with emulator.behaving(stream_reply_bytes=8000, running_state=True):
             endpoint = runpod.Endpoint(emulator.endpoint_id, api_key=runpod_api.api_key)
             job_input = {"text": "Split.", "stream": True, "output_format": "pcm_16", "stream_chunk_ms": 100,
                          "max_new_tokens": 8, "diffusion_steps": 3}  # fmt: skip
@@ -404,7 +392,7 @@ def _raw_call(api: RunpodAPI, method: str, path: str, body: dict | None = None) 
 
 def test_rate_limit_answers_429_with_retry_after(bare_api: RunpodAPI) -> None:
     emulator: RunpodEmulator = bare_api.emulator  # type: ignore[assignment]
-    with behaving(emulator, rate_limits={"run": (2, 1.0)}):
+    with emulator.behaving(rate_limits={"run": (2, 1.0)}):
         answers = [_raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}}) for _ in range(3)]
         assert [status for status, _, _ in answers] == [200, 200, 429]
         assert answers[2][1]["Retry-After"] == "1" and answers[2][2] == {"error": "rate limit exceeded"}
@@ -412,14 +400,14 @@ def test_rate_limit_answers_429_with_retry_after(bare_api: RunpodAPI) -> None:
         time.sleep(1.05)
         assert _raw_call(bare_api, "POST", "/run", {"input": {"text": "limited"}})[0] == 200
     assert len(emulator.submissions("limited")) == 3  # the refused call started no job
-    with behaving(emulator, rate_limits=RATE_LIMITS):
+    with emulator.behaving(rate_limits=RATE_LIMITS):
         assert all(_raw_call(bare_api, "GET", "/status/x")[0] == 404 for _ in range(20))
 
 
 def test_transient_errors_on_status_and_stream(bare_api: RunpodAPI) -> None:
     emulator: RunpodEmulator = bare_api.emulator  # type: ignore[assignment]
     _, job = bare_api.call("POST", "/run", {"input": {"text": "flaky"}})
-    with behaving(emulator, transient_every=2):
+    with emulator.behaving(transient_every=2):
         statuses = [bare_api.call("GET", f"/status/{job['id']}")[0] for _ in range(4)]
         streams = [bare_api.call("GET", f"/stream/{job['id']}")[0] for _ in range(4)]
         assert bare_api.call("POST", "/run", {"input": {"text": "flaky"}})[0] == 200  # submissions are spared

@@ -69,7 +69,7 @@ import time
 import tomllib
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,6 +375,16 @@ class RunpodEmulator:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=15)
         self._thread = None
+
+    @contextlib.contextmanager
+    def behaving(self, **switches: object) -> Iterator[None]:
+        """RunpodBehaviour(**switches) for the length of a `with` block (tests switch RunPod's rough edges)."""
+        saved = self.behaviour
+        self.behaviour = RunpodBehaviour(**switches)
+        try:
+            yield
+        finally:
+            self.behaviour = saved
 
     def __enter__(self) -> RunpodEmulator:
         return self.start()
