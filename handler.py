@@ -88,7 +88,7 @@ class Worker:
         size_thread_pool(self.concurrency)
         started = time.perf_counter()
         streamed = 0
-        on_cancel = watch_cancellation(job)
+        cancel = CancelWatch(job)
         try:
             if self.shutdown.expired():
                 raise ShutdownError(NOT_STARTED_BY_SHUTDOWN)
@@ -96,7 +96,7 @@ class Worker:
             if job_input.action == "list_voices":
                 yield {"voices": self.library.describe()}
             elif job_input.stream:
-                async for item in self.stream(job, job_input, started, on_cancel):
+                async for item in self.stream(job, job_input, started, cancel.hooks):
                     yield item
                     streamed += 1
             else:
@@ -108,6 +108,7 @@ class Worker:
             log.exception("job %s failed unexpectedly", job.get("id"))
             message = f"internal error while generating audio ({type(exc).__name__}); the job was not completed."
             yield {"error": after_items(message, streamed)}
+        cancel.close()  # not reached when the job is cancelled: the callback must see that
 
     async def run(self, job: dict, job_input: JobInput, started: float) -> dict:
         """A whole-file job: plan, generate, render, deliver; returns the result."""
@@ -304,25 +305,31 @@ def main() -> None:
 _POOL_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> threads in its pool
 
 
-def watch_cancellation(job: dict) -> list[Callable[[], None]]:
-    """Log the job's cancellation and run the returned hooks when RunPod cancels it.
+class CancelWatch:
+    """Logs the job's cancellation and runs `hooks` when RunPod cancels it.
 
     The SDK cancels the task that iterates the handler. A whole job is inside the handler then and
     gets CancelledError there; a streamed job is often not: the SDK is posting its last item, so
     the handler's generator stays suspended until it is collected, and its engine would go on
     decoding. The task's own end is the one signal both cases share."""
-    hooks: list[Callable[[], None]] = []
-    task = asyncio.current_task()
 
-    def ended(task: asyncio.Task) -> None:
+    def __init__(self, job: dict):
+        self.job_id = job.get("id")
+        self.hooks: list[Callable[[], None]] = []
+        self.task = asyncio.current_task()
+        if self.task is not None:
+            self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
         if task.cancelled():
-            log.info("job %s cancelled", job.get("id"))
-            for hook in hooks:
+            log.info("job %s cancelled", self.job_id)
+            for hook in self.hooks:
                 hook()
 
-    if task is not None:
-        task.add_done_callback(ended)
-    return hooks
+    def close(self) -> None:
+        """The job ended by itself: a task that runs more jobs after it keeps no callback for it."""
+        if self.task is not None and not self.task.done():
+            self.task.remove_done_callback(self._ended)
 
 
 def thread_pool_size(jobs: int) -> int:

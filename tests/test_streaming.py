@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -154,6 +155,47 @@ def test_cancelled_stream_stops_the_engine_within_frames(make_worker) -> None:
     assert frames["count"] <= frames["at_cancel"] + 8 + 2
     after = asyncio.run(items_of(worker, {"text": "Next job.", **FAST, "max_new_tokens": 3}))
     assert after[0]["status"] == "completed"
+
+
+@pytest.mark.fault
+def test_cancel_while_the_sdk_holds_an_item_stops_the_engine(make_worker, caplog) -> None:
+    """The SDK is posting an item (outside the handler's generator) when the job is cancelled: the
+    generator stays suspended (kept alive here, as a reference cycle can keep it), yet the engine
+    stops and the cancel is logged, from the task's own end."""
+    worker = make_worker()
+    job = {"text": LONG_TEXT, **FAST, "max_new_tokens": 200, "stream": True, "stream_chunk_ms": 100,
+           "output_format": "pcm_16"}  # fmt: skip
+    frames = {"count": 0, "at_cancel": None}
+    held = []
+
+    async def cancel_while_posting() -> None:
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            generator = worker.handle({"id": "held", "input": job})
+            held.append(generator)  # never collected, so never closed during the test
+            await anext(generator)
+            first.set()
+            await asyncio.sleep(3600)  # the SDK posting the item
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), timeout=120)
+        frames["at_cancel"] = frames["count"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Before asyncio.run ends: at its end it closes every suspended generator itself.
+        assert await asyncio.to_thread(worker.engine.wait_idle, 30)  # the job has left the decode scheduler
+        assert "job held cancelled" in caplog.text
+
+    decoder = worker.engine.model.model.audio_tower.decoder
+    handle = decoder.register_forward_hook(lambda *args: frames.__setitem__("count", frames["count"] + 1))
+    try:
+        with caplog.at_level(logging.INFO, logger="vibevoice"):
+            asyncio.run(cancel_while_posting())
+    finally:
+        handle.remove()
+    assert frames["count"] <= frames["at_cancel"] + 8 + 2 < 200
 
 
 def test_consumer_leaving_early_also_stops_the_engine(make_worker) -> None:
