@@ -127,8 +127,21 @@ def assemble(
             pause(pause_after[result.index])
     if section:
         end_section()
-    signal = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-    return signal.astype(np.float32, copy=False), layout
+    return _join(out), layout
+
+
+def _join(pieces: list[np.ndarray]) -> np.ndarray:
+    """The pieces as one float32 array, each freed once copied (and one piece as it is), so a long
+    job's signal never exists twice over: `render` holds the chunks' audio too."""
+    if len(pieces) == 1:
+        return pieces.pop().astype(np.float32, copy=False)
+    signal = np.empty(sum(piece.size for piece in pieces), dtype=np.float32)
+    at = 0
+    while pieces:
+        piece = pieces.pop(0)
+        signal[at : at + piece.size] = piece
+        at += piece.size
+    return signal
 
 
 def seconds(value: float) -> float:
