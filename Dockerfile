@@ -43,14 +43,14 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r /app/requirements.txt
 # BAKE_MODEL=<hub id> downloads the model at build time (converted when it is in the community layout).
 ARG BAKE_MODEL=""
-COPY convert_checkpoint.py /app/convert_checkpoint.py
+COPY deploy/ /app/deploy/
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ -n "$BAKE_MODEL" ]; then \
         HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
         /opt/venv/bin/python -c "import os, sys; from huggingface_hub import snapshot_download; \
 snapshot_download(sys.argv[1], local_dir='/opt/model-src', token=os.environ.get('HF_TOKEN') or None)" "$BAKE_MODEL" \
         && if grep -q '"decoder_config"' /opt/model-src/config.json; then \
-            /opt/venv/bin/python /app/convert_checkpoint.py /opt/model-src /opt/vibevoice-model && rm -rf /opt/model-src; \
+            /opt/venv/bin/python -m deploy.convert_checkpoint /opt/model-src /opt/vibevoice-model && rm -rf /opt/model-src; \
         else mv /opt/model-src /opt/vibevoice-model; fi \
         && rm -rf /root/.cache/huggingface; \
     fi

@@ -64,7 +64,7 @@ VOICES_TIMEOUT=${VOICES_TIMEOUT:-120}                          # seconds for all
 
 FLAG="$VIBEVOICE_HOME/.first_run_complete"
 LOCK="$VIBEVOICE_HOME/.bootstrap.lock"
-TOOL_PYTHON=${VIBEVOICE_PYTHON:-$PYTHON_BIN} # runs provision.py's standard-library steps before a venv exists
+TOOL_PYTHON=${VIBEVOICE_PYTHON:-$PYTHON_BIN} # runs deploy/provision.py's standard-library steps before a venv exists
 # Names a boot's folders: RunPod's pod id or the host name (never $$: bash is PID 1 in every container).
 WORKER_ID=${RUNPOD_POD_ID:-${HOSTNAME:-worker}}
 WORKER_ID=${WORKER_ID//[^A-Za-z0-9_.-]/_}
@@ -101,10 +101,11 @@ die() {
 
 random_suffix() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 
-# provision.py with the given interpreter ($1): its standard-library steps also run before a venv exists.
-provision() { "$1" "$APP_DIR/provision.py" "${@:2}" 9>&-; }
+# deploy/provision.py with the given interpreter ($1): its standard-library steps also run before a venv exists.
+# The deploy package imports from the application folder, hence PYTHONPATH.
+provision() { PYTHONPATH="$APP_DIR" "$1" -m deploy.provision "${@:2}" 9>&-; }
 
-# Stop with provision.py's one-line reason when a step lacks disk space: $1 folder, $2 bytes, $3 step.
+# Stop with deploy/provision.py's one-line reason when a step lacks disk space: $1 folder, $2 bytes, $3 step.
 need_space() {
     local reason
     reason=$(provision "$TOOL_PYTHON" space --path "$1" --bytes "$2" --step "$3") || die "$reason"
@@ -144,7 +145,7 @@ watch_start() {
     for path in "$@"; do args+=(--path "$path"); done
     [ -n "$total" ] && args+=(--total "$total")
     # Started directly (not through a function), so $! is the watcher itself.
-    "$TOOL_PYTHON" "$APP_DIR/provision.py" watch --label "$label" --parent "$$" \
+    PYTHONPATH="$APP_DIR" "$TOOL_PYTHON" -m deploy.provision watch --label "$label" --parent "$$" \
         --interval "$BOOTSTRAP_PROGRESS_SECONDS" "${args[@]}" 9>&- &
     WATCHER=$!
 }
@@ -425,7 +426,8 @@ native_model() {
     claim "$build"
     log "converting the community-layout checkpoint $MODEL_FOLDER into $NATIVE_MODEL"
     watch_start "converting to the transformers-native layout" "$size" "$build"
-    "$python" "$APP_DIR/convert_checkpoint.py" "$MODEL_FOLDER" "$build/$name-hf" ${TOKENIZER:+--tokenizer "$TOKENIZER"} 9>&-
+    PYTHONPATH="$APP_DIR" "$python" -m deploy.convert_checkpoint "$MODEL_FOLDER" "$build/$name-hf" \
+        ${TOKENIZER:+--tokenizer "$TOKENIZER"} 9>&-
     watch_stop
     rm -rf "$NATIVE_MODEL" # a broken leftover without config.json
     mv "$build/$name-hf" "$NATIVE_MODEL"

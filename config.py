@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from formats import FORMATS, SAMPLE_RATES
+from audio.formats import FORMATS, SAMPLE_RATES
 
 MODEL_SAMPLE_RATE = 24000  # the rate the model's audio (and reference voices) come in
 

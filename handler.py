@@ -32,11 +32,18 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import lifetime
-from aligner import Aligner, shared_aligner
 from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
-from lifecycle import (
+from jobs.planning import JobError, JobPlan, plan_job
+from jobs.rendering import LevelTracker, StreamRenderer, render
+from jobs.reporting import ProgressThrottle, after_items, job_result
+from jobs.schema import InputError, JobInput, parse_job_input
+from jobs.storage import DeliveryError, S3Storage, deliver
+from jobs.streaming import StreamedGeneration
+from jobs.timeline import JobTimestamps
+from jobs.voices import VoiceLibrary
+from runtime import lifetime
+from runtime.lifecycle import (
     NOT_STARTED_BY_SHUTDOWN,
     STOPPED_BY_SHUTDOWN,
     Shutdown,
@@ -45,15 +52,8 @@ from lifecycle import (
     register_warm_up,
     report_unstarted_jobs,
 )
-from logs import setup_logging
-from planning import JobError, JobPlan, plan_job
-from rendering import LevelTracker, StreamRenderer, render
-from reporting import ProgressThrottle, after_items, job_result
-from schema import InputError, JobInput, parse_job_input
-from storage import DeliveryError, S3Storage, deliver
-from streaming import StreamedGeneration
-from timeline import JobTimestamps
-from voices import VoiceLibrary
+from runtime.logs import setup_logging
+from text.aligner import Aligner, shared_aligner
 
 log = logging.getLogger("vibevoice.handler")
 

@@ -27,20 +27,13 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, VibeVoiceForConditionalGeneration
 
-import hub_cache
 from config import MODEL_SAMPLE_RATE, Settings
-from decoder import (
-    PREFILL_PIECE_TOKENS,
-    VOICE_SEGMENT_SAMPLES,
-    BatchDecoder,
-    ChunkAudio,
-    DecodeRequest,
-    VoiceClip,
-    ended_by_cap,
-)
-from framestep import WARM_UP_BUCKETS, use_compile_caches
-from scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
-from text import Chunk, Turn, max_frames_for
+from deploy import hub_cache
+from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
+from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
+from engine.framestep import WARM_UP_BUCKETS, use_compile_caches
+from engine.scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
+from text.script import Chunk, Turn, max_frames_for
 
 log = logging.getLogger("vibevoice.engine")
 
@@ -551,7 +544,7 @@ def check_native_layout(path: Path) -> None:
     if "decoder_config" in config or "acoustic_tokenizer_config" in config:
         raise ModelLoadError(
             f"{path} is a community-layout VibeVoice checkpoint; convert it to the transformers-native layout "
-            "first (python convert_checkpoint.py SRC DST; bootstrap.sh does it on its own)."
+            "first (python -m deploy.convert_checkpoint SRC DST; bootstrap.sh does it on its own)."
         )
     if config.get("model_type") != "vibevoice":
         raise ModelLoadError(f"{path} is not a VibeVoice checkpoint (model_type {config.get('model_type')!r}).")

@@ -28,7 +28,7 @@ JOB_FRAMES = 40
 
 
 def measure(workspace) -> tuple[list[Row], dict]:
-    import aligner
+    from text import aligner
     from tools import speech_corpus
 
     corpus = speech_corpus.build()
@@ -68,8 +68,8 @@ def measure(workspace) -> tuple[list[Row], dict]:
 
 
 def _job_times(workspace, batch_size: int) -> tuple[float, float, dict]:
-    from aligner import Aligner
     from handler import Worker
+    from text.aligner import Aligner
 
     settings = workspace.settings(max_chunk_chars=120, batch_size=batch_size)
     worker = Worker(settings, workspace.engine(), aligner=Aligner(24000))

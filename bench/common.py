@@ -91,7 +91,7 @@ class Workspace:
     """A temporary volume folder with the tiny checkpoint and the demo voices."""
 
     def __init__(self) -> None:
-        import tiny_checkpoint
+        from tools import tiny_checkpoint
         from tools.local_home import write_demo_voices
 
         self._temp = tempfile.TemporaryDirectory(prefix="vibevoice-bench-")
@@ -123,7 +123,7 @@ class Workspace:
         return self._engine
 
     def voices(self) -> dict[int, object]:
-        from voices import VoiceLibrary
+        from jobs.voices import VoiceLibrary
 
         library = VoiceLibrary.for_settings(self.settings())
         return {0: library.load("Alice"), 1: library.load("Frank")}

@@ -30,7 +30,7 @@ _DECODERS: dict[int, tuple] = {}
 
 def decoders(workspace) -> tuple:
     """(the eager decoder, a compiled one warmed up for batches 1 and 8, seconds the warm-up took), once per run."""
-    from decoder import BatchDecoder
+    from engine.decoder import BatchDecoder
 
     if id(workspace) not in _DECODERS:
         engine = workspace.engine()
@@ -82,7 +82,7 @@ def measure_syncs(workspace) -> tuple[list[Row], dict]:
 
 def _requests(engine, batch: int) -> list:
     from inference import GenerationParams
-    from text import Chunk, Turn
+    from text.script import Chunk, Turn
 
     params = GenerationParams(1.3, STEPS, seed=1, max_new_tokens=FRAMES, use_voice_prompt=False)
     chunks = [Chunk(k, (Turn(0, f"Sentence number {k} of the frame benchmark."),)) for k in range(batch)]

@@ -48,8 +48,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.weights import CallCounter, module_bytes, real_1_5b_config, real_7b_config  # noqa: E402
-from decoder import BatchDecoder, DecodeRequest, NonFiniteStateError  # noqa: E402
-from tiny_checkpoint import build_config, build_generation_config, build_tokenizer, randomize_weights  # noqa: E402
+from engine.batch import DecodeRequest, NonFiniteStateError  # noqa: E402
+from engine.decoder import BatchDecoder  # noqa: E402
+from tools.tiny_checkpoint import build_config, build_generation_config, build_tokenizer, randomize_weights  # noqa: E402
 
 RESULTS = ROOT / "bench" / "gpu_results"  # .md and .json, written only by a run on CUDA
 SAMPLE_RATE = 24000  # the codec's rate: 3200 samples (one frame) are 133 ms

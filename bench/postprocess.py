@@ -58,7 +58,7 @@ def design_way(samples: np.ndarray, storage, scratch: Path) -> bytes:
 
 def level_during_generation(plan, results, settings):
     """The level as the handler gets it: a LevelTracker fed 3200-sample frames (one decode step each)."""
-    from rendering import LevelTracker
+    from jobs.rendering import LevelTracker
 
     tracker = LevelTracker(plan, settings)
     for result in results:
@@ -71,10 +71,10 @@ def level_during_generation(plan, results, settings):
 def measure(workspace) -> tuple[list[Row], dict]:
     from handler import Worker
     from inference import ChunkAudio
-    from planning import plan_job
-    from rendering import render
-    from schema import parse_job_input
-    from storage import deliver
+    from jobs.planning import plan_job
+    from jobs.rendering import render
+    from jobs.schema import parse_job_input
+    from jobs.storage import deliver
 
     if shutil.which("ffmpeg") is None:
         raise RuntimeError("the design's baseline needs the ffmpeg command (make bench installs Debian's ffmpeg)")

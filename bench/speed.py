@@ -19,7 +19,7 @@ REPEATS = 3
 
 def measure(workspace) -> tuple[list[Row], dict]:
     from inference import GenerationParams
-    from text import Chunk, Turn
+    from text.script import Chunk, Turn
 
     engine = workspace.engine()
     voices = workspace.voices()

@@ -1,5 +1,5 @@
 """Per-frame counts of a decoder's `step`: host synchronisations, and operator dispatches outside
-compiled regions. Used by figures k-m (bench/compiled_step.py) and tests/test_framestep.py.
+compiled regions. Used by figures k-m (bench/compiled_step.py) and tests/engine/test_framestep.py.
 
 Host synchronisations are counted as the operations that make the host wait for a GPU (this
 machine has none, so they are counted where they are called):
@@ -81,7 +81,7 @@ def dispatches_outside_compiled(profile) -> int:
 def frames(decoder, requests, measure: Callable[[Callable[[], object]], object]) -> list[object]:
     """Decode `requests` together by hand; `measure(step)` runs each frame's `decoder.step` and
     returns what it measured. Prefill, joining and dropping happen outside the measurement."""
-    from decoder import Batch, Sequence
+    from engine.batch import Batch, Sequence
 
     sequences = [Sequence(request) for request in requests]
     batch, results = Batch(), []

@@ -191,7 +191,7 @@ def chunk_text(number: int) -> str:
 
 def measure(workspace) -> tuple[list[Row], dict]:
     from inference import GenerationParams
-    from text import Chunk, Turn
+    from text.script import Chunk, Turn
 
     engine = workspace.engine()
     voices = workspace.voices()

@@ -39,9 +39,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lifetime  # noqa: E402
-import tiny_checkpoint  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
+from runtime import lifetime  # noqa: E402
+from tools import tiny_checkpoint  # noqa: E402
 from tools.local_home import write_demo_voices  # noqa: E402
 
 

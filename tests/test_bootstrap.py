@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from hf_standin import COMMIT, HubStandIn
 
-import tiny_checkpoint
+from tools import tiny_checkpoint
 from tools.local_home import write_demo_voices
 
 pytestmark = pytest.mark.slow  # each test boots a real venv build in a subprocess (about 10 s)

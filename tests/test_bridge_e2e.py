@@ -36,7 +36,7 @@ import pytest
 from audio_helpers import probe
 from conftest import ROOT, free_port, running_api
 
-import lifetime
+from runtime import lifetime
 from tools.runpod_emulator import RunpodEmulator
 
 pytestmark = pytest.mark.slow

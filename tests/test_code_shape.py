@@ -7,16 +7,16 @@ Functions still over the limit are listed by name with their reason; the list ma
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from code_layout import worker_modules
+
 LIMIT = 60
 OVER_THE_LIMIT: dict[str, str] = {}
 
 
 def long_functions() -> dict[str, int]:
     found = {}
-    for path in sorted(ROOT.glob("*.py")):
+    for module, path in worker_modules().items():
         tree = ast.parse(path.read_text())
         for node in tree.body:
             members = node.body if isinstance(node, ast.ClassDef) else [node]
@@ -25,7 +25,7 @@ def long_functions() -> dict[str, int]:
                     length = member.end_lineno - member.lineno + 1
                     prefix = f"{node.name}." if isinstance(node, ast.ClassDef) else ""
                     if length > LIMIT:
-                        found[f"{path.name}:{prefix}{member.name}"] = length
+                        found[f"{module}:{prefix}{member.name}"] = length
     return found
 
 

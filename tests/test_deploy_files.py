@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from config import Settings
-from schema import parse_job_input
-from voices import VoiceLibrary
+from jobs.schema import parse_job_input
+from jobs.voices import VoiceLibrary
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
@@ -217,7 +217,7 @@ def test_the_bridge_lists_exactly_the_fetched_voices_as_presets():
 
 
 def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
-    """provision.py voices against a local server: a good file is kept, a corrupted one is not."""
+    """deploy/provision.py voices against a local server: a good file is kept, a corrupted one is not."""
     base, folder = http_files
     (folder / "good.wav").write_bytes(b"RIFF good bytes")
     (folder / "bad.wav").write_bytes(b"RIFF tampered!!")
@@ -228,8 +228,8 @@ def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
     }
     manifest.write_text(json.dumps({"urls": [base + "/"], "files": files}))
     dest = tmp_path / "voices"
-    command = [sys.executable, str(ROOT / "provision.py"), "voices", "--manifest", str(manifest), "--dest", str(dest)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "deploy.provision", "voices", "--manifest", str(manifest), "--dest", str(dest)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 1
     assert sorted(p.name for p in dest.iterdir()) == ["good.wav"]
     assert "voice bad.wav: " in done.stderr and "not used" in done.stderr

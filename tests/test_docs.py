@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from audio.formats import markdown_table
 from config import Settings
-from formats import markdown_table
-from schema import JobInput, _public_fields
+from jobs.schema import JobInput, _public_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "CLAUDE.md", ROOT / "bridge" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

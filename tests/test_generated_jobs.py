@@ -21,9 +21,9 @@ from fuzzing import SEED, Timings, replay
 from hypothesis import HealthCheck, given, seed, settings
 from job_strategies import FIELDS, job_inputs
 
-from planning import JobError, JobPlan, plan_job
-from schema import InputError, parse_job_input
-from voices import VoiceLibrary
+from jobs.planning import JobError, JobPlan, plan_job
+from jobs.schema import InputError, parse_job_input
+from jobs.voices import VoiceLibrary
 
 EXAMPLES = 5000
 NAMES = sorted({*FIELDS, "input", "speakers"}, key=len, reverse=True)

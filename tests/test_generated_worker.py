@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from job_strategies import job_inputs
 from test_generated_jobs import TRACEBACK, outcome
 
-from voices import VoiceLibrary
+from jobs.voices import VoiceLibrary
 
 pytestmark = pytest.mark.slow
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}

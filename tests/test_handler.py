@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from audio_helpers import encode_file, probe, tone
 
-import audio
-import audio_input
-from formats import FORMATS
-from voices import VoiceLibrary
+from audio import dsp, untrusted
+from audio.formats import FORMATS
+from jobs.voices import VoiceLibrary
 
 FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
 CODECS = {"mp3": "mp3float", "opus": "opus", "aac": "aac", "flac": "flac", "wav": "pcm_s16le"}
@@ -119,7 +118,7 @@ def test_multi_speaker_script_with_presets_and_clones(make_worker, run_job, http
         worker.engine.prepare_inputs = prepare
 
     library = VoiceLibrary.for_settings(settings)
-    decode = lambda data: audio_input.decode(data, 24000, 300).samples  # noqa: E731
+    decode = lambda data: untrusted.decode(data, 24000, 300).samples  # noqa: E731
     expected = {0: library.load("Alice"), 1: decode(clone_wav), 2: decode(clone_url_mp3)}
     assert len(seen) == item["chunks"] >= 2
     for chunk, voices in seen:
@@ -191,8 +190,8 @@ def test_loudness_of_the_result(run_job, target: float) -> None:
     item = only(run_job({"text": "Loudness.", "output_format": "wav", "target_lufs": target, "max_new_tokens": 10}))
     samples = decoded(item)
     assert item["loudness"]["applied"]
-    assert abs(audio.integrated_loudness(samples, 24000) - target) <= 1.0
-    assert audio.true_peak_dbtp(samples) <= -1.0 + 0.1
+    assert abs(dsp.integrated_loudness(samples, 24000) - target) <= 1.0
+    assert dsp.true_peak_dbtp(samples) <= -1.0 + 0.1
 
 
 def test_normalize_false_leaves_the_level(run_job) -> None:
@@ -279,7 +278,7 @@ def test_list_voices_without_the_model(make_worker) -> None:
 
 
 def test_s3_delivery_end_to_end(make_worker, run_job, s3_server) -> None:
-    from storage import S3Storage
+    from jobs.storage import S3Storage
 
     worker = make_worker(**s3_server.settings_overrides())
     worker.storage = S3Storage(worker.settings)

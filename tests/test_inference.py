@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from inference import GenerationParams, ModelLoadError, VibeVoiceEngine
-from text import Chunk, Turn, chunk_script, parse_script
-from voices import VoiceLibrary
+from jobs.voices import VoiceLibrary
+from text.script import Chunk, Turn, chunk_script, parse_script
 
 
 @pytest.fixture(scope="module")

@@ -236,8 +236,8 @@ def test_mixed_burst_of_200_jobs_keeps_each_jobs_own_audio(tiny_model_dir, volum
     finished job reports its own seed and carries audio of its own length; no two share audio; and
     every tenth one equals the same job decoded alone in this process (1 LSB at 16 bits)."""
     from inference import GenerationParams
-    from text import Chunk, Turn
-    from voices import VoiceLibrary
+    from jobs.voices import VoiceLibrary
+    from text.script import Chunk, Turn
 
     clips = [base64.b64encode(encode_file(tone(f, 1.0, 24000), 24000, "wav", "pcm_s16le")).decode() for f in (220, 330)]
     inputs = [mixed_input(number, clips) for number in range(MIXED_BURST)]

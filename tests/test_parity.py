@@ -30,8 +30,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import tiny_checkpoint
-from convert_checkpoint import convert, native_name
+from deploy.convert_checkpoint import convert, native_name
+from tools import tiny_checkpoint
 from tools.local_home import synthetic_voice
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def engine(checkpoints, make_settings):
 
 
 def worker_chunk(text: str):
-    from text import chunk_script, parse_script
+    from text.script import chunk_script, parse_script
 
     chunks = chunk_script(parse_script(text), 5000)
     assert len(chunks) == 1
@@ -269,7 +269,7 @@ def test_own_decode_loop_matches_the_reference_generate(name, engine, reference,
 
 
 def job_of_two_chunks():
-    from text import Chunk, Turn
+    from text.script import Chunk, Turn
 
     return [
         Chunk(index=0, turns=(Turn(0, SINGLE),)),

@@ -29,7 +29,7 @@ from audio_helpers import probe
 from conftest import ROOT, running_api
 from test_bridge_e2e import BRIDGE_DIR, start_bridge
 
-import lifetime
+from runtime import lifetime
 from tools.local_home import synthetic_voice
 
 pytestmark = pytest.mark.slow

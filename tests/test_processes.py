@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT, RunpodAPI, free_port, wait_for_port
 from test_bridge_e2e import start_bridge
 
-import lifetime
+from runtime import lifetime
 from tools.runpod_emulator import LOST_WORKER_ERROR, RunpodEmulator
 
 pytestmark = pytest.mark.slow

@@ -32,7 +32,7 @@ import pytest
 from audio_helpers import encode_file, tone
 from conftest import RunpodAPI, running_api
 
-from voices import VoiceError, VoiceLimits, fetch_audio
+from jobs.voices import VoiceError, VoiceLimits, fetch_audio
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 TINY = {"max_new_tokens": 2, "diffusion_steps": 1}
@@ -215,7 +215,7 @@ def test_secret_scrubbing_covers_every_configured_secret(make_settings, monkeypa
 def test_log_lines_are_scrubbed(caplog) -> None:
     import logging
 
-    from logs import RedactSecrets
+    from runtime.logs import RedactSecrets
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s and %s", (SECRETS["HF_TOKEN"], "ok"), None)
     assert RedactSecrets([SECRETS["HF_TOKEN"]]).filter(record)

@@ -16,7 +16,7 @@ import torch
 from transformers import AttentionInterface, AutoProcessor, VibeVoiceForConditionalGeneration
 
 from inference import EngineInfo, GenerationParams, VibeVoiceEngine
-from text import Chunk, Turn
+from text.script import Chunk, Turn
 
 
 def broken_attention(*args, **kwargs):

@@ -78,7 +78,7 @@ def prepare(home: Path = DEFAULT_HOME, environ: dict[str, str] | None = None) ->
     if wants_tiny_model(environ):
         model_dir = home / "models" / "tiny-vibevoice"
         if not (model_dir / "tiny_checkpoint.json").exists():
-            import tiny_checkpoint
+            from tools import tiny_checkpoint
 
             print(f"building the tiny random-weight checkpoint in {model_dir} (its audio is noise)", flush=True)
             tiny_checkpoint.build_native(model_dir)

@@ -76,7 +76,7 @@ from typing import Any
 
 from aiohttp import web
 
-import lifetime
+from runtime import lifetime
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("runpod_emulator")

@@ -46,7 +46,7 @@ fi
 
 rm -rf "$WORK"
 mkdir -p "$WORK"
-"$DEV_PYTHON" "$ROOT/tiny_checkpoint.py" "$WORK/tiny-community" --community >/dev/null
+(cd "$ROOT" && "$DEV_PYTHON" -m tools.tiny_checkpoint "$WORK/tiny-community" --community >/dev/null)
 VIBEVOICE_HOME="$WORK/vibevoice"
 # bootstrap.sh with this run's volume and pins (not exported: the test suite later sees a clean environment).
 boot() {

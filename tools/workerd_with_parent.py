@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import lifetime  # noqa: E402
+from runtime import lifetime  # noqa: E402
 
 if __name__ == "__main__":
     binary = os.environ.get("WORKERD_BINARY") or str(ROOT / "bridge" / "node_modules" / "workerd" / "bin" / "workerd")
