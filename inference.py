@@ -5,8 +5,8 @@ It drives transformers' native VibeVoice classes (`VibeVoiceForConditionalGenera
 of every speaker in that chunk, so a speaker sounds the same in every chunk.
 
 Two decode loops produce the same audio per chunk: the own loop (the default) hands every job's
-chunks to the process's decode scheduler (scheduler.py), which decodes the chunks of all running
-jobs in one batch with both guidance branches in one pass (decoder.py); transformers' stock
+chunks to the process's decode scheduler (engine/scheduler.py), which decodes the chunks of all running
+jobs in one batch with both guidance branches in one pass (engine/decoder.py); transformers' stock
 `generate` (`generate_chunk`) decodes one chunk at a time and stays as the reference.
 """
 

@@ -2,7 +2,7 @@
 
 Everything works on float32 mono numpy arrays, with FFmpeg's filters through PyAV where it has
 them, so no job starts a subprocess. Untrusted audio coming in (reference voices) is decoded by
-audio_input.py, within limits.
+untrusted.py, within limits.
 """
 
 from __future__ import annotations

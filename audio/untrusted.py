@@ -12,7 +12,7 @@ anything, so nothing here trusts what a file says about itself:
   `max_seconds`, so a refused clip never costs more memory or time than an allowed one;
 - every decoded piece is checked for NaN, infinity and absurd magnitudes as it arrives.
 
-Errors are `audio.AudioError` (a sentence fragment the caller prefixes with the field) or
+Errors are `dsp.AudioError` (a sentence fragment the caller prefixes with the field) or
 `TooLong`, which the caller turns into the duration sentence.
 """
 

@@ -1,4 +1,4 @@
-"""Figures k, l, m: the compiled static frame step (framestep.py, COMPILE=on) against the eager loop.
+"""Figures k, l, m: the compiled static frame step (engine/framestep.py, COMPILE=on) against the eager loop.
 
 k  wall time per frame, compiled against eager, at batch 1 and batch 8 (timed around `step` only,
    the two decoders alternating, medians of repeats); and the start-up compile (warm-up of one
@@ -49,7 +49,7 @@ def measure_frame_time(workspace) -> tuple[list[Row], dict]:
     for batch in (1, 8):
         ours, base, times = _per_frame(eager, compiled, _requests(workspace.engine(), batch))
         rows.append(Row("k", f"wall time per frame at batch {batch}, compiled step (ms)", ours * 1e3, base * 1e3,
-                        "ms", "<= 0.6", "baseline: the eager loop (decoder.py), same frames"))  # fmt: skip
+                        "ms", "<= 0.6", "baseline: the eager loop (engine/decoder.py), same frames"))  # fmt: skip
         detail[f"batch_{batch}"] = times
     warm, cold = _start_up_compile(workspace)
     rows.append(Row("k", "start-up compile of bucket 1 in a fresh process, warm compile cache (s)", warm, cold, "s",

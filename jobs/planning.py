@@ -1,6 +1,6 @@
 """Planning a synthesis job: from validated input to what the engine and the renderer need.
 
-plan_job -> the script and its chunks (text.py), each speaker's reference voice (voices.py), the
+plan_job -> the script and its chunks (text/script.py), each speaker's reference voice (voices.py), the
 generation parameters and the output settings, in one `JobPlan`.
 """
 

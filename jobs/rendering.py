@@ -83,7 +83,7 @@ class LevelTracker:
 
     Takes engine.synthesize's `on_audio` and `on_chunk` callbacks and feeds the signal `render`
     assembles (timeline.assemble: the lead pause, chunks in order, the gap after a chunk or the
-    pause its text asked for) to an `dsp.LevelMeter`, whose result equals the measurement
+    pause its text asked for) to a `dsp.LevelMeter`, whose result equals the measurement
     `render` would make on the whole signal, bit for bit. Only at speed 1 and when normalising:
     with a speed change the signal to measure comes out of the time-stretch, after generation.
     """

@@ -4,7 +4,7 @@ The reference is the `vibevoice` package (0.0.1) that the original design ran; i
 transformers 4.51-4.53, so it runs in its own environment (.venv-reference, `make parity-env`) as
 a subprocess (tools/parity_reference.py) that writes what it produced to a .npz file. Both sides
 load the tiny checkpoint: the reference the community layout, the worker its conversion by
-convert_checkpoint.py. Compared, per case:
+deploy/convert_checkpoint.py. Compared, per case:
 
 - weights: every tensor the reference loaded equals the converted tensor (exactly), nothing missing;
 - prompts: token ids, speech-input masks, attention masks and the normalised voice audio that the

@@ -1,4 +1,4 @@
-"""The format registry (formats.py) is the one list of output formats: everything else agrees with it.
+"""The format registry (audio/formats.py) is the one list of output formats: everything else agrees with it.
 
 Checked here: its own consistency, the RunPod Hub options, the bridge's table, and that a new
 format is one entry in the table (plus an encoder class where needed). The docs' format table is

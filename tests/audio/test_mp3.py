@@ -1,4 +1,4 @@
-"""MP3 through LAME directly (mp3.py): gapless whole files, a tag FFmpeg reads back, FFmpeg's audio.
+"""MP3 through LAME directly (audio/mp3.py): gapless whole files, a tag FFmpeg reads back, FFmpeg's audio.
 
 The reference for the audio is FFmpeg's own libmp3lame (PyAV's build, the encoder used before) with
 the same settings; the reference for the tag is FFmpeg's mp3 demuxer and the LAME tag layout.

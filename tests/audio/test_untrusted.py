@@ -1,4 +1,4 @@
-"""Bounded decoding of untrusted audio (audio_input.py): real files, bombs, and 500+ mutated files.
+"""Bounded decoding of untrusted audio (audio/untrusted.py): real files, bombs, and 500+ mutated files.
 
 Every file here is made in the test with FFmpeg's encoders (through PyAV). The bombs are small
 files that decode to hours (tests/bombs.py); each must be refused after at most the allowed seconds

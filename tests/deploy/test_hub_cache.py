@@ -69,7 +69,7 @@ def test_refs_main_wins_and_a_missing_cache_gives_none(tmp_path, tiny_model_dir)
 
 @pytest.mark.parametrize("layout", ["one snapshot", "several snapshots"])
 def test_bootstrap_finds_the_cached_model_without_refs_main(tmp_path, tiny_model_dir, layout):
-    """bootstrap.sh's own lookup (provision.py find-model) takes the same snapshot, offline."""
+    """bootstrap.sh's own lookup (deploy/provision.py find-model) takes the same snapshot, offline."""
     cache = tmp_path / "hub"
     expected = add_snapshot(cache, tiny_model_dir, "2" * 40)
     if layout == "several snapshots":
