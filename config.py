@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     # --- decoding and streaming ----------------------------------------------------------------
     decode_loop: Literal["own", "stock"] = "own"  # "stock": transformers' generate, one chunk at a time
     batch_size: int = Field(0, ge=0, le=64)  # chunks of all jobs decoded together; 0 = automatic (engine/scheduler.py)
-    # The compiled static frame step (engine/framestep.py): auto = on for CUDA, off on the CPU (compiling costs minutes).
+    # The compiled static frame step (engine/framestep.py): auto = on for CUDA, off on the CPU (compiling is slow).
     compile: Literal["auto", "on", "off"] = "auto"
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
 

@@ -1,4 +1,4 @@
-"""The static frame step (engine/framestep.py) against the eager loop (engine/decoder.py), on the tiny checkpoint in float32.
+"""The static frame step (engine/framestep.py) against the eager loop (engine/decoder.py), tiny checkpoint, float32.
 
 Mocked: nothing. The eager loop is the reference (tests/engine/test_decoder.py holds it equal to stock
 `generate`): the static step, run as is and compiled with torch.compile, must give every
