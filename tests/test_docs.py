@@ -1,6 +1,7 @@
 """The documentation's tables are the code's: the job contract, the settings, the output formats.
 
-Also: every relative link in the docs points at a file that exists (docs move; links must follow).
+Also: every relative link in the docs points at a file that exists, and at a heading that exists in
+it (docs move; links must follow).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from config import Settings
 from jobs.schema import JobInput, _public_fields
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "CLAUDE.md", ROOT / "bridge" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "CLAUDE.md",
+    ROOT / "IMPLEMENTATION.md",
+    ROOT / "bridge" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 
 def table_after(path: Path, heading: str) -> list[list[str]]:
@@ -66,14 +73,29 @@ def test_the_format_table_is_generated_from_the_registry() -> None:
     assert markdown_table() in (ROOT / "docs" / "api.md").read_text()
 
 
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces as -)."""
+    found: set[str] = set()
+    for heading in re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        candidate, n = slug, 0
+        while candidate in found:  # a repeated heading gets -1, -2, ...
+            n += 1
+            candidate = f"{slug}-{n}"
+        found.add(candidate)
+    return found
+
+
+def test_anchors_are_made_as_github_makes_them() -> None:
+    assert "the-decode-loop-enginedecoderpy" in anchors(ROOT / "IMPLEMENTATION.md")
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_relative_links_point_at_files_that_exist(doc: Path) -> None:
-    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+def test_relative_links_point_at_files_and_headings_that_exist(doc: Path) -> None:
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", doc.read_text()):
         if "://" in target or target.startswith("mailto:"):
             continue
-        assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
-
-
-def test_no_document_points_at_the_old_implementation_file() -> None:
-    for path in [*DOCS, *ROOT.glob("*.py")]:
-        assert "IMPLEMENTATION.md" not in path.read_text(), path
+        path = (doc.parent / target) if target else doc
+        assert path.exists(), f"{doc.name} links to {target}, which does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in anchors(path), f"{doc.name} links to {target}#{anchor}, which has no such heading"
