@@ -112,6 +112,32 @@ def test_the_default_model_is_the_same_everywhere():
     assert hub_default == bootstrap_default[1]
 
 
+def bridge_defaults() -> dict:
+    """The bridge's settings with nothing set: bridge/src/config.js's own defaults, read by Node."""
+    script = "import { loadConfig } from './src/config.js'; console.log(JSON.stringify(loadConfig({})));"
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def wrangler_vars() -> dict[str, str]:
+    """The vars a deployed bridge (and `make bridge`) runs with: bridge/wrangler.jsonc without its comments."""
+    text = (ROOT / "bridge" / "wrangler.jsonc").read_text()
+    return json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.MULTILINE))["vars"]
+
+
+def test_the_text_limit_is_the_same_in_the_worker_the_hub_and_the_bridge():
+    """One MAX_TEXT_LENGTH: a text the bridge passes is never refused by the worker after it queued (and
+    perhaps waited for a cold start), and the Hub's form shows the worker's real default."""
+    worker = Settings.model_fields["max_text_length"].default
+    hub = next(e["input"]["default"] for e in HUB["config"]["env"] if e["key"] == "MAX_TEXT_LENGTH")
+    hub_tests = [e for e in HUB_TESTS["config"]["env"] if e["key"] == "MAX_TEXT_LENGTH"]
+    assert worker == hub == bridge_defaults()["MAX_TEXT_LENGTH"] == int(wrangler_vars()["MAX_TEXT_LENGTH"]) == 4096
+    assert hub_tests == []  # the Hub's test endpoint runs the default too
+
+
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda t: t["name"])
 def test_hub_test_jobs_run_on_the_worker(test, run_job, settings):
     assert test["timeout"] >= 60_000  # milliseconds: a cold start loads the model first
