@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import sizing
 from config import Settings
 from jobs.schema import parse_job_input
 from jobs.voices import VoiceLibrary
@@ -48,6 +49,13 @@ MEASURED = {
     "model": 18.7e9,  # vibevoice/VibeVoice-7B-hf in bf16
     "converted": 18.7e9,  # a community-layout MODEL_ID (offered in hub.json) is kept and converted beside it
 }
+
+
+def test_the_hub_offers_the_gpu_pools_that_fit_the_default_model():
+    """gpuIds are the pools of docs/operations.md's GPU table whose smallest card holds the 7B and a row
+    (bench/sizing.py, from the scheduler's budget), cheapest per hour of audio first."""
+    assert HUB["config"]["gpuIds"].split(",") == sizing.tiers_that_fit()
+    assert sizing.MODELS[0].model_id == Settings.model_fields["model_id"].default
 
 
 def test_container_disk_fits_a_first_boot_and_leaves_what_the_sdk_checks_for():
@@ -158,9 +166,34 @@ def test_dockerfile_builds_both_modes_from_the_cuda_base():
     # The smallest CUDA image: torch's wheels bring the CUDA libraries, the flash-attn wheel needs no nvcc.
     assert "ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04" in dockerfile
     stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE)
-    assert stages == ["base", "self-contained", "volume"]  # the last stage is the default target
+    # The last stage is the default target (what RunPod Hub builds): the one that needs no network volume.
+    assert stages == ["base", "volume", "self-contained"]
     assert dockerfile.count('CMD ["bash", "/app/bootstrap.sh"]') == 2
     assert "libsndfile1" in dockerfile and "python3-venv" in dockerfile
+
+
+def test_the_image_installs_the_dependencies_a_volume_boot_installs():
+    """The self-contained image and bootstrap.sh's venv build hold the same torch, index and flash-attn."""
+
+    def docker_arg(name: str) -> str:
+        return re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE, re.MULTILINE)[1]
+
+    def bootstrap_default(name: str) -> str:
+        return re.search(rf"^{name}=\$\{{{name}-(.+)\}}$", BOOTSTRAP, re.MULTILINE)[1]
+
+    assert docker_arg("TORCH_SPEC") == bootstrap_default("TORCH_SPEC")
+    assert f"--index-url {docker_arg('TORCH_INDEX_URL')}" == bootstrap_default("TORCH_INDEX_ARGS")
+    assert docker_arg("FLASH_ATTN_SPEC") == bootstrap_default("FLASH_ATTN_SPEC")
+    assert "-r /app/requirements.txt" in DOCKERFILE
+
+
+def test_every_file_the_build_context_leaves_out_by_name_exists_or_is_generated():
+    """.dockerignore names no file that is gone (a stale entry hides nothing and misleads)."""
+    generated = {".git", ".github", ".ci", ".venv", ".pytest_cache", ".ruff_cache", ".local", "node_modules"}
+    for entry in (line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()):
+        if not entry or entry.startswith("#") or any(c in entry for c in "*?[") or entry in generated:
+            continue
+        assert (ROOT / entry).exists(), entry
 
 
 def test_docker_build_context_leaves_out_tests_venvs_and_audio():
