@@ -34,9 +34,10 @@ import numpy as np
 import openai
 import pytest
 from audio_helpers import probe
-from conftest import ROOT, free_port, running_api
+from conftest import ROOT, free_port, make_volume, running_api
 
 from runtime import lifetime
+from tools.local_home import pinned_voice_names, write_demo_voices
 from tools.runpod_emulator import RunpodEmulator
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,8 @@ TINY = {"max_new_tokens": 4, "diffusion_steps": 3, "seed": 11}
 LONG_TEXT = "Speaker 1: A job that keeps the worker busy for a while, sentence after sentence. " * 4
 LONG = {"max_new_tokens": 300, "diffusion_steps": 3}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-PRESETS = "en-Alice_woman,en-Frank_man"  # the worker's demo voices (tests/conftest.py)
+# OpenAI's voice names (its speech guide); the bridge maps each to a preset (bridge/src/openai_voices.js).
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 
 
 @dataclass
@@ -146,12 +148,23 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+def preset_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume with a synthetic voice under each reference voice's name, as `make serve`'s (and as a
+    deployment fetches them): every preset the bridge offers by default exists."""
+    home = make_volume(tmp_path_factory.mktemp("preset-volume"))
+    write_demo_voices(home / "demo" / "voices", pinned_voice_names())
+    return home
+
+
+@pytest.fixture(scope="module")
+def chain(
+    tiny_model_dir: Path, preset_volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Chain]:
     """The RunPod emulator and one worker (the SDK's real loop) that delivers through S3."""
     logs = tmp_path_factory.mktemp("bridge-e2e")
     worker_env = {
         "MODEL_PATH": str(tiny_model_dir),
-        "VIBEVOICE_HOME": str(volume),
+        "VIBEVOICE_HOME": str(preset_volume),
         "DEVICE": "cpu",
         "S3_ENDPOINT_URL": s3_server.endpoint,
         "S3_ACCESS_KEY_ID": s3_server.access_key_id,
@@ -176,7 +189,6 @@ BRIDGE_SETTINGS = {
     "RUNSYNC_WAIT_SECONDS": "2",
     "RETRY_BASE_MS": "50",
     "RETRY_MAX_MS": "500",
-    "PRESET_VOICES": PRESETS,
 }
 
 
@@ -330,6 +342,28 @@ def test_node_sdk_gets_audio(bridge: Bridge, tmp_path: Path) -> None:
     assert probe(output.read_bytes()).codec == "pcm_s16le"
 
 
+def test_every_openai_voice_name_speaks_on_a_fresh_bridge(bridge: Bridge) -> None:
+    """`make bridge` with no voices.json: OpenAI's voice names are listed with their preset's name, and
+    each gives audio in that preset's voice (the same text and seed: names sharing a preset give the
+    same samples, names with different presets different ones)."""
+    listed = {voice["id"]: voice["name"] for voice in bridge.get_json("/audio/voices")["voices"]}
+    by_preset: dict[str, dict[str, np.ndarray]] = {}
+    for name in OPENAI_VOICE_NAMES:
+        label, _, preset = listed[name].partition(" (")
+        assert label == name.capitalize() and preset.endswith(")"), listed[name]
+        audio = bridge.client().audio.speech.create(
+            model="tts-1", voice=name, input="Every voice, one sentence.", response_format="wav", extra_body=TINY
+        )
+        by_preset.setdefault(preset, {})[name] = probe(audio.content).samples
+    assert len(by_preset) >= 4, by_preset.keys()
+    firsts = []
+    for preset, samples in by_preset.items():
+        first = next(iter(samples.values()))
+        assert all(np.array_equal(first, other) for other in samples.values()), preset
+        firsts.append(first)
+    assert all(not np.array_equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])
+
+
 def test_models_and_voices_lists(bridge: Bridge) -> None:
     assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts", "vibevoice-7b"} <= {m.id for m in bridge.client().models.list()}
     voices = bridge.get_json("/audio/voices")["voices"]
@@ -337,9 +371,9 @@ def test_models_and_voices_lists(bridge: Bridge) -> None:
     assert {voice["id"] for voice in voices} >= {"alloy", "echo", "onyx", "nova", "shimmer"}
 
 
-def test_created_voice_is_usable_at_once_and_deletable(bridge: Bridge, volume: Path) -> None:
+def test_created_voice_is_usable_at_once_and_deletable(bridge: Bridge, preset_volume: Path) -> None:
     client = bridge.client()
-    clip = volume / "demo" / "voices" / "en-Frank_man.wav"
+    clip = preset_volume / "demo" / "voices" / "en-Frank_man.wav"
     with clip.open("rb") as sample:
         voice = client.audio.voices.create(name="Frank's clone", audio_sample=sample, consent="cons_local")
     assert voice.id.startswith("voice_") and voice.name == "Frank's clone" and voice.object == "audio.voice"
@@ -719,7 +753,7 @@ SCALE = 10
 
 
 def test_a_cold_start_longer_than_the_old_deadline_gets_every_reply_whole(
-    tiny_model_dir: Path, volume: Path, tmp_path: Path
+    tiny_model_dir: Path, preset_volume: Path, tmp_path: Path
 ) -> None:
     """Requests sent while the endpoint's only worker has a cold start (the emulator holds its jobs in
     the queue until it ends, however soon the process is up): a bridge with the deployed defaults
@@ -745,7 +779,7 @@ def test_a_cold_start_longer_than_the_old_deadline_gets_every_reply_whole(
         for name, deadline in (("cold-default", deployed["JOB_TIMEOUT_SECONDS"]), ("cold-old", OLD_DEADLINE_S)):
             bridges.append(running_bridge(chain, name, **scaled(JOB_TIMEOUT_SECONDS=deadline, **timing)))
         default, old = (next(bridge) for bridge in bridges)
-        env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu",
+        env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(preset_volume), "DEVICE": "cpu",
                "MAX_CONCURRENCY": "4", "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8"}  # fmt: skip
         cold = DOCUMENTED_COLD_START_S / SCALE
         worker = emulator.start_worker(env, log_path=tmp_path / "worker.log", cold_start_s=cold)

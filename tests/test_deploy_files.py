@@ -130,6 +130,16 @@ def bridge_defaults() -> dict:
     return json.loads(done.stdout)
 
 
+def openai_voices() -> dict[str, str]:
+    """The bridge's map of OpenAI's voice names to presets (bridge/src/openai_voices.js), read by Node."""
+    script = "import { OPENAI_VOICES } from './src/openai_voices.js'; console.log(JSON.stringify(OPENAI_VOICES));"
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def wrangler_vars() -> dict[str, str]:
     """The vars a deployed bridge (and `make bridge`) runs with: bridge/wrangler.jsonc without its comments."""
     text = (ROOT / "bridge" / "wrangler.jsonc").read_text()
@@ -262,6 +272,8 @@ def test_the_default_voice_and_the_bridge_presets_are_among_the_fetched_voices(t
     bridge = json.loads((ROOT / "bridge" / "voices.example.json").read_text())["voices"]
     for voice in bridge.values():
         library.find(voice["preset"] if isinstance(voice, dict) else voice)
+    for name, preset in openai_voices().items():  # OpenAI's names speak with these on a fresh bridge
+        assert library.find(preset).name == preset, name
     for test in HUB_TESTS["tests"]:
         for speaker in test["input"].get("speakers", []):
             library.find(speaker)

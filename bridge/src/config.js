@@ -36,6 +36,8 @@ const NUMBERS = {
 
 const FLAGS = {
   STREAM_AUDIO: true,
+  // OpenAI's voice names (alloy, echo, ...) speak with preset voices unless voices.json maps them.
+  OPENAI_VOICES: true,
   PUBLIC_LISTINGS: true,
   REQUIRE_VOICE_CONSENT: false,
   PLAYGROUND: true,
