@@ -1047,29 +1047,28 @@ def _policy_ms(policy: dict, name: str, default: int, low: int, high: int) -> in
 
 
 def print_usage(api: RunpodEmulator) -> None:
+    """The base URL, the key, and the variables docs/api.md's examples read."""
     print(
         f"""
 RunPod API emulator with a live worker (the SDK's production loop)
   base URL: {api.base_url}
   API key:  {api.api_key}
 
-  export RUNPOD_BASE={api.base_url} RUNPOD_KEY={api.api_key}
+  # the variables docs/api.md's curl and runpod SDK examples read:
+  export RUNPOD_API_KEY={api.api_key} RUNPOD_ENDPOINT_ID={api.endpoint_id}
+  export ENDPOINT={api.base_url} RUNPOD_ENDPOINT_BASE_URL={api.url}/v2
 
-  # synchronous job: waits up to 90 s (?wait=1000..300000 ms), then answers IN_PROGRESS with the id
-  curl -s -X POST "$RUNPOD_BASE/runsync" -H "Authorization: Bearer $RUNPOD_KEY" \\
+  # a synchronous job: waits up to 90 s (?wait=1000..300000 ms), then answers IN_PROGRESS with the id
+  curl -s -X POST "$ENDPOINT/runsync" -H "Authorization: Bearer $RUNPOD_API_KEY" \\
        -H "Content-Type: application/json" -d '{{"input": {{"text": "Hello from VibeVoice."}}}}'
 
-  # queued job, then its status (poll until COMPLETED, FAILED, CANCELLED or TIMED_OUT)
-  curl -s -X POST "$RUNPOD_BASE/run" -H "Authorization: Bearer $RUNPOD_KEY" \\
-       -H "Content-Type: application/json" \\
-       -d '{{"input": {{"text": "Speaker 1: Hi.\\nSpeaker 2: Hello!", "speakers": ["Alice", "Frank"]}}}}'
-  curl -s "$RUNPOD_BASE/status/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-
-  # items a job has yielded since the previous call (a "stream": true job yields audio chunks)
-  curl -s "$RUNPOD_BASE/stream/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-
-  curl -s -X POST "$RUNPOD_BASE/cancel/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-  curl -s "$RUNPOD_BASE/health" -H "Authorization: Bearer $RUNPOD_KEY"
+  # a queued job, then its status; a streamed job's items; cancel; health
+  curl -s -X POST "$ENDPOINT/run" -H "Authorization: Bearer $RUNPOD_API_KEY" \\
+       -H "Content-Type: application/json" -d '{{"input": {{"text": "Hi.", "stream": true}}}}'
+  curl -s "$ENDPOINT/status/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s "$ENDPOINT/stream/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s -X POST "$ENDPOINT/cancel/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s "$ENDPOINT/health" -H "Authorization: Bearer $RUNPOD_API_KEY"
 
 Ctrl-C stops the emulator and the worker.
 """,
