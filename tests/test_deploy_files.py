@@ -287,6 +287,16 @@ def test_the_bridge_lists_exactly_the_fetched_voices_as_presets():
     assert sorted(presets) == sorted(name.removesuffix(".wav") for name in VOICES["files"])
 
 
+def test_the_bridge_readme_lists_the_map_of_openai_voice_names():
+    """bridge/README.md's table of OpenAI's voice names is the bridge's own map (src/openai_voices.js)."""
+    text = (ROOT / "bridge" / "README.md").read_text()
+    table = text.split("| voices | preset |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for names, preset in re.findall(r"^\| (.+?) \| `([^`]+)` \|$", table, re.MULTILINE):
+        documented.update(dict.fromkeys(re.findall(r"`([^`]+)`", names), preset))
+    assert documented == openai_voices()
+
+
 def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
     """deploy/provision.py voices against a local server: a good file is kept, a corrupted one is not."""
     base, folder = http_files
