@@ -19,7 +19,7 @@ SERVE_API_KEY ?= local-dev
 SERVE_FLAGS ?=
 GPU_BENCH_FLAGS ?=
 
-# The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
+# The bridge (bridge/): Node 20 or newer + npm (deploying with wrangler: Node 22); packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
 BRIDGE_PORT ?= 8787
 RUNPOD_URL ?= http://127.0.0.1:$(SERVE_PORT)/v2/vibevoice-local
@@ -114,7 +114,7 @@ lint-deploy: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
 
 ## Speed, memory and start-up figures against baselines measured in the same run (not part of
-## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
+## `make test`; about 8 minutes). Writes bench/results.json and bench/results.md.
 ## The design's post-processing baseline needs the ffmpeg command, the aligner's figure espeak-ng:
 ## installed with apt-get if missing.
 bench: $(STAMP) espeak

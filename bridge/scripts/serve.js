@@ -5,7 +5,8 @@
 //   RUNPOD_URL    the RunPod endpoint base (default: the local emulator of `make serve`)
 //   RUNPOD_API_KEY  the key for RUNPOD_URL (default: SERVE_API_KEY, the key `make serve` accepts)
 //   AUTH_TOKEN (none: open), and any setting named in README.md
-// The R2 bucket is in memory, seeded with voices.example.json (or VOICES_JSON=path).
+// The R2 bucket is in memory and starts empty, as a new deployment's: OpenAI's voice names speak with the
+// presets (src/openai_voices.js). VOICES_JSON=path seeds a voices.json (voices.example.json is one).
 
 import { readFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -46,10 +47,11 @@ const miniflare = new Miniflare({
 
 const url = await miniflare.ready;
 const bucket = await miniflare.getR2Bucket("VOICES");
-const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
-await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
+const seed = process.env.VOICES_JSON;
+if (seed) await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
 const auth = bindings.AUTH_TOKEN ? "on" : "off";
-console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
+const voices = seed ? `voices.json from ${seed}` : "no voices.json";
+console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; ${voices})`);
 if (loadConfig(bindings).PLAYGROUND) console.log(`bridge: playground at ${url.origin}/ (open it in a browser)`);
 
 if (!bindings.RUNPOD_API_KEY) {
