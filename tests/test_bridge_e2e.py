@@ -40,7 +40,8 @@ from runtime import lifetime
 from tools.local_home import pinned_voice_names, write_demo_voices
 from tools.runpod_emulator import RunpodEmulator
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start the emulator, a worker and the bridge).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bridge_e2e")]
 
 BRIDGE_DIR = ROOT / "bridge"
 # Tiny generations (VibeVoice settings the bridge passes through as extra body fields).

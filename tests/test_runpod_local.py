@@ -22,7 +22,8 @@ from conftest import ROOT, free_port
 
 from tools import run_job as run_job_tool
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start the SDK's local API server).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("runpod_local")]
 FAST = {"max_new_tokens": 4, "diffusion_steps": 3}
 
 
