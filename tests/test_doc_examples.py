@@ -28,7 +28,8 @@ from test_bridge_e2e import start_bridge
 
 from jobs.schema import parse_job_input
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start the bridge).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("doc_examples")]
 
 DOCS = {"README": ROOT / "README.md", "api": ROOT / "docs" / "api.md"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
