@@ -5,6 +5,8 @@
 #      and its CUDA 12.8 libraries, the flash-attn wheel, requirements.txt), fetches the reference voices
 #      and converts a model (the tiny checkpoint in the community layout: the real weights are not
 #      downloadable here);
+#      then that venv builds a tiny C extension against its own Python headers, as Triton builds its
+#      kernel launcher when the worker compiles its decode step (tools/check_c_extension.py);
 #   2. second boot: offline, from the flag;
 #   3. a job: the README's smallest job, {"text": "Hello!"}, through bootstrap.sh and handler.py;
 #   4. the fast test suite (pytest -m "not slow", plus tests/test_faults.py) on that venv, with the
@@ -64,6 +66,7 @@ PYTHON=$(sed -n 's/^python=//p' "$VIBEVOICE_HOME/.first_run_complete")
 VENV=$(dirname "$(dirname "$PYTHON")")
 "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda, "transformers", transformers.__version__)' |
     tee "$WORK/versions.txt"
+(cd "$ROOT" && "$PYTHON" -m tools.check_c_extension) | tee "$WORK/c-extension.txt"
 venv_bytes=$(du -sb "$VENV" | cut -f1)
 nvidia_bytes=$(du -scb "$VENV"/lib/python*/site-packages/nvidia 2>/dev/null | tail -1 | cut -f1)
 
@@ -95,7 +98,7 @@ status=0
 tests_seconds=$(elapsed "$started")
 
 say "summary"
-cat "$WORK/versions.txt"
+cat "$WORK/versions.txt" "$WORK/c-extension.txt"
 echo "python: $("$PYTHON" --version)"
 echo "first boot: ${first_boot} s; second boot: ${second_boot} s; tests: ${tests_seconds} s"
 echo "venv: $((venv_bytes / 1000000)) MB, of which nvidia-* CUDA libraries: $((nvidia_bytes / 1000000)) MB"
