@@ -178,7 +178,7 @@ class BatchDecoder:
 
     def warm_up(self, batch_sizes: list[int], diffusion_steps: int | None = None) -> dict[tuple[int, int, int], float]:
         """Compile the step for these batch sizes' buckets at one capacity step (benchmarks)."""
-        steps = diffusion_steps or self.diffusion_steps
+        steps = diffusion_steps or (self.frame_step.default_steps if self.frame_step else self.diffusion_steps)
         buckets = sorted({bucket_for(n) for n in batch_sizes})
         return self.compile_shapes([(bucket, capacity_for(1, self.device), steps) for bucket in buckets])
 

@@ -402,7 +402,8 @@ class FrameStep:
                     if isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
                     self.failure = _one_line(exc)
-                    log.error("compiling the decode step failed; it runs uncompiled: %s", self.failure)
+                    if not self._warming:  # at start-up the check reports it, with what it means
+                        log.error("compiling the decode step failed; it runs uncompiled: %s", self.failure)
                     self.compiled, self._run = False, self.frame
                     self._free.clear()  # buffers were kept for CUDA graphs, which will not replay now
             self.last_compiled = False

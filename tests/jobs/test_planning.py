@@ -34,7 +34,7 @@ def test_a_plain_text_gets_the_default_voice_and_the_deployment_defaults(plan, s
     assert np.array_equal(planned.voices[0], alice)
     assert len(planned.chunks) > 1 and all(len(chunk.turns[0].text) <= 300 for chunk in planned.chunks)
     assert (planned.output_format, planned.sample_rate, planned.bitrate_kbps) == ("mp3", 24000, 128)
-    assert (planned.params.cfg_scale, planned.params.diffusion_steps) == (1.3, 10)
+    assert (planned.params.cfg_scale, planned.params.diffusion_steps) == (1.3, None)  # None: the engine's count
     assert planned.params.use_voice_prompt and planned.target_lufs == -20.0 and planned.warnings == []
     assert 0 <= planned.params.seed < 2**32  # drawn when the job gives none
     assert planned.format.content_type == "audio/mpeg"
