@@ -238,3 +238,28 @@ def test_a_missing_compiler_is_named_before_anything_compiles(compiling, caplog,
     [line] = errors(caplog)
     assert line.startswith("no C++ compiler was found") and "install it (apt-get install g++) or set CXX" in line
     assert compiled == [] and lenient.decoder.frame_step is None
+
+
+def test_the_warm_up_compiles_only_the_shapes_whose_buffers_fit(engine, caplog):
+    """The compiled shapes' buffers are allocated at start-up and kept: on a GPU too small for all of
+    them, the warm-up compiles those that fit (in order, bucket 1 first) and says so. A GPU and its
+    memory reading are stand-ins (no GPU here); the buffers are counted on the meta device as on CUDA."""
+    from types import SimpleNamespace
+
+    from engine.decoder import BatchDecoder
+    from engine.framestep import warm_up_shapes
+    from engine.scheduler import BatchBudget
+    from engine.warmup import affordable_shapes
+
+    decoder = BatchDecoder(engine.model, diffusion_steps=2)
+    decoder.frame_step = FrameStep(decoder, compile_frame=True)
+    gpu = SimpleNamespace(device=torch.device("cuda"), diffusion_steps=2, frame_step=decoder.frame_step)
+    budget = BatchBudget(0, torch.device("cuda"), engine.kv_bytes_per_token(), prefill_bytes=2**20, decoder=decoder)
+    shapes = warm_up_shapes(budget.cap(), torch.device("cuda"), 2)
+    sizes = [decoder.frame_step.slot_bytes(*shape) for shape in shapes]
+    budget.memory_left = lambda: (sum(sizes) + budget.prefill_bytes) / 0.75
+    assert affordable_shapes(gpu, budget) == shapes and len(shapes) == 8
+    budget.memory_left = lambda: (sum(sizes[:3]) + budget.prefill_bytes) / 0.75
+    with caplog.at_level(logging.WARNING, logger="vibevoice.engine"):
+        assert affordable_shapes(gpu, budget) == shapes[:3]
+    assert "holds the compiled step's buffers for 3 of its 8 shapes" in caplog.text
