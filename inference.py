@@ -105,7 +105,7 @@ class EngineReport:
             "compiled": sum(r.compiled_frames for r in results),
             "uncompiled": sum(r.uncompiled_frames for r in results),
         }
-        return {**dataclasses.asdict(self), "frames": frames}
+        return {**json.loads(self.line()), "frames": frames}  # as JSON carries it
 
     def line(self) -> str:
         """The start-up log's line: the same fields, as JSON."""
