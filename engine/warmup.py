@@ -71,28 +71,34 @@ def check_attention(decoder: BatchDecoder, prompt_ids: torch.Tensor, paths: Fast
 def compile_and_check(decoder: BatchDecoder, budget: BatchBudget, prompt_ids: torch.Tensor, paths: FastPaths) -> None:
     """Compile the warm-up's shapes and compare the compiled step with the eager loop; on any failure
     the eager loop decodes (or, with COMPILE=on, the start fails)."""
-    reason = decoder.compile_error or toolchain.problem(decoder.device.type)
+    reason = decoder.compile_error or toolchain.problem(decoder.device.type) or compile_shapes(decoder, budget, paths)
     if reason is None:
-        started = time.perf_counter()
-        paths.compile_seconds = decoder.compile_shapes(affordable_shapes(decoder, budget))
-        if decoder.compiled:
-            shapes = ", ".join(f"{b}x{c}" for b, c, _ in paths.compile_seconds)
-            log.info("decode step compiled for %d shapes (rows x cache columns: %s; %d diffusion steps) in %.1f s",
-                     len(paths.compile_seconds), shapes, decoder.diffusion_steps,
-                     time.perf_counter() - started)  # fmt: skip
-            _say_uncompiled_batches(budget)
-            agreement = fitness.compare_compiled(decoder, prompt_ids)
-            reason = None if agreement.ok else agreement.describe()
-            if agreement.ok:
-                log.info(agreement.describe())
-        else:
-            reason = f"compiling the decode step failed: {decoder.frame_step.failure}"
+        agreement = fitness.compare_compiled(decoder, prompt_ids)
+        reason = None if agreement.ok else agreement.describe()
+        if agreement.ok:
+            log.info(agreement.describe())
     if reason is None:
         return
     _give_up(paths, reason, f"COMPILE={paths.compile_mode}", paths.compile_mode == "on", "decoding uncompiled")
     decoder.frame_step = None  # the eager loop, with the model's own attention
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def compile_shapes(decoder: BatchDecoder, budget: BatchBudget, paths: FastPaths) -> str | None:
+    """Compile the shapes the memory left affords (`paths.compile_seconds` keeps each one's seconds);
+    why compiling failed, or None."""
+    started = time.perf_counter()
+    paths.compile_seconds = decoder.compile_shapes(affordable_shapes(decoder, budget))
+    if not decoder.compiled:
+        return f"compiling the decode step failed: {decoder.frame_step.failure}"
+    if not decoder.frame_step.compiled_shapes:
+        return "no shape of the decode step was compiled (the memory left holds none of their buffers)"
+    shapes = ", ".join(f"{b}x{c}" for b, c, _ in paths.compile_seconds)
+    log.info("decode step compiled for %d shapes (rows x cache columns: %s; %d diffusion steps) in %.1f s",
+             len(paths.compile_seconds), shapes, decoder.diffusion_steps, time.perf_counter() - started)  # fmt: skip
+    _say_uncompiled_batches(budget)
+    return None
 
 
 def affordable_shapes(decoder: BatchDecoder, budget: BatchBudget) -> list[tuple[int, int, int]]:

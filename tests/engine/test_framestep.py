@@ -359,7 +359,7 @@ def test_the_warm_up_compiles_in_the_decode_thread(engine, monkeypatch) -> None:
     """CUDA graphs belong to the thread that records them: the start-up check compiles where frames run,
     the shapes of framestep.warm_up_shapes for the batch cap: buckets 1-8 (the CPU's cap) at one capacity
     step, 1-4 at two, the deployment's diffusion steps. (Compiling is stubbed: it costs minutes here;
-    nothing compiled, the probe's frames run uncompiled, and COMPILE=on fails the check for it.)"""
+    with no shape compiled, COMPILE=on fails the check.)"""
     import threading
 
     from inference import StartupError, VibeVoiceEngine
@@ -368,7 +368,7 @@ def test_the_warm_up_compiles_in_the_decode_thread(engine, monkeypatch) -> None:
     ran_in = []
     monkeypatch.setattr(on.decoder, "compile_shapes", lambda shapes: ran_in.append((threading.current_thread().name,
                                                                                     shapes)) or {})  # fmt: skip
-    with pytest.raises(StartupError, match="its frames ran uncompiled"):
+    with pytest.raises(StartupError, match="no shape of the decode step was compiled"):
         on.warm_up()
     on.scheduler.close()
     short, long = capacity_for(1, on.decoder.device), 2 * capacity_for(1, on.decoder.device)
