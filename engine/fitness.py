@@ -42,9 +42,10 @@ def tolerance_for(dtype: torch.dtype) -> float:
 
     float32 (the CPU): the paths do the same arithmetic in another order (fused kernels, the unrolled
     solver, the slot cache). Measured on the tiny checkpoint: eager vs sdpa attention differ by 8e-8
-    (speech latents) and 3e-7 (language-model states), the compiled step vs the eager loop by 3e-7. 1e-4
-    leaves a margin of hundreds; the faults the tests plant (attention over doubled values, a guidance
-    scale 1.5x too large) move the states by 8e-2 and 8e-1.
+    (speech latents) and 3e-7 (language-model states), the static step vs the eager loop by 2e-7 and
+    3e-7, compiled or not. 1e-4 leaves a margin of hundreds, and still catches the faults the tests
+    plant, small as the tiny model's random weights keep them: attention over doubled values moves
+    the states by 7.5e-2, a guidance scale 1.5x too large the latents by 2.4e-3.
 
     bfloat16 (a GPU): every operation rounds at 2^-8 (0.4 %), and the paths round in different places
     (inductor keeps fused intermediates in float32 where eager rounds each one; flash-attention and
@@ -161,10 +162,10 @@ def probe(decoder: BatchDecoder, request: DecodeRequest) -> tuple[torch.Tensor, 
     latents: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
 
-    def keep(output) -> None:
-        states.append(output.hidden.float().cpu())
+    def keep(output) -> None:  # copies: the static step's state is a view of a buffer the next frame overwrites
+        states.append(output.hidden.to("cpu", torch.float32, copy=True))
         if output.latent is not None:
-            latents.append(output.latent.float().cpu())
+            latents.append(output.latent.to("cpu", torch.float32, copy=True))
 
     decoder.decode([request], on_output=keep)
     return (torch.stack(latents) if latents else torch.zeros(0)), torch.stack(states)
