@@ -14,8 +14,9 @@
 #
 # The base is CUDA's smallest image: torch's wheels bring their own CUDA runtime, cuBLAS, cuDNN and
 # NCCL (nvidia-* packages in the venv), and the flash-attn wheel is prebuilt, so neither needs the
-# toolkit, headers or nvcc of a devel image; the base image adds the settings that make the NVIDIA
-# container runtime mount the host's driver, and refuses hosts whose driver is older than CUDA 12.8.
+# toolkit, CUDA headers or nvcc of a devel image (torch.compile needs only a C compiler, below); the base
+# image adds the settings that make the NVIDIA container runtime mount the host's driver, and refuses
+# hosts whose driver is older than CUDA 12.8.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS base
@@ -26,11 +27,15 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     APP_DIR=/app \
     RUNPOD_INIT_TIMEOUT=2400
-# Ubuntu 24.04's python3 is 3.12. Versions come from the pinned base image's release.
+# Ubuntu 24.04's python3 is 3.12, the interpreter of both targets' venvs. gcc, libc6-dev and python3-dev
+# (Python 3.12's headers) are for torch.compile: Triton builds a small C launcher for its kernels at run
+# time against the interpreter's Python.h, and without them the compiled decode step cannot run
+# (tools/check_c_extension.py, run by `make test-deploy`, builds one the same way). Versions come from
+# the pinned base image's release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 python3-venv libsndfile1 ca-certificates util-linux \
+        python3 python3-venv python3-dev gcc libc6-dev libsndfile1 ca-certificates util-linux \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 

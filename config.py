@@ -70,7 +70,11 @@ class Settings(BaseSettings):
     max_chunk_chars: int = Field(300, ge=40, le=5000)
     default_speaker: str = "Alice"
     default_cfg_scale: float = Field(1.3, gt=0, le=10)
-    default_diffusion_steps: int = Field(10, ge=1, le=50)
+    # 10: what VibeVoice's own inference code runs (the community checkpoints' configs say 20, at twice
+    # the diffusion head's cost per frame); 0: the checkpoint's own count (its generation config's
+    # num_diffusion_steps). Resolved once by the engine (engine/decoder.default_diffusion_steps), which
+    # compiles its decode step for it.
+    default_diffusion_steps: int = Field(10, ge=0, le=50)
     default_output_format: Literal[tuple(FORMATS)] = "mp3"  # type: ignore[valid-type]
     target_lufs: float = Field(-20.0, ge=-70, le=-5)
     chunk_gap_ms: int = Field(150, ge=0, le=5000)
@@ -90,8 +94,13 @@ class Settings(BaseSettings):
     # --- decoding and streaming ----------------------------------------------------------------
     decode_loop: Literal["own", "stock"] = "own"  # "stock": transformers' generate, one chunk at a time
     batch_size: int = Field(0, ge=0, le=64)  # chunks of all jobs decoded together; 0 = automatic (engine/scheduler.py)
-    # The compiled static frame step (engine/framestep.py): auto = on for CUDA, off on the CPU (compiling is slow).
+    # The compiled static frame step (engine/framestep.py): auto = on for CUDA, off on the CPU (compiling is
+    # slow); on = required: a worker that cannot compile it, or whose compiled step disagrees with the eager
+    # loop at start-up, fails its fitness check (auto falls back to the eager loop, loudly).
     compile: Literal["auto", "on", "off"] = "auto"
+    # The language model's attention for prompts and the eager loop: auto = flash_attention_2 on CUDA where
+    # flash-attn is installed, else sdpa; flash_attention_2 = required (same rule as COMPILE=on).
+    attention: Literal["auto", "flash_attention_2", "sdpa"] = "auto"
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
 
     # --- worker ------------------------------------------------------------------------------

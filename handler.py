@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from config import Settings, SettingsError, load_settings
-from inference import ChunkAudio, ModelLoadError, VibeVoiceEngine
+from inference import ChunkAudio, ModelLoadError, StartupError, VibeVoiceEngine
 from jobs.planning import JobError, JobPlan, plan_job
 from jobs.rendering import LevelTracker, StreamRenderer, render
 from jobs.reporting import ProgressThrottle, after_items, job_result
@@ -138,7 +138,7 @@ class Worker:
         result = job_result(
             plan, results, rendered.summary, status="completed",
             delivery={**delivery.fields, "delivery": delivery.method}, timings=timings, timed=timed,
-            extra_warnings=delivery.warnings,
+            extra_warnings=delivery.warnings, engine=self.engine.report(),
         )  # fmt: skip
         log.info(
             "job %s: %d chars, %d chunks, %.2f s audio, rtf %s, delivery %s",
@@ -223,7 +223,7 @@ class Worker:
         }
         result = job_result(
             plan, results, summary, status="complete", delivery={"delivery": "stream", "items": items},
-            timings=timings, timed=timed,
+            timings=timings, timed=timed, engine=self.engine.report(),
         )  # fmt: skip
         log.info(
             "job %s: streamed %d items, %.2f s audio, first audio after %s s",
@@ -282,7 +282,13 @@ def main() -> None:
         engine = None
     else:
         if not local:
-            register_warm_up(runpod, engine, settings.default_diffusion_steps)
+            register_warm_up(runpod, engine)
+        else:  # the SDK's local modes run no fitness checks: the same check, before the first job
+            try:
+                engine.warm_up()
+            except StartupError as exc:
+                print(f"vibevoice worker: start-up check failed: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
     worker = Worker(settings, engine, progress=None if local else runpod_progress)
     log.info("taking up to %d job(s) at once (MAX_CONCURRENCY=%d)", worker.concurrency, settings.max_concurrency)
 

@@ -13,6 +13,7 @@ jobs in one batch with both guidance branches in one pass (engine/decoder.py); t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,13 +32,22 @@ from config import MODEL_SAMPLE_RATE, Settings
 from deploy import hub_cache
 from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
 from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
-from engine.framestep import WARM_UP_BUCKETS, use_compile_caches
+from engine.framestep import use_compile_caches
 from engine.scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
+from engine.warmup import FastPaths, StartupError, check_fast_paths
 from text.script import Chunk, Turn, max_frames_for
 
 log = logging.getLogger("vibevoice.engine")
 
-__all__ = ["ChunkAudio", "EngineInfo", "GenerationParams", "ModelLoadError", "VibeVoiceEngine"]
+__all__ = [
+    "ChunkAudio",
+    "EngineInfo",
+    "EngineReport",
+    "GenerationParams",
+    "ModelLoadError",
+    "StartupError",
+    "VibeVoiceEngine",
+]
 
 SYSTEM_PROMPT = (
     " Transform the text provided by various speakers into speech output, utilizing the distinct voice of each "
@@ -60,7 +70,7 @@ class ModelLoadError(RuntimeError):
 @dataclass(frozen=True)
 class GenerationParams:
     cfg_scale: float
-    diffusion_steps: int
+    diffusion_steps: int | None  # None: the deployment's (VibeVoiceEngine.diffusion_steps)
     seed: int
     max_new_tokens: int | None = None  # the job's own cap on frames per chunk
     use_voice_prompt: bool = True  # False: generate without the reference voices ("disable_prefill")
@@ -71,8 +81,35 @@ class EngineInfo:
     source: str
     device: str
     dtype: str
-    attention: str
+    attention: str  # the language model's own attention (the prefill, the eager loop)
     load_seconds: float
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """What the engine runs, as each job's result reports it (`engine`, with that job's frames) and the
+    start-up log states it in one line (docs/api.md#output). One field per fact: a new fact is a new
+    field here, filled in VibeVoiceEngine.report."""
+
+    device: str  # cuda, cpu
+    dtype: str  # bfloat16, float32
+    attention: dict[str, str]  # the language model's attention: "prefill" (prompts, voices) and "decode" (frames)
+    compile: bool  # frames of the shapes below run through the compiled step
+    compiled_buckets: dict[str, list[int]]  # cache columns -> batch buckets compiled at that capacity
+    diffusion_steps: int  # the deployment's default, the count the compiled step runs
+    fallbacks: tuple[str, ...] = ()  # each fast path the start-up check gave up, and why
+
+    def for_job(self, results: list[ChunkAudio]) -> dict:
+        """The result's `engine` field: this report plus the job's decode steps, compiled or not."""
+        frames = {
+            "compiled": sum(r.compiled_frames for r in results),
+            "uncompiled": sum(r.uncompiled_frames for r in results),
+        }
+        return {**json.loads(self.line()), "frames": frames}  # as JSON carries it
+
+    def line(self) -> str:
+        """The start-up log's line: the same fields, as JSON."""
+        return json.dumps(dataclasses.asdict(self))
 
 
 AudioCallback = Callable[[int, np.ndarray], None]
@@ -106,6 +143,8 @@ class VibeVoiceEngine:
         batch_size: int = 0,
         decode_loop: str = "own",
         compile_mode: str = "off",
+        diffusion_steps: int = 0,
+        attention_mode: str = "auto",
     ):
         self.model = model
         self.processor = processor
@@ -114,10 +153,12 @@ class VibeVoiceEngine:
         self.hop_length = int(model.config.audio_config.hop_length)
         self.frame_rate = self.sample_rate / self.hop_length  # 7.5 frames per second
         self.decode_loop = decode_loop
-        self.decoder = BatchDecoder(model, compile_mode)
-        if self.decoder.frame_step is not None:  # the static step may have switched the language model to sdpa
-            self.info.attention = model.model.language_model.config._attn_implementation
-        self.budget = memory_budget(model, batch_size)
+        self.decoder = BatchDecoder(model, compile_mode, diffusion_steps)
+        # DEFAULT_DIFFUSION_STEPS, else the checkpoint's own count: what jobs that give none run with,
+        # and what the compiled step is compiled for.
+        self.diffusion_steps = self.decoder.diffusion_steps
+        self.fast_paths = FastPaths(info.attention, compile_mode, attention_mode)
+        self.budget = memory_budget(model, batch_size, decoder=self.decoder)
         self.scheduler = DecodeScheduler(self.decoder, self.budget)
 
     @property
@@ -142,7 +183,8 @@ class VibeVoiceEngine:
         check_native_layout(path)
         device = pick_device(settings.device)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model, attention = _load_model(path, device, dtype, [])
+        notes: list[str] = []  # fast paths given up while loading (the report's fallbacks)
+        model, attention = _load_model(path, device, dtype, settings.attention, notes)
         processor = AutoProcessor.from_pretrained(path)
         model.eval()
         info = EngineInfo(
@@ -156,71 +198,68 @@ class VibeVoiceEngine:
             "model loaded from %s on %s (%s, %s attention) in %.1f s",
             source, device, info.dtype, attention, info.load_seconds,
         )  # fmt: skip
-        return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
-                   compile_mode=settings.compile)  # fmt: skip
-
-    def warm_up_compiled(self, diffusion_steps: int | None = None) -> None:
-        """Compile the frame step for the batch buckets up to the batch cap (COMPILE on), before jobs come."""
-        if not self.decoder.compiled:
-            return
-        sizes = [bucket for bucket in WARM_UP_BUCKETS if bucket <= self.budget.cap()] or [1]
-        started = time.perf_counter()
-        # In the decode thread: CUDA graphs belong to the thread that records them.
-        self.scheduler.call(lambda: self.decoder.warm_up(sizes, diffusion_steps))
-        outcome = "compiled" if self.decoder.compiled else "failed to compile (decoding uncompiled)"
-        log.info("decode step %s for batch sizes %s in %.1f s", outcome, sizes, time.perf_counter() - started)
+        engine = cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
+                     compile_mode=settings.compile, diffusion_steps=settings.default_diffusion_steps,
+                     attention_mode=settings.attention)  # fmt: skip
+        engine.fast_paths.fallbacks += notes
+        return engine
 
     # --- start-up check -------------------------------------------------------------------
 
-    def warm_up(self, diffusion_steps: int | None = None) -> None:
-        """Check that a full forward pass runs and yields finite audio (a start-up fitness check);
-        with COMPILE on, first compile the decode step for `diffusion_steps` (warm_up_compiled), and
-        check with that many steps, so the check runs the shape just compiled.
+    def warm_up(self) -> None:
+        """The start-up fitness check, before the worker takes a job: every fast path proves itself
+        against the plain one on this hardware, and the path in use gives finite audio.
 
-        A short prompt without voices goes through the whole frame path once: the language model,
-        the diffusion head and the acoustic decoder. The first token is forced to a speech frame, so
-        the check does not depend on which token the model would pick first. If the configured
-        attention fails here (a flash-attn build that imports but whose kernels do not run on this
-        GPU), the model switches to sdpa, the log says so, and the check runs again.
-        """
-        self.warm_up_compiled(diffusion_steps)
-        steps = diffusion_steps if self.decoder.compiled and diffusion_steps else 1
+        engine/warmup.py (in the decode thread: CUDA graphs belong to the thread that records them)
+        compares the model's attention (flash_attention_2) with sdpa, and with COMPILE on compiles
+        the decode step's shapes and compares it with the eager loop: the same forced speech frames,
+        seed and noise through both, the measured difference and its tolerance logged. A fast path
+        that fails or disagrees is given up with an ERROR line (the report's `fallbacks` keep it), or,
+        with COMPILE=on or ATTENTION=flash_attention_2, raises StartupError: the worker is unhealthy.
+        Last, one short forward pass through the path in use must give finite audio (a speech frame
+        forced, so the check does not depend on which token the model would pick first). The log's
+        last line is the engine's report (`engine: {...}`)."""
+        paths = self.fast_paths
         try:
-            self._forward_once(steps)
-        except Exception as exc:  # any failure of the kernels: the sdpa retry below decides
-            if self.info.attention == "sdpa":
-                raise RuntimeError(f"the warm-up forward pass failed: {_first_line(exc)}") from None
-            note = f"{self.info.attention} failed on the first forward pass ({_first_line(exc)}); using sdpa attention"
-            log.warning(note)
-            self._use_sdpa()
-            self.info.attention = "sdpa"
-            try:
-                self._forward_once(steps)
-            except Exception as retry_exc:
-                raise RuntimeError(f"the warm-up forward pass failed with sdpa too: {_first_line(retry_exc)}") from None
-        log.info("warm-up: a forward pass with %s attention gave finite audio", self.info.attention)
+            self.scheduler.call(lambda: check_fast_paths(self.decoder, self.budget, self.probe_prompt(), paths))
+        except StartupError:
+            raise
+        except Exception as exc:  # the plain path itself failed: the worker is not fit
+            raise StartupError(f"the start-up check failed: {_first_line(exc)}") from None
+        finally:
+            self.info.attention = paths.attention
+        try:
+            self._forward_once()
+        except Exception as exc:  # any failure of the kernels or the model: the worker is not fit
+            raise StartupError(f"the warm-up forward pass failed: {_first_line(exc)}") from None
+        log.info("engine: %s", self.report().line())
 
-    def _use_sdpa(self) -> None:
-        # Only the language model has a choice of attention; switching the whole model would also
-        # hand sdpa to the codecs, which have none.
-        text_config = self.model.config.get_text_config(decoder=True)
-        for module in self.model.modules():
-            if module is not self.model and getattr(module, "config", None) is text_config:
-                module.set_attn_implementation("sdpa")
-                return
-        raise RuntimeError("the language model could not be found to switch its attention to sdpa")
-
-    def _forward_once(self, diffusion_steps: int = 1) -> None:
-        inputs = self.prepare_inputs(Chunk(0, (Turn(0, "Hello."),)), {}, with_voices=False)
-        speech_frame = int(self.model.config.audio_token_id)
-        request = DecodeRequest(
-            index=0,
-            input_ids=inputs["input_ids"][0],
-            max_frames=1,
-            seed=0,
-            diffusion_steps=diffusion_steps,
-            forced_tokens=(speech_frame,),
+    def report(self) -> EngineReport:
+        """What the engine runs now (see EngineReport)."""
+        frame_step = self.decoder.frame_step if self.decode_loop == "own" else None
+        compiled = frame_step is not None and frame_step.compiled
+        buckets: dict[str, list[int]] = {}
+        for bucket, capacity, _ in sorted(frame_step.compiled_shapes if compiled else ()):
+            buckets.setdefault(str(capacity), []).append(bucket)
+        decode = frame_step.attention if frame_step is not None else self.info.attention
+        return EngineReport(
+            device=self.info.device,
+            dtype=self.info.dtype,
+            attention={"prefill": self.info.attention, "decode": decode},
+            compile=compiled,
+            compiled_buckets=buckets,
+            diffusion_steps=self.diffusion_steps,
+            fallbacks=tuple(self.fast_paths.fallbacks),
         )
+
+    def probe_prompt(self) -> torch.Tensor:
+        """The start-up checks' prompt: a short script without voices, as token ids [prompt_len]."""
+        return self.prepare_inputs(Chunk(0, (Turn(0, "Hello."),)), {}, with_voices=False)["input_ids"][0]
+
+    def _forward_once(self) -> None:
+        speech_frame = int(self.model.config.audio_token_id)
+        request = DecodeRequest(index=0, input_ids=self.probe_prompt(), max_frames=1, seed=0,
+                                diffusion_steps=self.diffusion_steps, forced_tokens=(speech_frame,))  # fmt: skip
         decoded = self.decoder.decode([request])  # holds the model's lock itself
         audio = decoded[0].audio
         if audio.size == 0 or not bool(np.isfinite(audio).all()):
@@ -273,7 +312,7 @@ class VibeVoiceEngine:
                     max_frames=cap,
                     seed=params.seed,
                     cfg_scale=params.cfg_scale,
-                    diffusion_steps=params.diffusion_steps,
+                    diffusion_steps=params.diffusion_steps or self.diffusion_steps,
                     voices=tuple(clips.setdefault(clip.key, clip) for clip in found),
                     expected_frames=min(cap, speech),
                 )
@@ -306,7 +345,7 @@ class VibeVoiceEngine:
                 **inputs,
                 max_new_tokens=cap,
                 guidance_scale=params.cfg_scale,
-                num_diffusion_steps=params.diffusion_steps,
+                num_diffusion_steps=params.diffusion_steps or self.diffusion_steps,
                 stopping_criteria=stopping,
                 return_dict_in_generate=True,
             )
@@ -320,6 +359,7 @@ class VibeVoiceEngine:
             frames=tokens.count(audio_token),
             reached_cap=ended_by_cap(tokens, cap, audio_token),
             tokens=tokens,
+            uncompiled_frames=len(tokens),
         )
 
     @contextlib.contextmanager
@@ -397,10 +437,13 @@ class VibeVoiceEngine:
 # --- memory: what the scheduler's budget counts (also read by bench/sizing.py's GPU table) -----------------
 
 
-def memory_budget(model: VibeVoiceForConditionalGeneration, batch_size: int = 0, device=None) -> BatchBudget:
-    """The decode scheduler's memory budget for `model` (on `device`, by default the model's own)."""
+def memory_budget(
+    model: VibeVoiceForConditionalGeneration, batch_size: int = 0, device=None, decoder: BatchDecoder | None = None
+) -> BatchBudget:
+    """The decode scheduler's memory budget for `model` (on `device`, by default the model's own); with
+    `decoder`, a batch in its static step counts that step's buffers."""
     device = model.device if device is None else device
-    return BatchBudget(batch_size, device, kv_bytes_per_token(model), prefill_bytes(model))
+    return BatchBudget(batch_size, device, kv_bytes_per_token(model), prefill_bytes(model), decoder)
 
 
 def typical_request(frame_rate: float) -> DecodeRequest:
@@ -570,37 +613,51 @@ def pick_device(preference: str) -> str:
     return preference
 
 
-def _load_model(
-    path: Path, device: str, dtype: torch.dtype, notes: list[str]
-) -> tuple[VibeVoiceForConditionalGeneration, str]:
-    """Load with flash_attention_2 on CUDA when it works, else sdpa (said once in the log)."""
-    attempts = ["sdpa"]
-    if device == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+def pick_attention(device: str, mode: str, notes: list[str]) -> str:
+    """The language model's attention (ATTENTION): on CUDA flash_attention_2 where flash-attn imports
+    (auto, or asked for), else sdpa; on the CPU sdpa. The start-up check then compares it with sdpa.
+    Without the wheel (auto) sdpa runs everywhere, and `notes` (the engine report's fallbacks) says so."""
+    if mode == "sdpa" or (mode == "auto" and device != "cuda"):
+        return "sdpa"
+    if device != "cuda":
+        raise ModelLoadError(f"ATTENTION is {mode}, which needs a CUDA device; this worker runs on the {device}.")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as exc:
+        if mode != "auto":
+            raise ModelLoadError(f"ATTENTION is {mode}, but flash-attn cannot be imported ({exc}).") from None
+        notes.append(f"flash-attn cannot be imported ({exc}); using sdpa attention everywhere (ATTENTION=auto)")
+        log.warning(notes[-1])
+        return "sdpa"
+    return "flash_attention_2"
 
-            attempts = ["flash_attention_2", "sdpa"]
-        except ImportError:
-            notes.append("flash-attn is not installed; using sdpa attention")
-            log.warning(notes[-1])
+
+def _load_model(
+    path: Path, device: str, dtype: torch.dtype, mode: str, notes: list[str]
+) -> tuple[VibeVoiceForConditionalGeneration, str]:
+    """Load with the attention `pick_attention` names; flash_attention_2 failing to load falls back to sdpa
+    with an ERROR line (auto), or stops the worker (ATTENTION=flash_attention_2)."""
+    attention = pick_attention(device, mode, notes)
+    attempts = [attention] if attention == "sdpa" or mode != "auto" else [attention, "sdpa"]
     last_error: Exception | None = None
-    for attention in attempts:
+    for attempt in attempts:
         try:
             model = VibeVoiceForConditionalGeneration.from_pretrained(
                 path,
                 dtype=dtype,
                 # Only the language model has a choice of attention; the codecs are convolutional.
-                attn_implementation={"text_config": attention},
+                attn_implementation={"text_config": attempt},
                 device_map=device,
             )
-            return model, attention
+            return model, attempt
         except (ImportError, ValueError, RuntimeError) as exc:
             last_error = exc
-            if attention == "flash_attention_2":
-                notes.append(f"flash_attention_2 failed ({str(exc).splitlines()[0]}); using sdpa attention")
-                log.warning(notes[-1])
+            if attempt != attempts[-1]:
+                notes.append(f"{attempt} failed to load ({str(exc).splitlines()[0]}); using sdpa attention "
+                             "(ATTENTION=auto)")  # fmt: skip
+                log.error(notes[-1])
     reason = str(last_error).splitlines()[0] if last_error else "unknown error"
-    raise ModelLoadError(f"could not load the model from {path}: {reason}")
+    raise ModelLoadError(f"could not load the model from {path} with {attempts[-1]} attention: {reason}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -62,6 +62,8 @@ class ChunkAudio:
     frames: int  # generated speech frames
     reached_cap: bool  # stopped by the frame cap while still speaking
     tokens: list[int] = field(default_factory=list)  # every generated token id
+    compiled_frames: int = 0  # of its decode steps (one per token), those the compiled step ran
+    uncompiled_frames: int = 0  # and those that ran uncompiled (the eager loop, or a shape not compiled)
 
 
 def ended_by_cap(tokens: list[int], max_frames: int, audio_token_id: int) -> bool:
@@ -95,6 +97,15 @@ class Sequence:
     state: RowState | None = None  # its rows while outside the batch
     spoke: bool = False  # it has produced audio
     owner: object = None  # the scheduler's job record
+    compiled_frames: int = 0  # decode steps that ran through the compiled step
+    uncompiled_frames: int = 0  # decode steps that ran uncompiled
+
+    def count_frame(self, compiled: bool) -> None:
+        """One decode step of this sequence, compiled or not (its job's `engine` report adds them up)."""
+        if compiled:
+            self.compiled_frames += 1
+        else:
+            self.uncompiled_frames += 1
 
     def fresh(self) -> Sequence:
         """The same request from the start (an out-of-memory retry of a sequence nobody has heard yet)."""
@@ -135,6 +146,11 @@ class FrameOutput:
     audio: HostFrame | None  # the frame's samples on their way to the host (None: no speech this frame)
     ended: bool  # end of text or frame cap: the sequence is done and leaves at the next boundary
     failed: bool = False  # its hidden state was not finite: its job fails, the others go on
+    # The frame's speech latent [latent] (None: no speech) and the row's language-model state after the
+    # frame [hidden], on the device. The start-up checks compare them between paths; under CUDA graphs
+    # the next step overwrites them, so read them before that.
+    latent: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
 
 class HostCopy:

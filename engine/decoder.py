@@ -47,6 +47,7 @@ speech at different frames, and their audio is equal up to there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -72,7 +73,7 @@ from engine.batch import (
     codec_map,
     ended_by_cap,
 )
-from engine.framestep import FrameStep
+from engine.framestep import FrameStep, bucket_for, capacity_for
 
 log = logging.getLogger("vibevoice.decoder")
 
@@ -86,6 +87,17 @@ PREFILL_PIECE_TOKENS = 512
 VOICE_SEGMENT_SAMPLES = 480_000
 # Encoded voices kept per process (deterministic encoder output, ~0.3 MB per minute of voice in bf16).
 VOICE_CACHE_BYTES = 64 * 2**20
+# Diffusion steps when neither the deployment nor the checkpoint's generation config names a count
+# (VibeVoice's own inference scripts use 10).
+FALLBACK_DIFFUSION_STEPS = 10
+
+
+def default_diffusion_steps(generation_config, setting: int = 0) -> int:
+    """The deployment's diffusion steps per frame, resolved once: DEFAULT_DIFFUSION_STEPS when given
+    (not 0), else the checkpoint's generation config (`num_diffusion_steps`; a converted community
+    checkpoint has its `ddpm_num_inference_steps` there, 20 for the 7B), else FALLBACK_DIFFUSION_STEPS.
+    The compiled step is compiled for exactly this count, and jobs that give none run with it."""
+    return int(setting or getattr(generation_config, "num_diffusion_steps", None) or FALLBACK_DIFFUSION_STEPS)
 
 
 # --- the decoder ----------------------------------------------------------------------------------
@@ -94,8 +106,9 @@ VOICE_CACHE_BYTES = 64 * 2**20
 class BatchDecoder:
     """Prefills sequences and decodes a batch of them frame by frame with the model's own modules."""
 
-    def __init__(self, model, compile_mode: str = "off"):
+    def __init__(self, model, compile_mode: str = "off", diffusion_steps: int = 0):
         self.model = model
+        self.diffusion_steps = default_diffusion_steps(model.generation_config, diffusion_steps)
         config = model.config
         generation_config = model.generation_config
         self.audio_token_id = int(config.audio_token_id)
@@ -129,21 +142,24 @@ class BatchDecoder:
         self.lock = threading.Lock()
         self._negative_start: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.voice_cache = VoiceLatentCache(VOICE_CACHE_BYTES)
+        self.compile_mode = compile_mode
+        self.compile_error: str | None = None  # why the compiled step could not be built (COMPILE on or auto)
         self.frame_step = self._frame_step(compile_mode)
 
     def _frame_step(self, compile_mode: str):
         """The static frame step (framestep.py) when COMPILE resolves to on; None runs this module's loop.
 
         auto is on for CUDA and off on the CPU, where compiling each bucket costs more than a minute
-        at every start (make bench, figure k; docs/operations.md)."""
+        at every start (make bench, figure k; docs/operations.md). Compilation itself waits for the
+        start-up check (VibeVoiceEngine.warm_up), which also decides what a failure means."""
         if compile_mode not in ("off", "on", "auto"):
             raise ValueError(f"compile_mode must be off, on or auto, not {compile_mode!r}")
         if compile_mode == "off" or (compile_mode == "auto" and self.device.type != "cuda"):
             return None
         try:
             return FrameStep(self, compile_frame=True)
-        except Exception as exc:  # an unsupported model or torch: the eager loop serves
-            log.warning("the compiled decode step is unavailable; decoding eagerly: %s", exc)
+        except Exception as exc:  # an unsupported model or torch: the start-up check says so
+            self.compile_error = f"the compiled decode step cannot be built: {str(exc).splitlines()[0]}"
             return None
 
     @property
@@ -152,11 +168,29 @@ class BatchDecoder:
         return self.frame_step is not None and self.frame_step.compiled
 
     @torch.inference_mode()
-    def warm_up(self, batch_sizes: list[int], diffusion_steps: int | None = None) -> None:
-        """Compile the step for these batch sizes before jobs come (nothing to do when not compiled)."""
-        if self.frame_step is not None and self.frame_step.compiled:
-            with self.lock:
-                self.frame_step.warm_up(batch_sizes, diffusion_steps)
+    def compile_shapes(self, shapes: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], float]:
+        """Compile the step for these shapes (bucket, capacity, steps) before jobs come; the seconds each
+        took (nothing to do when not compiled). framestep.warm_up_shapes says which shapes start-up needs."""
+        if self.frame_step is None or not self.frame_step.compiled:
+            return {}
+        with self.lock:
+            return self.frame_step.warm_up(shapes)
+
+    def warm_up(self, batch_sizes: list[int], diffusion_steps: int | None = None) -> dict[tuple[int, int, int], float]:
+        """Compile the step for these batch sizes' buckets at one capacity step (benchmarks)."""
+        steps = diffusion_steps or (self.frame_step.default_steps if self.frame_step else self.diffusion_steps)
+        buckets = sorted({bucket_for(n) for n in batch_sizes})
+        return self.compile_shapes([(bucket, capacity_for(1, self.device), steps) for bucket in buckets])
+
+    @contextlib.contextmanager
+    def eager_loop(self) -> Iterator[None]:
+        """This module's loop for the length of the block, the static step set aside (the start-up
+        comparisons run both on one model). Only while no batch is decoding."""
+        frame_step, self.frame_step = self.frame_step, None
+        try:
+            yield
+        finally:
+            self.frame_step = frame_step
 
     @property
     def device(self) -> torch.device:
@@ -166,16 +200,21 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def decode(
-        self, requests: list[DecodeRequest], on_frame: Callable[[int, np.ndarray], None] | None = None
+        self,
+        requests: list[DecodeRequest],
+        on_frame: Callable[[int, np.ndarray], None] | None = None,
+        on_output: Callable[[FrameOutput], None] | None = None,
     ) -> list[ChunkAudio]:
         """Decode `requests` together to the end, in this thread; results in request order.
 
         The scheduler runs the same steps for every job of the process; this is the same loop
-        for one group of requests (tests, tools). `on_frame(index, samples)` gets every frame."""
+        for one group of requests (tests, tools, the start-up checks). `on_frame(index, samples)`
+        gets every frame's audio, `on_output(output)` every FrameOutput as the step made it (its
+        device tensors are valid until the next frame: copy what you keep)."""
         with self.lock:
-            return self._decode(requests, on_frame)
+            return self._decode(requests, on_frame, on_output)
 
-    def _decode(self, requests: list[DecodeRequest], on_frame) -> list[ChunkAudio]:
+    def _decode(self, requests: list[DecodeRequest], on_frame, on_output=None) -> list[ChunkAudio]:
         sequences = [Sequence(request) for request in requests]
         audio: dict[int, list[np.ndarray]] = {id(s): [] for s in sequences}
         batch = Batch()
@@ -193,6 +232,8 @@ class BatchDecoder:
                     audio[id(output.sequence)].append(samples)
                     if on_frame is not None:
                         on_frame(output.sequence.request.index, samples)
+                if on_output is not None:
+                    on_output(output)
             self.drop(batch, [row for row, output in enumerate(outputs) if not output.ended])
         return [self.result(s, audio[id(s)]) for s in sequences]
 
@@ -205,6 +246,8 @@ class BatchDecoder:
             frames=sum(1 for token in tokens if token == self.audio_token_id),
             reached_cap=ended_by_cap(tokens, sequence.request.max_frames, self.audio_token_id),
             tokens=tokens,
+            compiled_frames=sequence.compiled_frames,
+            uncompiled_frames=sequence.uncompiled_frames,
         )
 
     # --- prefill: one sequence alone --------------------------------------------------------------
@@ -325,7 +368,9 @@ class BatchDecoder:
         """Append sequences with a row state (prefilled or parked) as the batch's last rows.
 
         Every row stays right-aligned: the narrower side is left-padded with masked zero columns,
-        so the last column is the latest pass of every row (the negative rows' speculative one)."""
+        so the last column is the latest pass of every row (the negative rows' speculative one).
+        All or nothing: the new tensors are built before the batch takes them, so if it raises (out
+        of memory) the batch and the sequences are as they were."""
         if not sequences:
             return
         if self.frame_step is not None:
@@ -340,6 +385,7 @@ class BatchDecoder:
             return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))
 
         joined = bool(batch.kv)
+        kv = []
         for layer in range(len(states[0].positive_kv)):
             new = []
             for side in (0, 1):  # keys, values
@@ -349,13 +395,10 @@ class BatchDecoder:
                 parts += [right(old[n:])] if old is not None else []
                 parts += [right(s.negative_kv[layer][side]) for s in states]
                 new.append(torch.cat(parts))
-            if joined:
-                batch.kv[layer] = (new[0], new[1])  # one layer at a time: the old one is freed as we go
-            else:
-                batch.kv.append((new[0], new[1]))
+            kv.append((new[0], new[1]))
         old_mask = [F.pad(batch.mask[:n], (width - batch.columns, 0))] if batch.mask is not None else []
         old_negative = [F.pad(batch.mask[n:], (width - batch.columns, 0))] if batch.mask is not None else []
-        batch.mask = torch.cat(
+        mask = torch.cat(
             old_mask
             + [F.pad(s.positive_mask, (width - s.positive_mask.numel(), 0))[None] for s in states]
             + old_negative
@@ -365,9 +408,11 @@ class BatchDecoder:
         negative = [s.negative_hidden[None] for s in states]
         if n:
             hidden, negative = [batch.positive_hidden, *hidden], [batch.negative_hidden, *negative]
-        batch.positive_hidden, batch.negative_hidden = torch.cat(hidden), torch.cat(negative)
-        batch.acoustic = _codec_cat([(batch.acoustic, n)] + [(s.acoustic, 1) for s in states])
-        batch.semantic = _codec_cat([(batch.semantic, n)] + [(s.semantic, 1) for s in states])
+        hidden, negative = torch.cat(hidden), torch.cat(negative)
+        acoustic = _codec_cat([(batch.acoustic, n)] + [(s.acoustic, 1) for s in states])
+        semantic = _codec_cat([(batch.semantic, n)] + [(s.semantic, 1) for s in states])
+        batch.kv, batch.mask, batch.positive_hidden, batch.negative_hidden = kv, mask, hidden, negative
+        batch.acoustic, batch.semantic = acoustic, semantic
         batch.sequences.extend(sequences)
         for sequence in sequences:
             sequence.state = None
@@ -453,7 +498,7 @@ class BatchDecoder:
             raise
         if speaking:
             batch.acoustic, batch.semantic = acoustic, semantic_cache
-        return self._commit(batch, tokens, finite, speaking, audio, negative_lengths)
+        return self._commit(batch, tokens, finite, speaking, audio, latent, negative_lengths)
 
     def choose_tokens(self, batch: Batch) -> tuple[list[int], list[bool]]:
         """Next token of every sequence (argmax among the allowed tokens), and which rows are finite."""
@@ -561,18 +606,21 @@ class BatchDecoder:
         hidden = out.last_hidden_state[:, -1]  # [2n, hidden]
         batch.positive_hidden, batch.negative_hidden, batch.mask = hidden[:n], hidden[n:], mask
 
-    def _commit(self, batch, tokens, finite, speaking, audio, negative_lengths) -> list[FrameOutput]:
+    def _commit(self, batch, tokens, finite, speaking, audio, latent, negative_lengths) -> list[FrameOutput]:
         """After a successful frame: advance each sequence and say what it produced."""
         copy = HostCopy(audio) if speaking else None
         frames = {row: HostFrame(copy, k) for k, row in enumerate(speaking)}
+        latents = {row: latent[k, 0] for k, row in enumerate(speaking)}
         outputs = []
         for row, sequence in enumerate(batch.sequences):
             token = tokens[row]
+            sequence.count_frame(compiled=False)
             sequence.tokens.append(token)
             sequence.negative_length = negative_lengths[row]
             sequence.next_position += 1
             ended = token in self.eos_token_ids or len(sequence.tokens) >= sequence.request.max_frames
-            outputs.append(FrameOutput(sequence, token, frames.get(row), ended=ended, failed=not finite[row]))
+            outputs.append(FrameOutput(sequence, token, frames.get(row), ended=ended, failed=not finite[row],
+                                       latent=latents.get(row), hidden=batch.positive_hidden[row]))  # fmt: skip
         return outputs
 
     # --- per-frame pieces -------------------------------------------------------------------------

@@ -30,10 +30,12 @@ prefill/join/step/drop/park, the tests of the engine) is unchanged. The prefill 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +61,32 @@ def bucket_for(rows: int) -> int:
     raise ValueError(f"at most {BUCKETS[-1]} rows decode together in the compiled step, not {rows}")
 
 
-# Buckets compiled at start-up (up to the batch cap); a larger bucket runs uncompiled.
+# Buckets compiled at start-up (up to the batch cap) at one capacity step; a larger bucket runs
+# uncompiled. With COMPILE on, the automatic batch cap is the largest bucket compiled.
 WARM_UP_BUCKETS = (1, 2, 4, 8, 16)
+# Buckets also compiled at two capacity steps (2048 columns on CUDA, 512 on the CPU): a chunk with
+# long or several reference voices (two 30 s voices are 450 columns, 300 characters another ~600)
+# stays compiled while few rows decode. Each is one more shape to compile at start-up.
+LONG_WARM_UP_BUCKETS = (1, 2, 4)
+
+
+def capacity_step(device: torch.device) -> int:
+    return CAPACITY_STEP.get(torch.device(device).type, CAPACITY_STEP["cuda"])
 
 
 def capacity_for(columns: int, device: torch.device) -> int:
-    step = CAPACITY_STEP.get(torch.device(device).type, CAPACITY_STEP["cuda"])
+    step = capacity_step(device)
     return -(-max(columns, 1) // step) * step
+
+
+def warm_up_shapes(cap: int, device: torch.device, steps: int) -> list[tuple[int, int, int]]:
+    """The shapes (bucket, capacity, steps) the start-up warm-up compiles for a batch cap of `cap` rows:
+    every bucket a batch of up to `cap` rows uses (at most 16) at one capacity step, bucket 1 first,
+    then the small ones at two steps."""
+    largest = bucket_for(min(max(cap, 1), WARM_UP_BUCKETS[-1]))
+    step = capacity_step(device)
+    short = [(bucket, step, steps) for bucket in WARM_UP_BUCKETS if bucket <= largest]
+    return short + [(bucket, 2 * step, steps) for bucket in LONG_WARM_UP_BUCKETS if bucket <= largest]
 
 
 def use_compile_caches(folder: Path) -> None:
@@ -100,8 +121,7 @@ class SlotTensors:
     semantic: dict[str, torch.Tensor]
 
     def nbytes(self) -> int:
-        tensors = [t for pair in self.kv for t in pair] + list(self.acoustic.values()) + list(self.semantic.values())
-        return sum(t.nbytes for t in tensors) + self.noise.nbytes
+        return sum(t.nbytes for t in _tensors_of(self))
 
 
 @dataclass(eq=False)
@@ -181,7 +201,8 @@ NO_OP_STEP = (1.0, 0.0, 0.0, 0.0, 0.0)  # pads a sequence with fewer steps: its 
 class StaticFrame:
     """One frame over `SlotTensors` with the model's own modules; no host reads, no shape changes.
 
-    `__call__(tensors) -> (choice [2, B] long: tokens and finite flags, audio [B, 1, hop])`."""
+    `__call__(tensors) -> (choice [2, B] long: tokens and finite flags, audio [B, 1, hop], latent [B, 1, latent])`;
+    the latent is every row's speech latent (the start-up check compares it with the eager loop's)."""
 
     def __init__(self, model, token_head: torch.nn.Module, allowed: torch.Tensor, audio_token_id: int, bos_id: int):
         self.model = model
@@ -191,7 +212,7 @@ class StaticFrame:
         self.audio_token_id = audio_token_id
         self.bos_id = bos_id
 
-    def __call__(self, s: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, s: SlotTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, finite = self.choose_tokens(s)  # [B], [B]
         speak = (tokens == self.audio_token_id) & finite & s.live  # [B]: rows that diffuse this frame
         latent = self.diffuse(s)  # [B, 1, latent]
@@ -203,7 +224,7 @@ class StaticFrame:
         self.forward_both(s, embeds, speak, restart)
         s.emitted.add_(s.live.long())
         s.diffused.add_(speak.long())
-        return torch.stack([tokens, finite.long()]), audio
+        return torch.stack([tokens, finite.long()]), audio, latent
 
     def choose_tokens(self, s: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Argmax among the allowed tokens (or the forced token), and whether both rows are finite."""
@@ -326,17 +347,25 @@ class FrameStep:
     def __init__(self, decoder, compile_frame: bool):
         self.decoder = decoder
         self.model = decoder.model
-        _use_sdpa(self.model)
+        # The language model's attention inside this step (set around every frame, `run`): it hands
+        # attention a 4-D boolean mask over the slot cache, which sdpa (or eager) reads; flash-attention 2
+        # cannot, and its unpadding reads the host in every layer, so it could not be captured either.
+        # The prefill and the eager loop keep the model's own attention (flash-attention 2 where it runs).
+        self.attention = "sdpa"
         self.frame = StaticFrame(
             self.model, decoder.token_head, decoder._allowed, decoder.audio_token_id, decoder.audio_bos_token_id
         )
         self.compiled = compile_frame  # False once compilation failed: the same frame then runs uncompiled
+        self.failure: str | None = None  # why compilation failed (one line)
         self._run: Callable = self._compile(self.frame) if compile_frame else self.frame
-        self.default_steps = int(getattr(self.model.generation_config, "num_diffusion_steps", None) or 10)
+        self.default_steps = decoder.diffusion_steps  # the deployment's: the warm-up compiles this many
+        self.last_compiled = False  # whether the latest frame ran through the compiled function
         self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._codec_templates: tuple[object, object] | None = None
         self._pinned: torch.Tensor | None = None
         self._free: dict[tuple[int, int, int], list[SlotTensors]] = {}  # idle buffers by (bucket, capacity, steps)
+        self._said: set[tuple[int, int, int]] = set()  # uncompiled shapes the log has named
+        self._bytes: dict[tuple[int, int, int], int] = {}  # slot_bytes by shape
         self._warming = False
         # Shapes (bucket, capacity, steps) the warm-up compiled. Any other shape runs uncompiled:
         # compiling it mid-job would stall every row of the batch for as long as compilation takes
@@ -357,22 +386,28 @@ class FrameStep:
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         return torch.compile(frame, mode=mode, dynamic=False, fullgraph=True)
 
-    def run(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame, compiled when the warm-up compiled its shape; a compilation failure logs one
-        line and every frame runs uncompiled from then on."""
-        if self.compiled and (self._warming or _shape_of(tensors) in self.compiled_shapes):
-            try:
-                if self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                result = self._run(tensors)
-                self.compiled_frames += 1
-                return result
-            except Exception as exc:  # any compiler fault: never fail a job for it
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                log.warning("compiling the decode step failed; it runs uncompiled: %s", _one_line(exc))
-                self.compiled, self._run = False, self.frame
-        return self.frame(tensors)
+    def run(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One frame (StaticFrame's outputs), compiled when the warm-up compiled its shape; a compilation
+        failure logs one line and every frame runs uncompiled from then on. `last_compiled` says which."""
+        with use_attention(self.model, self.attention):
+            if self.compiled and (self._warming or _shape_of(tensors) in self.compiled_shapes):
+                try:
+                    if self.device.type == "cuda":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    result = self._run(tensors)
+                    self.compiled_frames += 1
+                    self.last_compiled = True
+                    return result
+                except Exception as exc:  # any compiler fault: never fail a job for it
+                    if isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
+                    self.failure = _one_line(exc)
+                    if not self._warming:  # at start-up the check reports it, with what it means
+                        log.error("compiling the decode step failed; it runs uncompiled: %s", self.failure)
+                    self.compiled, self._run = False, self.frame
+                    self._free.clear()  # buffers were kept for CUDA graphs, which will not replay now
+            self.last_compiled = False
+            return self.frame(tensors)
 
     # --- tables -------------------------------------------------------------------------------
 
@@ -404,24 +439,54 @@ class FrameStep:
     def allocate(self, bucket: int, capacity: int, steps: int) -> Slots:
         """Slots for `bucket` rows, `capacity` KV columns and `steps` diffusion steps, every row idle.
 
-        Buffers of a shape are allocated once and reused (`release` gives them back): CUDA graphs
-        replay on the addresses they were captured with, so a batch that moves back to a bucket
-        finds its graph. They are kept for the process: every shape used, at most once at a time each."""
-        free = self._free.setdefault((bucket, capacity, steps), [])
-        tensors = free.pop() if free else self._new_tensors(bucket, capacity, steps)
+        Buffers of a compiled shape are allocated once and reused (`release` gives them back): CUDA
+        graphs replay on the addresses they were captured with, so a batch that moves back to a
+        bucket finds its graph. Those of any other shape are freed when released."""
+        shape = (bucket, capacity, steps)
+        free = self._free.setdefault(shape, [])
+        if free:
+            tensors = free.pop()
+        else:
+            if self.compiled and not self._warming and shape not in self._said:  # once per shape
+                self._said.add(shape)
+                log.info("a decode shape the warm-up did not compile (%d rows, %d cache columns, %d diffusion "
+                         "steps) runs uncompiled", bucket, capacity, steps)  # fmt: skip
+            tensors = self._new_tensors(bucket, capacity, steps)
         for counter in (tensors.positive_length, tensors.negative_length, tensors.negative_position,
                         tensors.emitted, tensors.diffused, tensors.live):  # fmt: skip
             counter.zero_()
         return Slots(tensors, bucket, capacity, steps, [None] * bucket)
 
     def release(self, slots: Slots) -> None:
-        self._free.setdefault((slots.bucket, slots.capacity, slots.steps), []).append(slots.tensors)
+        """Give a batch's buffers back: kept for the next batch of a compiled shape, else freed."""
+        shape = (slots.bucket, slots.capacity, slots.steps)
+        if self.compiled and (self._warming or shape in self.compiled_shapes):
+            self._free.setdefault(shape, []).append(slots.tensors)
 
-    def _new_tensors(self, bucket: int, capacity: int, steps: int) -> SlotTensors:
-        if self.compiled and not self._warming:  # a shape the warm-up did not cover
-            log.info("a decode shape the warm-up did not compile (%d rows, %d cache columns, %d diffusion steps) "
-                     "runs uncompiled", bucket, capacity, steps)  # fmt: skip
-        model, device, dtype = self.model, self.device, self.model.dtype
+    def held(self, shape: tuple[int, int, int]) -> bool:
+        """Whether buffers of this shape are kept (idle) for reuse: a batch moving there allocates nothing."""
+        return bool(self._free.get(shape))
+
+    def slot_bytes(self, bucket: int, capacity: int, steps: int) -> int:
+        """Bytes of one shape's buffers (KV cache of both branches, noise and token tables, codec
+        state, ...), counted on the meta device without allocating them."""
+        shape = (bucket, capacity, steps)
+        if shape not in self._bytes:
+            self._bytes[shape] = self._new_tensors(bucket, capacity, steps, torch.device("meta")).nbytes()
+        return self._bytes[shape]
+
+    def shape_for(self, rows: int, sequences: list[Sequence]) -> tuple[int, int, int]:
+        """The shape (bucket, capacity, steps) a batch of `rows` rows holding `sequences` needs: the smallest
+        bucket, the capacity of the longest sequence, the most diffusion steps. Rows with fewer steps pad
+        with no-op steps, which still run the head; with the step compiled the floor is the deployment's
+        count (a shape the warm-up compiled beats fewer steps uncompiled)."""
+        capacity = capacity_for(max([_columns_needed(s) for s in sequences], default=1), self.device)
+        floor = self.default_steps if self.compiled else 1
+        steps = max([s.request.diffusion_steps for s in sequences] + [floor])
+        return bucket_for(max(rows, 1)), capacity, steps
+
+    def _new_tensors(self, bucket: int, capacity: int, steps: int, device: torch.device | None = None) -> SlotTensors:
+        model, device, dtype = self.model, device or self.device, self.model.dtype
         text = model.config.get_text_config(decoder=True)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kv_shape = (2 * bucket, text.num_key_value_heads, capacity, head_dim)
@@ -429,7 +494,8 @@ class FrameStep:
               for _ in range(text.num_hidden_layers)]  # fmt: skip
         longs = lambda: torch.zeros(bucket, dtype=torch.long, device=device)  # noqa: E731
         acoustic, semantic = self.codec_templates()
-        conv = lambda cache: {key: layer.cache.new_zeros(bucket, *layer.cache.shape[1:])  # noqa: E731
+        conv = lambda cache: {key: torch.zeros(bucket, *layer.cache.shape[1:], device=device,  # noqa: E731
+                                               dtype=layer.cache.dtype)
                               for key, layer in cache.layers.items()}  # fmt: skip
         head_hidden = model.model.diffusion_head.cond_proj.out_features
         tensors = SlotTensors(
@@ -447,45 +513,64 @@ class FrameStep:
             acoustic=conv(acoustic),
             semantic=conv(semantic),
         )  # fmt: skip
-        for tensor in _tensors_of(tensors):
-            torch._dynamo.mark_static_address(tensor)  # CUDA graphs use them in place, never copy them
+        if device.type != "meta":
+            for tensor in _tensors_of(tensors):
+                torch._dynamo.mark_static_address(tensor)  # CUDA graphs use them in place, never copy them
         return tensors
 
     # --- rows joining and leaving -----------------------------------------------------------------
 
     def slots(self, batch: Batch, rows: int, sequences: list[Sequence]) -> Slots:
-        """The batch's slots, regrown (bucket, capacity, steps) if `rows` rows with `sequences` added
-        need more; shrunk to a smaller bucket if the rows fit one. Rows keep their order."""
+        """The batch's slots in the shape `rows` rows with `sequences` added need (`shape_for`): moved to
+        a larger shape when they need more, and back to a smaller (compiled) one when the rows that
+        needed it have left. Rows keep their order. If the move fails (out of memory), nothing changed."""
         old: Slots | None = batch.static
-        members = list(batch.sequences) + sequences
-        capacity = capacity_for(max([_columns_needed(s) for s in members], default=1), self.device)
-        # Rows with fewer steps pad with no-op steps, which still run the head: as many as the batch
-        # needs, and compiled at least the warm-up's count (a shape it compiled beats fewer steps uncompiled).
-        floor = self.default_steps if self.compiled else 1
-        steps = max([s.request.diffusion_steps for s in members] + [floor])
-        bucket = bucket_for(max(rows, 1))
+        shape = self.shape_for(rows, list(batch.sequences) + sequences)
+        if old is not None and shape == (old.bucket, old.capacity, old.steps):
+            return old
+        new = self.allocate(*shape)
         if old is not None:
-            capacity, steps = max(capacity, old.capacity), max(steps, old.steps)
-            if (bucket, capacity, steps) == (old.bucket, old.capacity, old.steps):
-                return old
-        new = self.allocate(bucket, capacity, steps)
-        if old is not None:
-            _move(old, new, [old.row_of(s) for s in batch.sequences])
+            try:
+                _move(old, new, [old.row_of(s) for s in batch.sequences])
+            except BaseException:
+                self.release(new)
+                raise
             self.release(old)
         batch.static = new
         return new
 
     def join(self, batch: Batch, sequences: list[Sequence]) -> None:
-        """Sequences with a row state (prefilled or parked) take free rows of the slots."""
+        """Sequences with a row state (prefilled or parked) take free rows of the slots. All or none: if
+        it raises (out of memory), no sequence joined and each keeps its state and its generator."""
         if not sequences:
             return
+        saved = [s.generator.get_state() for s in sequences]
         slots = self.slots(batch, len(batch) + len(sequences), sequences)
+        placed = []
+        try:
+            for sequence in sequences:
+                row = slots.holders.index(None)
+                self._place(slots, row, sequence)
+                slots.holders[row] = sequence
+                batch.sequences.append(sequence)
+                placed.append(sequence)
+        except BaseException:
+            for sequence in placed:
+                self._vacate(slots, sequence)
+                batch.sequences.remove(sequence)
+            for sequence, state in zip(sequences, saved, strict=True):
+                sequence.generator.set_state(state)
+            raise
         for sequence in sequences:
-            row = slots.holders.index(None)
-            self._place(slots, row, sequence)
-            slots.holders[row] = sequence
-            batch.sequences.append(sequence)
             sequence.state = None
+
+    def _vacate(self, slots: Slots, sequence: Sequence) -> None:
+        """The sequence's row goes idle."""
+        row = slots.row_of(sequence)
+        slots.holders[row] = None
+        slots.tensors.live[row] = False
+        slots.joined.pop(id(sequence), None)
+        slots.diffused.pop(id(sequence), None)
 
     def _place(self, slots: Slots, row: int, sequence: Sequence) -> None:
         """Copy a sequence's row state into row `row`; draw its noise table from its generator."""
@@ -505,7 +590,7 @@ class FrameStep:
         t.positive_hidden[row], t.negative_hidden[row] = state.positive_hidden, state.negative_hidden
         t.positive_length[row], t.negative_position[row] = positive_columns, sequence.negative_length
         t.negative_length[row] = negative_columns - 1  # its latest column is the speculative one
-        t.emitted[row], t.diffused[row], t.live[row] = 0, 0, True
+        t.emitted[row], t.diffused[row] = 0, 0
         remaining = request.max_frames - len(sequence.tokens)
         slots.joined[id(sequence)] = (sequence.generator.get_state(), negative_columns - 1)
         slots.diffused[id(sequence)] = 0
@@ -524,6 +609,7 @@ class FrameStep:
         for mine, theirs in ((t.acoustic, state.acoustic), (t.semantic, state.semantic)):
             for key, buffer in mine.items():
                 buffer[row] = 0 if theirs is None else theirs.layers[key].cache[0]
+        t.live[row] = True  # last: a row half placed stays idle
 
     def drop(self, batch: Batch, keep: list[int]) -> None:
         """Keep only the rows `keep` (in that order); the others' rows go idle (or the bucket shrinks)."""
@@ -531,17 +617,15 @@ class FrameStep:
         staying = [batch.sequences[row] for row in keep]
         for sequence in batch.sequences:
             if sequence not in staying:
-                row = slots.row_of(sequence)
-                slots.holders[row] = None
-                slots.tensors.live[row] = False
-                slots.joined.pop(id(sequence), None)
-                slots.diffused.pop(id(sequence), None)
+                self._vacate(slots, sequence)
         batch.sequences = staying
         if not staying:
             self.release(slots)
             batch.static = None
             return
-        self.slots(batch, len(staying), [])
+        # Back to a smaller shape when the rows fit one; out of memory, they go on in the one they are in.
+        with contextlib.suppress(torch.cuda.OutOfMemoryError):
+            self.slots(batch, len(staying), [])
 
     def park(self, batch: Batch, rows: list[int]) -> list[Sequence]:
         """Take rows out with their state (`sequence.state`) and their generator where the eager loop has it."""
@@ -583,7 +667,7 @@ class FrameStep:
     def step(self, batch: Batch) -> list[FrameOutput]:
         """One frame for every row; the batch's slots advance in place. One host read: the tokens."""
         slots: Slots = batch.static
-        choice, audio = self.run(slots.tensors)  # [2, B] long, [B, 1, hop]
+        choice, audio, latent = self.run(slots.tensors)  # [2, B] long, [B, 1, hop], [B, 1, latent]
         tokens, finite = self._read(choice)
         copy_ = HostCopy(audio)
         outputs = []
@@ -593,12 +677,14 @@ class FrameStep:
             speaks = token == self.decoder.audio_token_id and ok
             self._advance(slots, sequence, token, speaks)
             ended = token in self.decoder.eos_token_ids or len(sequence.tokens) >= sequence.request.max_frames
-            frame = HostFrame(copy_, row) if speaks else None
-            outputs.append(FrameOutput(sequence, token, frame, ended=ended, failed=not ok))
+            frame, spoken = (HostFrame(copy_, row), latent[row, 0]) if speaks else (None, None)
+            outputs.append(FrameOutput(sequence, token, frame, ended=ended, failed=not ok, latent=spoken,
+                                       hidden=slots.tensors.positive_hidden[row]))  # fmt: skip
         return outputs
 
     def _advance(self, slots: Slots, sequence: Sequence, token: int, speaks: bool) -> None:
         """The host's mirror of what the frame did to this row (lengths, positions, draws used)."""
+        sequence.count_frame(self.last_compiled)
         sequence.tokens.append(token)
         sequence.next_position += 1
         sequence.negative_length += int(speaks)
@@ -623,28 +709,44 @@ class FrameStep:
 
     # --- start-up ---------------------------------------------------------------------------------
 
-    def warm_up(self, batch_sizes: list[int], steps: int | None = None) -> None:
-        """Compile (and on CUDA capture) the frame for these batch sizes' buckets, with idle rows, for
-        chunks of up to one capacity step and `steps` diffusion steps (default: the generation config's)."""
+    def warm_up(self, shapes: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], float]:
+        """Compile (and on CUDA capture) the frame for each shape (bucket, capacity, steps), with idle rows,
+        in order: the one place shapes are compiled, only at start-up (a shape compiled mid-job would stall
+        every row of the batch). Returns the seconds each shape took; stops at a compilation failure
+        (`compiled` turns False, `failure` says why). Their buffers are kept for the batches to come."""
+        seconds = {}
         self._warming = True
-        for bucket in sorted({bucket_for(n) for n in batch_sizes}):
-            slots = self.allocate(bucket, capacity_for(1, self.device), steps or self.default_steps)
-            for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on the 2nd-3rd call
-                self.run(slots.tensors)
-            self.release(slots)
-            if not self.compiled:
-                break
-            self.compiled_shapes.add((slots.bucket, slots.capacity, slots.steps))
-        self._warming = False
+        try:
+            for shape in shapes:
+                started = time.perf_counter()
+                slots = self.allocate(*shape)
+                for _ in range(3 if self.device.type == "cuda" else 1):  # CUDA graphs record on the 2nd-3rd call
+                    self.run(slots.tensors)
+                if not self.compiled:
+                    break
+                self.compiled_shapes.add(shape)
+                self.release(slots)
+                seconds[shape] = time.perf_counter() - started
+        finally:
+            self._warming = False
+        return seconds
 
 
-def _use_sdpa(model) -> None:
-    """The static step hands attention a 4-D boolean mask over the slot cache: sdpa (or eager) reads it;
-    flash-attention 2 cannot, and its unpadding reads the host in every layer, so it cannot be captured."""
-    language_model = model.model.language_model
-    if language_model.config._attn_implementation not in ("sdpa", "eager"):
-        language_model.set_attn_implementation("sdpa")
-        log.info("the compiled decode step runs the language model with sdpa attention")
+@contextlib.contextmanager
+def use_attention(model, name: str) -> Iterator[None]:
+    """The language model computes attention with `name` (a transformers attention implementation) inside
+    the block; the model's own choice again after it. Only the thread that holds the model may use it (the
+    decode thread, or `BatchDecoder.decode` under its lock), so switching is safe; it costs one attribute."""
+    config = model.model.language_model.config
+    previous = config._attn_implementation
+    if previous == name:
+        yield
+        return
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
 
 
 def _tensors_of(tensors: SlotTensors) -> list[torch.Tensor]:
@@ -667,8 +769,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _columns_needed(sequence: Sequence) -> int:
-    """KV columns a sequence's positive row fills by its last frame (the negative row fills fewer)."""
-    return sequence.next_position + sequence.request.max_frames - len(sequence.tokens) + 1
+    """KV columns a sequence's positive row fills by its last frame (the negative row fills fewer);
+    before its prefill, its prompt's length stands for its position."""
+    position = max(sequence.next_position, int(sequence.request.input_ids.numel()))
+    return position + sequence.request.max_frames - len(sequence.tokens) + 1
 
 
 def _move(old: Slots, new: Slots, rows: list[int]) -> None:
@@ -686,6 +790,7 @@ def _move(old: Slots, new: Slots, rows: list[int]) -> None:
     new.tensors.noise[:k, :columns] = old.tensors.noise[index, :columns]
     new.tensors.forced[:k, :columns] = old.tensors.forced[index, :columns]
     steps = min(old.steps, new.steps)
+    new.tensors.solver[:k] = torch.tensor(NO_OP_STEP, device=index.device)  # reused buffers hold old rows' steps
     new.tensors.solver[:k, :steps] = old.tensors.solver[index, :steps]
     new.tensors.timestep_embeds[:k, :steps] = old.tensors.timestep_embeds[index, :steps]
     for mine, theirs in ((new.tensors.acoustic, old.tensors.acoustic), (new.tensors.semantic, old.tensors.semantic)):

@@ -42,6 +42,7 @@ import torch
 
 from engine.batch import Batch, DecodeRequest, FrameOutput, HostFrame, NonFiniteStateError, Sequence
 from engine.decoder import BatchDecoder
+from engine.framestep import WARM_UP_BUCKETS, FrameStep
 
 log = logging.getLogger("vibevoice.scheduler")
 
@@ -103,20 +104,38 @@ class BatchBudget:
 
     On CUDA the memory left is read at admission, in the decode thread, as free + reserved -
     allocated (`mem_get_info` alone counts PyTorch's cached-but-free blocks as used). A batch of n
-    sequences is estimated as its KV cache (2n rows of the widest sequence: prompt + expected frames,
-    at `kv_bytes_per_token` per row and token), CODEC_STATE_BYTES per row, and one prefill."""
+    sequences in the eager loop is estimated as its KV cache (2n rows of the widest sequence: prompt +
+    expected frames, at `kv_bytes_per_token` per row and token), CODEC_STATE_BYTES per row, and one
+    prefill. In the static step (COMPILE on) a batch holds the buffers of its shape: the bucket's rows
+    (rounded up) at the capacity of its longest sequence's frame cap; a shape whose buffers are already
+    held (the warm-up's, kept for CUDA graphs) costs nothing new."""
 
-    def __init__(self, batch_size: int, device: torch.device, kv_bytes_per_token: int, prefill_bytes: int):
+    def __init__(
+        self,
+        batch_size: int,
+        device: torch.device,
+        kv_bytes_per_token: int,
+        prefill_bytes: int,
+        decoder: BatchDecoder | None = None,
+    ):
         self.batch_size = batch_size  # 0: automatic
         self.device = torch.device(device)
         self.kv_bytes_per_token = kv_bytes_per_token
         self.prefill_bytes = prefill_bytes
+        self.decoder = decoder  # whose static step (when it has one) decides what a batch holds
         self.oom_limit: int | None = None  # lowered by out-of-memory errors, for the rest of the process
         self.memory_left: Callable[[], int] = self._cuda_memory_left
 
     def cap(self) -> int:
-        """The row cap before memory is considered."""
-        cap = self.batch_size or (MAX_AUTO_BATCH if self.device.type == "cuda" else CPU_AUTO_BATCH)
+        """The row cap before memory is considered. Automatic: on CUDA at most MAX_AUTO_BATCH, on the
+        CPU CPU_AUTO_BATCH, and with the step compiled at most its largest compiled bucket (a larger
+        batch would run uncompiled; before the warm-up, the largest it will compile)."""
+        cap = MAX_AUTO_BATCH if self.device.type == "cuda" else CPU_AUTO_BATCH
+        frame_step = self._frame_step()
+        if frame_step is not None and frame_step.compiled:
+            shapes = frame_step.compiled_shapes
+            cap = min(cap, max(bucket for bucket, _, _ in shapes) if shapes else WARM_UP_BUCKETS[-1])
+        cap = self.batch_size or cap
         return max(1, min(cap, self.oom_limit or cap))
 
     def estimate(self, requests: list[DecodeRequest]) -> int:
@@ -127,6 +146,16 @@ class BatchBudget:
         kv = 2 * len(requests) * width * self.kv_bytes_per_token
         return kv + len(requests) * CODEC_STATE_BYTES + self.prefill_bytes
 
+    def static_estimate(self, sequences: list[Sequence], current: object | None = None) -> int:
+        """Bytes a static-step batch of these sequences allocates anew: its shape's buffers (bucket rows,
+        capacity for the longest frame cap, as `FrameStep.shape_for` rounds them) unless `current` (the
+        batch's slots) or an idle set already holds them, CODEC_STATE_BYTES per bucket row, one prefill."""
+        frame_step = self._frame_step()
+        shape = frame_step.shape_for(len(sequences), sequences)
+        held = current is not None and shape == (current.bucket, current.capacity, current.steps)
+        slots = 0 if held or frame_step.held(shape) else frame_step.slot_bytes(*shape)
+        return slots + shape[0] * CODEC_STATE_BYTES + self.prefill_bytes
+
     def admits(self, batch: Batch, candidate: Sequence) -> bool:
         """May `candidate` join the batch (start its prefill, or rejoin after being parked)?"""
         rows = len(batch)
@@ -134,6 +163,9 @@ class BatchBudget:
             return False
         if rows == 0 or self.batch_size or self.device.type != "cuda":
             return True
+        if self._frame_step() is not None:
+            need = self.static_estimate([*batch.sequences, candidate], batch.static)
+            return need <= AUTO_BATCH_MEMORY_SHARE * self.memory_left()
         requests = [s.request for s in (*batch.sequences, candidate)]
         available = self.memory_left() + batch.kv_bytes()  # the batch's current KV is part of the estimate
         return self.estimate(requests) <= AUTO_BATCH_MEMORY_SHARE * available
@@ -144,7 +176,14 @@ class BatchBudget:
         if self.batch_size or self.device.type != "cuda":
             return cap
         available = AUTO_BATCH_MEMORY_SHARE * self.memory_left()
-        return max(1, next((n - 1 for n in range(1, cap + 1) if self.estimate([request] * n) > available), cap))
+        if self._frame_step() is not None:
+            need = lambda n: self.static_estimate([Sequence(request)] * n)  # noqa: E731
+        else:
+            need = lambda n: self.estimate([request] * n)  # noqa: E731
+        return max(1, next((n - 1 for n in range(1, cap + 1) if need(n) > available), cap))
+
+    def _frame_step(self) -> FrameStep | None:
+        return self.decoder.frame_step if self.decoder is not None else None
 
     def lower(self, rows: int) -> int:
         """After an out-of-memory error at `rows` rows: a quarter fewer (at least one), for good."""
@@ -342,7 +381,27 @@ class DecodeScheduler:
             if sequence.state is None:
                 self._prefilling = (sequence, self.decoder.prefill(sequence))
                 return True
-            self.decoder.join(self.batch, [sequence])  # parked after an out-of-memory error
+            self._join(sequence)  # parked after an out-of-memory error, or its join ran out of memory
+
+    def _join(self, sequence: Sequence) -> None:
+        """A prefilled (or parked) sequence joins the batch. Out of memory there is handled as in a frame,
+        for that sequence alone: the batch is unchanged (`join` is all or nothing), the cap drops below
+        the rows it would have made, and the sequence waits with its state until rows leave; alone on
+        the device and still out of memory, its job fails. The other rows never notice."""
+        try:
+            self.decoder.join(self.batch, [sequence])
+            return
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled outside the except block, so the failed allocation's tensors are freed
+        job = sequence.owner
+        job.in_batch -= 1
+        if not self.batch.sequences:
+            self._fail(job, torch.cuda.OutOfMemoryError("CUDA out of memory while a chunk joined the batch"))
+        else:
+            self.budget.lower(len(self.batch) + 1)
+            job.waiting.appendleft(sequence)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _prefill_piece(self) -> None:
         sequence, pieces = self._prefilling
@@ -351,7 +410,7 @@ class DecodeScheduler:
             return
         except StopIteration:
             self._prefilling = None
-            self.decoder.join(self.batch, [sequence])
+            self._join(sequence)
         except torch.cuda.OutOfMemoryError:
             self._drop_prefill(retry=True)
             if self.batch.sequences:

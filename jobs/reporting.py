@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from config import MODEL_SAMPLE_RATE
-from inference import ChunkAudio
+from inference import ChunkAudio, EngineReport
 from jobs.planning import JobPlan
 from jobs.rendering import AudioSummary
 from jobs.timeline import JobTimestamps
@@ -31,13 +31,15 @@ def job_result(
     timings: dict,
     timed: dict | None = None,
     extra_warnings: list[str] | None = None,
+    engine: EngineReport | None = None,
 ) -> dict:
     """The fields of a finished job's result.
 
     `delivery`: how the audio went out (the URL or base64 and the method, or the streamed item
     count); `timings`: the stages this path measured, in seconds, added to the common ones;
     `timed`: the job's `JobTimestamps.fields` (segments, words, captions; without it, a job that
-    asked for no alignment gets them at chunk granularity).
+    asked for no alignment gets them at chunk granularity); `engine`: what the engine ran, reported
+    with this job's frames compiled and uncompiled.
     """
     if timed is None:
         timed = JobTimestamps.for_plan(None, plan).fields(summary.placements, plan.captions)
@@ -55,6 +57,8 @@ def job_result(
         "loudness": summary.loudness,
         "timings": _timings(results, {**timings, **_align_timings(timed)}),
     }
+    if engine is not None:
+        result["engine"] = engine.for_job(results)
     if plan.bitrate_kbps:
         result["bitrate_kbps"] = plan.bitrate_kbps
     if "captions" in timed:

@@ -211,7 +211,8 @@ class JobInput(BaseModel):
     def _fill_generation_defaults(self, settings: Settings) -> None:
         if self.cfg_scale is None:
             self.cfg_scale = settings.default_cfg_scale
-        self.diffusion_steps = self.diffusion_steps or settings.default_diffusion_steps
+        # None (DEFAULT_DIFFUSION_STEPS 0): the engine's own count, resolved from the checkpoint at start-up.
+        self.diffusion_steps = self.diffusion_steps or settings.default_diffusion_steps or None
         self.max_chunk_chars = self.max_chunk_chars or settings.max_chunk_chars
         if self.target_lufs is None:
             self.target_lufs = settings.target_lufs

@@ -76,12 +76,12 @@ def register_failed_load(runpod_module, reason: str) -> None:
     runpod_module.serverless.register_fitness_check(model_loaded)
 
 
-def register_warm_up(runpod_module, engine: VibeVoiceEngine, diffusion_steps: int | None = None) -> None:
-    """A start-up fitness check: with COMPILE on, the decode step compiled for the deployment's
-    default diffusion steps; then one forward pass with finite audio (see VibeVoiceEngine.warm_up)."""
+def register_warm_up(runpod_module, engine: VibeVoiceEngine) -> None:
+    """A start-up fitness check: the fast paths checked against the plain ones (the decode step compiled
+    first, with COMPILE on), then one forward pass with finite audio (see VibeVoiceEngine.warm_up)."""
 
     def warm_up() -> None:
-        engine.warm_up(diffusion_steps)
+        engine.warm_up()
 
     runpod_module.serverless.register_fitness_check(warm_up)
 

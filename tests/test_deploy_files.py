@@ -206,6 +206,28 @@ def test_every_file_the_build_context_leaves_out_by_name_exists_or_is_generated(
         assert (ROOT / entry).exists(), entry
 
 
+def test_both_images_can_build_what_torch_compile_builds_at_run_time():
+    """Triton compiles a C launcher against the interpreter's Python.h when the compiled step first
+    runs: the base stage, which both targets build on, installs a C compiler and Python 3.12's headers."""
+    base = DOCKERFILE[DOCKERFILE.index(" AS base\n") : DOCKERFILE.index(" AS self-contained\n")]
+    packages = re.search(r"apt-get install -y --no-install-recommends \\\n\s+(.+?) \\\n", base)
+    assert packages, base
+    assert {"gcc", "libc6-dev", "python3-dev", "python3"} <= set(packages[1].split())
+    assert "tools.check_c_extension" in (ROOT / "tools" / "test_deploy.sh").read_text()  # make test-deploy runs it
+
+
+def test_a_c_extension_builds_against_this_venvs_own_headers(tmp_path):
+    """What make test-deploy runs in the production venv, run here in this one: it compiles, imports and calls."""
+    done = subprocess.run([sys.executable, "-m", "tools.check_c_extension"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "built and called a C extension" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "tools.check_c_extension"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=180, env={**os.environ, "CC": str(tmp_path / "no-cc")})  # fmt: skip
+    assert missing.returncode == 1
+    assert "no C compiler was found" in missing.stderr and "apt-get install gcc" in missing.stderr
+
+
 def test_docker_build_context_leaves_out_tests_venvs_and_audio():
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {

@@ -55,6 +55,19 @@ def test_default_job(run_job) -> None:
         {"index": 0, "speaker": "Speaker 1", "speakers": ["Speaker 1"], "text": "Hello from the worker.",
          "start_sec": 0.0, "end_sec": item["duration_sec"]}
     ]  # fmt: skip
+    # What decoded it: the session's engine is the CPU's eager loop (COMPILE=auto is off on the CPU).
+    assert item["engine"] == {
+        "device": "cpu", "dtype": "float32", "attention": {"prefill": "sdpa", "decode": "sdpa"}, "compile": False,
+        "compiled_buckets": {}, "diffusion_steps": 10, "fallbacks": [], "frames": {"compiled": 0, "uncompiled": 4},
+    }  # fmt: skip
+
+
+def test_a_streamed_summary_reports_the_engine_with_every_chunk_counted(make_worker, run_job) -> None:
+    items = run_job({"text": "The first sentence is here. The second one follows.", "max_chunk_chars": 40,
+                     "stream": True, **FAST})  # fmt: skip
+    summary = items[-1]
+    assert summary["status"] == "complete" and summary["chunks"] == 2
+    assert summary["engine"]["frames"] == {"compiled": 0, "uncompiled": 8}  # 4 frames in each of 2 chunks
 
 
 MATRIX = [(fmt, rate) for fmt, spec in FORMATS.items() for rate in spec.sample_rates] + [("opus", None)]

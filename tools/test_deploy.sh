@@ -6,6 +6,8 @@
 #      pins the self-contained image installs too, which tests/test_deploy_files.py keeps equal), fetches
 #      the reference voices and converts a model (the tiny checkpoint in the community layout: the real
 #      weights are not downloadable here);
+#      then that venv builds a tiny C extension against its own Python headers, as Triton builds its
+#      kernel launcher when the worker compiles its decode step (tools/check_c_extension.py);
 #   2. second boot: offline, from the flag;
 #   3. the default target's boot: the self-contained image (that venv as its VIBEVOICE_PYTHON) with no
 #      network volume (an empty VIBEVOICE_HOME on the container disk): nothing is built, no WARNING;
@@ -69,6 +71,7 @@ PYTHON=$(sed -n 's/^python=//p' "$VIBEVOICE_HOME/.first_run_complete")
 VENV=$(dirname "$(dirname "$PYTHON")")
 "$PYTHON" -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda, "transformers", transformers.__version__)' |
     tee "$WORK/versions.txt"
+(cd "$ROOT" && "$PYTHON" -m tools.check_c_extension) | tee "$WORK/c-extension.txt"
 venv_bytes=$(du -sb "$VENV" | cut -f1)
 nvidia_bytes=$(du -scb "$VENV"/lib/python*/site-packages/nvidia 2>/dev/null | tail -1 | cut -f1)
 
@@ -111,7 +114,7 @@ status=0
 tests_seconds=$(elapsed "$started")
 
 say "summary"
-cat "$WORK/versions.txt"
+cat "$WORK/versions.txt" "$WORK/c-extension.txt"
 echo "python: $("$PYTHON" --version)"
 echo "first boot: ${first_boot} s; second boot: ${second_boot} s; self-contained boot: ${image_boot_seconds} s;" \
     "tests: ${tests_seconds} s"

@@ -46,10 +46,9 @@ def chunks():
 
 def static_decoder(engine, compile_frame: bool = False) -> BatchDecoder:
     """A decoder over the session's model whose join/step/drop/park run the static step, with the
-    tests' diffusion steps unrolled (a smaller graph to compile than the default 10)."""
-    decoder = BatchDecoder(engine.model)
+    tests' diffusion steps as the deployment's (a smaller graph to compile than the default 10)."""
+    decoder = BatchDecoder(engine.model, diffusion_steps=STEPS)
     decoder.frame_step = FrameStep(decoder, compile_frame=compile_frame)
-    decoder.frame_step.default_steps = STEPS
     return decoder
 
 
@@ -236,6 +235,76 @@ def test_a_compile_failure_logs_one_line_and_decodes_uncompiled(engine, voices, 
     assert len(lines) == 1 and "inductor exploded" in lines[0] and "\n" not in lines[0]
 
 
+@pytest.mark.parametrize("leaver", ["more diffusion steps", "a longer prompt"])
+def test_a_batch_returns_to_a_compiled_shape_when_the_rows_that_forced_it_out_leave(
+    engine, voices, chunks, compiled, leaver
+) -> None:
+    """A row with more steps than the warm-up compiled, or one that needs a second capacity step (not
+    compiled here), takes the batch to a shape that runs uncompiled; once it has left, the other row goes
+    on compiled. Each chunk counts its frames both ways; the uncompiled shape's buffers are freed."""
+    stays = request(engine, chunks[0], voices, 6, 31)
+    if leaver == "more diffusion steps":
+        leaves = request(engine, chunks[2], voices, 2, 32, diffusion_steps=STEPS + 2)
+    else:  # a prompt past one capacity step: a second voice, long
+        long_voices = {**voices, 2: np.tile(voices[2], 48)}  # 32 s: 240 prompt tokens
+        leaves = request(engine, chunks[2], long_voices, 2, 32)
+        assert leaves.input_ids.numel() > capacity_for(1, engine.decoder.device)
+    [want_stays, want_leaves] = [engine.decoder.decode([r])[0] for r in (stays, leaves)]
+    got_stays, got_leaves = compiled.decode([stays, leaves])
+    assert (got_leaves.compiled_frames, got_leaves.uncompiled_frames) == (0, 2)
+    assert (got_stays.compiled_frames, got_stays.uncompiled_frames) == (4, 2)  # compiled again once it left
+    assert max_difference(got_stays.audio, want_stays.audio) <= TOLERANCE
+    assert max_difference(got_leaves.audio, want_leaves.audio) <= TOLERANCE
+    kept = {shape for shape, buffers in compiled.frame_step._free.items() if buffers}
+    assert kept and kept <= compiled.frame_step.compiled_shapes  # only compiled shapes keep their buffers
+
+
+def test_a_join_that_runs_out_of_memory_changes_nothing(engine, voices, chunks, monkeypatch) -> None:
+    """CUDA's out-of-memory error cannot happen on this CPU: placing the second of two joining rows raises
+    it (a stand-in). No row joined, each keeps its state and its generator, the running row goes on, and
+    joining again later gives each sequence its solo audio."""
+    from engine.batch import Sequence
+
+    static = static_decoder(engine)
+    requests = [request(engine, c, voices, 4, 40 + k) for k, c in enumerate(chunks)]
+    alone = [engine.decoder.decode([r])[0].audio for r in requests]
+    first, *joining = [Sequence(r) for r in requests]
+    batch, audio = Batch(), {id(s): [] for s in (first, *joining)}
+    place = FrameStep._place
+
+    def out_of_memory_on_the_last(self, slots, row, sequence):
+        if sequence is joining[-1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return place(self, slots, row, sequence)
+
+    def frame():
+        outputs = static.step(batch)
+        for output in outputs:
+            audio[id(output.sequence)].append(output.audio.numpy())
+        static.drop(batch, [row for row, output in enumerate(outputs) if not output.ended])
+
+    with torch.inference_mode():
+        for sequence in (first, *joining):
+            for _ in static.prefill(sequence):
+                pass
+        static.join(batch, [first])
+        frame()
+        generators = [s.generator.get_state() for s in joining]
+        monkeypatch.setattr(FrameStep, "_place", out_of_memory_on_the_last)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            static.join(batch, joining)
+        monkeypatch.setattr(FrameStep, "_place", place)
+        assert batch.sequences == [first] and int(batch.static.tensors.live.sum()) == 1
+        assert all(s.state is not None for s in joining)
+        assert all(torch.equal(s.generator.get_state(), g) for s, g in zip(joining, generators, strict=True))
+        frame()
+        static.join(batch, joining)
+        while batch.sequences:
+            frame()
+    for sequence, want in zip((first, *joining), alone, strict=True):
+        assert max_difference(np.concatenate(audio[id(sequence)]), want) <= TOLERANCE
+
+
 def test_compile_mode_is_resolved_once(engine) -> None:
     assert BatchDecoder(engine.model, "off").frame_step is None
     assert BatchDecoder(engine.model, "auto").frame_step is None  # the CPU: off (compiling costs minutes)
@@ -289,16 +358,26 @@ def test_jobs_through_the_scheduler_equal_their_eager_solo_decode(engine, static
     assert static_engine.wait_idle(30)
 
 
-def test_the_warm_up_runs_in_the_decode_thread(static_engine, monkeypatch) -> None:
-    """CUDA graphs belong to the thread that records them: the start-up warm-up runs where frames run."""
+def test_the_warm_up_compiles_in_the_decode_thread(engine, monkeypatch) -> None:
+    """CUDA graphs belong to the thread that records them: the start-up check compiles where frames run,
+    the shapes of framestep.warm_up_shapes for the batch cap: buckets 1-8 (the CPU's cap) at one capacity
+    step, 1-4 at two, the deployment's diffusion steps. (Compiling is stubbed: it costs minutes here;
+    with no shape compiled, COMPILE=on fails the check.)"""
     import threading
 
+    from inference import StartupError, VibeVoiceEngine
+
+    on = VibeVoiceEngine(engine.model, engine.processor, engine.info, compile_mode="on", diffusion_steps=7)
     ran_in = []
-    monkeypatch.setattr(static_engine.decoder.frame_step, "compiled", True)  # as if COMPILE were on
-
-    def warm_up(sizes, steps):
-        ran_in.append((threading.current_thread().name, sizes, steps))
-
-    monkeypatch.setattr(static_engine.decoder, "warm_up", warm_up)
-    static_engine.warm_up_compiled(7)
-    assert ran_in == [("decode-scheduler", [1, 2, 4, 8], 7)]  # the buckets up to the CPU's batch cap (8)
+    monkeypatch.setattr(on.decoder, "compile_shapes", lambda shapes: ran_in.append((threading.current_thread().name,
+                                                                                    shapes)) or {})  # fmt: skip
+    with pytest.raises(StartupError, match="no shape of the decode step was compiled"):
+        on.warm_up()
+    on.scheduler.close()
+    short, long = capacity_for(1, on.decoder.device), 2 * capacity_for(1, on.decoder.device)
+    assert ran_in == [("decode-scheduler", [(1, short, 7), (2, short, 7), (4, short, 7), (8, short, 7),
+                                            (1, long, 7), (2, long, 7), (4, long, 7)])]  # fmt: skip
+    assert framestep.warm_up_shapes(64, torch.device("cuda"), 20) == [
+        (1, 1024, 20), (2, 1024, 20), (4, 1024, 20), (8, 1024, 20), (16, 1024, 20),
+        (1, 2048, 20), (2, 2048, 20), (4, 2048, 20)]  # fmt: skip
+    assert framestep.warm_up_shapes(3, torch.device("cuda"), 10)[:3] == [(1, 1024, 10), (2, 1024, 10), (4, 1024, 10)]

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from engine.batch import DecodeRequest, NonFiniteStateError
+from engine.decoder import BatchDecoder
 from engine.scheduler import CODEC_STATE_BYTES, MAX_AUTO_BATCH, BatchBudget, sequence_width
-from inference import GenerationParams, VibeVoiceEngine
+from inference import GenerationParams, VibeVoiceEngine, kv_bytes_per_token
 from jobs.voices import VoiceLibrary
 from text.script import Chunk, Turn
 
@@ -504,3 +505,115 @@ def test_concurrency_default_and_the_threads_for_it(engine, make_worker) -> None
         return asyncio.get_running_loop()._default_executor._max_workers
 
     assert asyncio.run(pool_size()) == 2 * 24 + 4
+
+
+@pytest.fixture()
+def failing_join(engine):
+    """Makes the decoder's join raise CUDA's out-of-memory error (a stand-in: no GPU here) for the
+    sequences of the jobs listed in `owners`, `times` times, in the scheduler's thread; the batch is
+    unchanged when it raises, as the real join leaves it."""
+    state = {"owners": set(), "times": 1, "raised": 0}
+    join = engine.decoder.join
+
+    def joining(batch, sequences):
+        ours = threading.current_thread().name == "decode-scheduler"
+        if ours and state["raised"] < state["times"] and any(s.owner in state["owners"] for s in sequences):
+            state["raised"] += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return join(batch, sequences)
+
+    engine.decoder.join = joining
+    yield state
+    del engine.decoder.join
+
+
+@pytest.mark.fault
+def test_out_of_memory_in_a_join_makes_only_the_joining_sequence_wait(
+    engine, voices, batch_size, calls_of, failing_join, caplog
+) -> None:
+    """A chunk prefilled next to a running one runs out of memory as it joins: the running chunk goes
+    on untouched, the cap drops below two rows, and the chunk joins with its prefill kept (not prefilled
+    again) once the running one has left. Both equal their solo decodes."""
+    jobs = [(chunks_of("Running", 1), params(901, 10)), (chunks_of("Joining", 1), params(902, 4))]
+    expected = [solo(engine, chunks, voices, p) for chunks, p in jobs]
+    count, counts = calls_of
+    count("prefill")
+    batch_size(4)
+    running = JobThread(engine, jobs[0][0], voices, jobs[0][1])
+    with caplog.at_level(logging.WARNING, logger="vibevoice.scheduler"):
+        running.start()
+        assert running.progress.wait(60)
+        joining = JobThread(engine, jobs[1][0], voices, jobs[1][1])
+        failing_join["owners"] = _AnyJob()  # the next join, which is the joining job's
+        joining.start()
+        results = [running.finish(), joining.finish()]
+    assert failing_join["raised"] == 1 and engine.budget.oom_limit == 1
+    assert "out of GPU memory at batch size 2; retrying with 1 from now on" in caplog.text
+    assert sorted(counts.values()) == [1, 1]  # nobody was prefilled twice
+    for result, want in zip(results, expected, strict=True):
+        assert_solo(result, want)
+
+
+@pytest.mark.fault
+def test_out_of_memory_in_a_join_alone_fails_that_job_only(engine, voices, failing_join) -> None:
+    job = JobThread(engine, chunks_of("Alone", 1), voices, params(903, 3))
+    failing_join["owners"] = _AnyJob()
+    job.start()
+    job.join(60)
+    assert isinstance(job.error, torch.cuda.OutOfMemoryError) and "while a chunk joined the batch" in str(job.error)
+    after = engine.synthesize(chunks_of("After", 1), voices, params(904, 3))  # the worker goes on
+    assert after[0].frames == 3
+
+
+class _AnyJob:
+    def __contains__(self, owner) -> bool:
+        return True
+
+
+def test_the_static_budget_counts_buckets_and_capacity(engine, voices) -> None:
+    """With the static step (COMPILE on) a batch holds its shape's buffers: the bucket's rows rounded up
+    and the capacity of the longest frame cap, counted as the allocation really is; a shape whose buffers
+    are held costs nothing new. CUDA's memory reading is a stand-in (no GPU here); the compiled shapes
+    are set as the warm-up sets them (compiling costs minutes here)."""
+    from engine.batch import Sequence
+    from engine.framestep import FrameStep, capacity_for
+
+    decoder = BatchDecoder(engine.model, diffusion_steps=STEPS)
+    decoder.frame_step = FrameStep(decoder, compile_frame=False)
+    frame_step = decoder.frame_step
+    kv = kv_bytes_per_token(engine.model)
+    budget = BatchBudget(0, torch.device("cuda"), kv, prefill_bytes=2**20, decoder=decoder)
+    requests = engine.requests(chunks_of("Budget", 3), voices, params(905, 40))
+    sequences = [Sequence(r) for r in requests]
+    capacity = capacity_for(max(r.input_ids.numel() + r.max_frames + 1 for r in requests), decoder.device)
+    assert frame_step.shape_for(3, sequences) == (4, capacity, STEPS)  # 3 rows: bucket 4
+    allocated = frame_step.allocate(4, capacity, STEPS)
+    slot_bytes = allocated.tensors.nbytes()
+    assert frame_step.slot_bytes(4, capacity, STEPS) == slot_bytes > 4 * 2 * capacity * kv_bytes_per_token(engine.model)
+    need = slot_bytes + 4 * CODEC_STATE_BYTES + budget.prefill_bytes
+    assert budget.static_estimate(sequences) == need
+
+    class Rows:  # a batch of two rows in no slots yet
+        static = None
+
+        def __init__(self, members):
+            self.sequences = members
+
+        def __len__(self) -> int:
+            return len(self.sequences)
+
+    budget.memory_left = lambda: need / 0.75
+    assert budget.admits(Rows(sequences[:2]), sequences[2])
+    budget.memory_left = lambda: need / 0.75 - 1
+    assert not budget.admits(Rows(sequences[:2]), sequences[2])
+    frame_step.compiled = True  # as after the warm-up, whose buffers stay held
+    frame_step.compiled_shapes = {(1, capacity, STEPS), (2, capacity, STEPS), (4, capacity, STEPS)}
+    frame_step.release(allocated)
+    assert budget.static_estimate(sequences) == 4 * CODEC_STATE_BYTES + budget.prefill_bytes
+    assert budget.admits(Rows(sequences[:2]), sequences[2])
+    assert budget.cap() == 4  # the automatic cap: the largest compiled bucket
+    budget.batch_size = 6
+    assert budget.cap() == 6  # BATCH_SIZE wins (the start-up log says larger batches run uncompiled)
+    frame_step.compiled_shapes = set()
+    budget.batch_size = 0
+    assert budget.cap() == 16  # before the warm-up: the largest bucket it will compile

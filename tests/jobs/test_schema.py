@@ -74,11 +74,15 @@ def test_input_must_be_an_object(settings, raw) -> None:
 
 
 def test_defaults_come_from_settings(make_settings) -> None:
-    settings = make_settings(default_sample_rate=44100, default_output_format="wav", default_cfg_scale=2.0)
+    settings = make_settings(default_sample_rate=44100, default_output_format="wav", default_cfg_scale=2.0,
+                             default_diffusion_steps=12)  # fmt: skip
     job = parse_job_input({"input": "Hello."}, settings)  # `input` is an alias of `text`
     assert job.text == "Hello."
     assert (job.output_format, job.sample_rate, job.bitrate_kbps) == ("wav", 44100, None)
-    assert (job.cfg_scale, job.diffusion_steps, job.max_chunk_chars) == (2.0, 10, 300)
+    assert (job.cfg_scale, job.diffusion_steps, job.max_chunk_chars) == (2.0, 12, 300)
+    assert parse_job_input({"input": "Hello."}, make_settings()).diffusion_steps == 10  # the default
+    # DEFAULT_DIFFUSION_STEPS=0: left to the engine, which knows the checkpoint's count.
+    assert parse_job_input({"input": "Hello."}, make_settings(default_diffusion_steps=0)).diffusion_steps is None
     assert (job.target_lufs, job.stream_chunk_ms) == (-20.0, None)  # stream_chunk_ms: streamed jobs only
     streamed = parse_job_input({"text": "a", "stream": True, "cfg_scale": 0.5}, settings)
     assert (streamed.stream_chunk_ms, streamed.cfg_scale) == (400, 0.5)
