@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from engine.attention import packed_attention
 from engine.batch import Batch, FrameOutput, HostCopy, HostFrame, RowState, Sequence, codec_map
 
 log = logging.getLogger("vibevoice.framestep")
@@ -358,8 +359,13 @@ class FrameStep:
         return torch.compile(frame, mode=mode, dynamic=False, fullgraph=True)
 
     def run(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """One frame, compiled when the warm-up compiled its shape; a compilation failure logs one
-        line and every frame runs uncompiled from then on."""
+        """One frame, compiled when the warm-up compiled its shape, with the cache-sharing attention
+        (attention.py) compiled or not."""
+        with packed_attention(self.model.model.language_model):
+            return self._run_frame(tensors)
+
+    def _run_frame(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """A compilation failure logs one line and every frame runs uncompiled from then on."""
         if self.compiled and (self._warming or _shape_of(tensors) in self.compiled_shapes):
             try:
                 if self.device.type == "cuda":
