@@ -30,8 +30,9 @@ from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, 
 from config import MODEL_SAMPLE_RATE, Settings
 from deploy import hub_cache
 from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
+from engine.compile_cache import use_compile_caches
 from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
-from engine.framestep import WARM_UP_BUCKETS, use_compile_caches
+from engine.framestep import WARM_UP_BUCKETS
 from engine.scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
 from text.script import Chunk, Turn, max_frames_for
 

@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from engine.attention import packed_attention
 from engine.batch import Batch, FrameOutput, HostCopy, HostFrame, RowState, Sequence, codec_map
+from engine.compile_cache import StepArtifacts, cache_misses
 
 log = logging.getLogger("vibevoice.framestep")
 
@@ -67,13 +66,6 @@ WARM_UP_BUCKETS = (1, 2, 4, 8, 16)
 def capacity_for(columns: int, device: torch.device) -> int:
     step = CAPACITY_STEP.get(torch.device(device).type, CAPACITY_STEP["cuda"])
     return -(-max(columns, 1) // step) * step
-
-
-def use_compile_caches(folder: Path) -> None:
-    """Keep torch.compile's caches in `folder` (on the volume), so a later cold start reuses them
-    instead of compiling again. Variables already set (by bootstrap.sh or the operator) win."""
-    for variable, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        os.environ.setdefault(variable, str(folder / name))
 
 
 # --- data types ---------------------------------------------------------------------------------
@@ -631,7 +623,12 @@ class FrameStep:
 
     def warm_up(self, batch_sizes: list[int], steps: int | None = None) -> None:
         """Compile (and on CUDA capture) the frame for these batch sizes' buckets, with idle rows, for
-        chunks of up to one capacity step and `steps` diffusion steps (default: the generation config's)."""
+        chunks of up to one capacity step and `steps` diffusion steps (default: the generation config's).
+        The volume's artifacts of an earlier start are loaded first; what compiled anew is saved after."""
+        artifacts = StepArtifacts.for_model(self.model) if self.compiled else None
+        if artifacts is not None:
+            artifacts.load()
+        misses = cache_misses()
         self._warming = True
         for bucket in sorted({bucket_for(n) for n in batch_sizes}):
             slots = self.allocate(bucket, capacity_for(1, self.device), steps or self.default_steps)
@@ -642,6 +639,8 @@ class FrameStep:
                 break
             self.compiled_shapes.add((slots.bucket, slots.capacity, slots.steps))
         self._warming = False
+        if artifacts is not None and self.compiled and cache_misses() > misses:
+            artifacts.save()
 
 
 def _use_sdpa(model) -> None:
