@@ -73,8 +73,8 @@ TIMED_PROMPT_LENGTHS = (96, 120, 144, 168)  # a chunk of text without a voice pr
 # standard; bf16 kernels differ between batch shapes, while a real fault (other noise, a wrong mask)
 # gives unrelated audio, an error near 1 or more.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
-# Model builds included; with imports and the wheels' install about 6 minutes on one H100: a second run
-# fits the device time a session has (15 minutes, the machine's start included).
+# Model builds included; with imports and the wheels' install about 6 minutes on one H100: two runs and
+# the machine's start fit in 15 minutes of GPU time.
 GPU_BUDGET_S = 330
 MODEL_SHARE = {"7b": 0.75, "1.5b": 0.25}  # of the budget, in order: a fast 7B leaves the 1.5B what it saved
 COMPILE_RESERVE_S = 120  # compiling the step is started only with this much of a model's part left

@@ -66,6 +66,7 @@ def test_the_cpu_run_checks_and_reports_every_row_in_order(tmp_path) -> None:
     assert "| GB per step | bandwidth used | compile (s) | recompiles | CUDA graphs skipped |" in page
 
 
+@pytest.mark.timeout(1800)  # compiling from scratch: minutes, more on busy shared cores
 def test_a_compiled_row_reports_its_compile_recompiles_and_bytes(tmp_path) -> None:
     """The compiled step on the CPU (torch.compile, no CUDA graphs), bucket 1 only: a minute or two."""
     out = tmp_path / "compiled"

@@ -71,6 +71,7 @@ def kernel_libraries(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*.so")}
 
 
+@pytest.mark.timeout(1800)  # compiling from scratch: minutes, more on busy shared cores
 def test_a_fresh_process_compiles_from_the_saved_artifacts(tiny_model_dir, tmp_path) -> None:
     folder = tmp_path / "compile_cache"
     # The first start finds a corrupt file: one log line, it compiles from scratch and replaces the file.
