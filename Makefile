@@ -130,10 +130,11 @@ bench: $(STAMP) espeak
 		|| { echo "make bench needs the ffmpeg command (apt-get install ffmpeg)"; exit 1; }
 	$(PY) -m bench.run
 
-## The GPU benchmark: VibeVoice-7B and -1.5B at full size with random weights on one CUDA GPU (under 8 minutes;
-## writes bench/gpu_results.md and .json). Runs in .venv when there is one, else with python3's torch and
-## the wheels of bench/gpu_wheels.sh. Without CUDA: the tiny configuration on the CPU, nothing written.
-## GPU_BENCH_FLAGS adds options (--out PREFIX, --models, --frames, --budget; see bench/gpu_bench.py).
+## The GPU benchmark: VibeVoice-7B and -1.5B at full size with random weights on one CUDA GPU (about 6 minutes,
+## the headline rows first; writes gpu_results.md and .json in --out DIR, else in bench/). Runs in .venv when there
+## is one, else with python3's torch and the wheels of bench/gpu_wheels.sh. Without CUDA: the tiny configuration
+## on the CPU, nothing written. GPU_BENCH_FLAGS adds options (--out DIR, --rows, --models, --frames, --budget,
+## --compiled; see bench/gpu_bench.py).
 gpu-bench:
 	./bench/gpu_bench.sh $(GPU_BENCH_FLAGS)
 

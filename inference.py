@@ -31,8 +31,8 @@ from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, 
 from config import MODEL_SAMPLE_RATE, Settings
 from deploy import hub_cache
 from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
+from engine.compile_cache import use_compile_caches
 from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
-from engine.framestep import use_compile_caches
 from engine.scheduler import DONE, BatchBudget, DecodeScheduler, Failed, Frames, Job, Restart
 from engine.warmup import FastPaths, StartupError, check_fast_paths
 from text.script import Chunk, Turn, max_frames_for

@@ -11,17 +11,20 @@ stderr and in the report) when one is off:
               audio finite;
   stock       the own loop (decoder.BatchDecoder) agrees with transformers' `generate` over the
               first frames (the error seen is reported: bf16 kernels differ between the two);
-  compiled    the compiled frame step agrees with the eager one (where this build has one).
-Then it measures: the real-time factor at batch 1 of stock `generate`, the own loop eager and the
-own loop compiled; the aggregate real-time multiple at 4, 8 and 16 concurrent sequences; the time
-to the first frame; the peak GPU memory; and the share of the GPU's memory bandwidth used (weight
-bytes one frame step reads / its time / the GPU's bandwidth). A time budget (GPU_BUDGET_S: the run
-stays under 8 minutes on one H100 or H200) skips the rows that no longer fit, with a note.
+  compiled    the compiled frame step agrees with the eager loop (on the first compiled row's batch).
+Then the rows of ROWS, in order: the own loop eager at batch 1, compiled at batch 1 and 16 (the
+headline numbers, first), stock `generate`, then the rest. Each gives the real-time factor, the
+aggregate real-time multiple, the time to the first frame, the step time, the bytes one step moves
+and the share of the GPU's memory bandwidth that is, and the peak memory; a compiled row also the
+seconds its bucket took to compile, the graphs recompiled while it ran and the CUDA graphs inductor
+skipped (any skip fails the row, and the run, loudly). A time budget (GPU_BUDGET_S: the run stays
+near 6 minutes on one H100, so a second one fits) skips the rows that no longer fit, with a note.
 
 Without CUDA the same code runs the tiny configuration on the CPU in float32 in seconds (a test does).
 
     python -m bench.gpu_bench                     # CUDA: writes bench/gpu_results.md and .json
-    python -m bench.gpu_bench --out /tmp/r        # writes /tmp/r.md and /tmp/r.json
+    python -m bench.gpu_bench --out /tmp/r        # writes /tmp/r/gpu_results.md and .json
+    python -m bench.gpu_bench --rows eager:1,compiled:1 --compiled   # some rows (here compiling on the CPU)
     python -m bench.gpu_bench --models 1.5b --device cpu --dtype bfloat16 --frames 3   # a real size on the CPU
 """
 
@@ -47,14 +50,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.step_counters import frame_bytes  # noqa: E402
 from bench.weights import CallCounter, module_bytes, real_1_5b_config, real_7b_config  # noqa: E402
 from engine.batch import DecodeRequest, NonFiniteStateError  # noqa: E402
 from engine.decoder import BatchDecoder  # noqa: E402
+from engine.framestep import FrameStep, bucket_for, capacity_for  # noqa: E402
 from tools.tiny_checkpoint import build_config, build_generation_config, build_tokenizer, randomize_weights  # noqa: E402
 
-RESULTS = ROOT / "bench" / "gpu_results"  # .md and .json, written only by a run on CUDA
+RESULTS = ROOT / "bench" / "gpu_results"  # .md and .json, where a run on CUDA writes without --out
+# The kinds of row (an id, its label; ModelBench.<id>_row fills one), and the rows in the order they run:
+# the headline numbers first, so that a run its budget cuts short still has them. Add a kind here.
+LOOPS = {"eager": "own loop, eager", "compiled": "own loop, compiled", "stock": "stock generate"}
+ROWS = (("eager", 1), ("compiled", 1), ("compiled", 16), ("stock", 1), ("eager", 4), ("eager", 8), ("eager", 16),
+        ("compiled", 4), ("compiled", 8))  # fmt: skip
 SAMPLE_RATE = 24000  # the codec's rate: 3200 samples (one frame) are 133 ms
-CONCURRENCY = (4, 8, 16)
 DIFFUSION_STEPS = 10
 CFG_SCALE = 1.3
 CHECK_FRAMES = 3  # frames compared between loops: bf16 differences grow as frames feed back
@@ -64,8 +73,10 @@ TIMED_PROMPT_LENGTHS = (96, 120, 144, 168)  # a chunk of text without a voice pr
 # standard; bf16 kernels differ between batch shapes, while a real fault (other noise, a wrong mask)
 # gives unrelated audio, an error near 1 or more.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}
-GPU_BUDGET_S = 420  # model builds included; with imports and the wheels' install, under 8 minutes
-MODEL_SHARE = {"7b": 0.6, "1.5b": 0.4}  # of the budget, in order: a slow 7B leaves the 1.5B its part
+# Model builds included; with imports and the wheels' install about 6 minutes on one H100: two runs and
+# the machine's start fit in 15 minutes of GPU time.
+GPU_BUDGET_S = 330
+MODEL_SHARE = {"7b": 0.75, "1.5b": 0.25}  # of the budget, in order: a fast 7B leaves the 1.5B what it saved
 COMPILE_RESERVE_S = 120  # compiling the step is started only with this much of a model's part left
 # HBM bandwidth (bytes/s) by device name; the first entry whose words all appear in the name wins.
 KNOWN_BANDWIDTH = (
@@ -94,7 +105,8 @@ class Options:
     frames: int  # frames per timed sequence
     budget_s: float
     compiled: bool  # measure the compiled step (where this build has one)
-    out: Path | None  # PREFIX of PREFIX.md / PREFIX.json; None: print only
+    out: Path | None  # the folder of gpu_results.md and .json; None: print only
+    rows: tuple[tuple[str, int], ...] = ()  # (loop id, batch) in the order they run; default ROWS
     inject: str | None = None  # "nan" | "mismatch": make a check fail (the tests prove it fails loudly)
 
 
@@ -102,7 +114,7 @@ class Options:
 class Row:
     """One timed configuration of one model."""
 
-    loop: str  # "stock generate" | "own loop, eager" | "own loop, compiled"
+    loop: str  # a label of LOOPS
     batch: int
     frames: int = 0
     wall_s: float | None = None
@@ -110,7 +122,11 @@ class Row:
     realtime_multiple: float | None = None  # all sequences' audio / wall time
     first_frame_s: float | None = None  # from the call to the first frame's samples on the host
     step_ms: float | None = None  # one frame step of the whole batch, steady state
-    bandwidth_fraction: float | None = None  # weight bytes per step / step time / GPU bandwidth
+    step_gb: float | None = None  # bytes one step moves: eager and stock, weight reads; compiled, every operator's
+    bandwidth_fraction: float | None = None  # step_gb / step time / GPU bandwidth
+    compile_s: float | None = None  # compiling this row's bucket (on the first row of each bucket)
+    recompiles: int | None = None  # graphs dynamo captured during the row (compiled rows: 0 expected)
+    cudagraph_skips: int | None = None  # CUDA graphs inductor skipped for this bucket (CUDA; 0 or the row fails)
     peak_gib: float | None = None
     note: str = ""
 
@@ -323,9 +339,13 @@ def check_finite(decoder: BatchDecoder, model, options: Options, checks: dict) -
 
 
 def check_agrees(name: str, got: list[np.ndarray], want: list[np.ndarray], options: Options, hop: int, checks: dict):
-    tolerance = TOLERANCE[options.dtype]
-    seen = agreement(got, want, hop)
-    checks[name] = {"tolerance": tolerance, **seen, "frames": CHECK_FRAMES, "ok": seen["max_error"] <= tolerance}
+    record_agreement(name, {**agreement(got, want, hop), "tolerance": TOLERANCE[options.dtype]}, options, checks)
+
+
+def record_agreement(name: str, seen: dict, options: Options, checks: dict) -> None:
+    """A comparison's result in the report; CheckFailed if it is beyond its tolerance."""
+    tolerance = seen["tolerance"]
+    checks[name] = {**seen, "frames": CHECK_FRAMES, "ok": seen["max_error"] <= tolerance}
     if not checks[name]["ok"]:
         raise CheckFailed(
             f"{name}: the audio differs by {seen['max_error']:.3g} of its peak over the first {CHECK_FRAMES} frames "
@@ -355,7 +375,8 @@ def decode_checked(decoder: BatchDecoder, batch: list[DecodeRequest], options: O
 
 
 class ModelBench:
-    """One model's checks and timed rows, inside its part of the time budget; fills `report`."""
+    """One model's checks and timed rows (`Options.rows`, in order), inside its part of the time budget;
+    fills `report`. A kind of row is an id in LOOPS and a method `<id>_row(row)` that fills the row."""
 
     def __init__(
         self,
@@ -369,36 +390,40 @@ class ModelBench:
         self.name, self.options, self.deadline, self.bandwidth = name, options, deadline, bandwidth
         self.report, self.save = report, save  # save(): write the report so far
         self.rows: list[Row] = []
-        report.update(model=name, checks={}, rows=self.rows, notes=[])
+        self.compiled: BatchDecoder | None = None  # built by the first compiled row
+        self.compiled_step_bytes: dict[int, int] = {}  # per bucket
+        report.update(model=name, checks={}, rows=self.rows, notes=[], failures=[], compile_s={})
 
     def run(self) -> None:
-        options = self.options
-        _reset_peak(options.device)
+        self.build()
+        checks = self.report["checks"]
+        self.eager_check = check_finite(self.eager, self.model, self.options, checks)
+        self.step_estimate = self.eager_check.step_s or self.eager_check.wall_s / CHECK_FRAMES
+        check_stock(self.eager, self.model, self.options, checks)
+        self.count_weight_reads()
+        self.save()
+        for loop, batch in self.options.rows:
+            row = Row(LOOPS[loop], batch, self.options.frames)
+            self.rows.append(row)
+            getattr(self, f"{loop}_row")(row)
+            self.save()
+        peaks = [row.peak_gib for row in self.rows if row.peak_gib is not None]
+        self.report["peak_gib"] = max(peaks) if peaks else None  # the largest batch's row, weights included
+
+    def build(self) -> None:
+        _reset_peak(self.options.device)
         started = time.perf_counter()
-        self.model = build_model(self.name, options)
+        self.model = build_model(self.name, self.options)
         self.report["build_s"] = time.perf_counter() - started
         self.report["parameters"] = sum(p.numel() for p in self.model.parameters())
         self.report["weight_gb"] = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e9
         self.report["attention"] = self.model.config.text_config._attn_implementation
         self.frame_seconds = self.model.config.audio_config.hop_length / SAMPLE_RATE
         self.eager = BatchDecoder(self.model)
-        checks = self.report["checks"]
-        self.eager_check = check_finite(self.eager, self.model, options, checks)
-        self.step_estimate = self.eager_check.step_s or self.eager_check.wall_s / CHECK_FRAMES
-        check_stock(self.eager, self.model, options, checks)
-        self.count_weight_reads()
-        self.save()
-        self.timed("own loop, eager", self.eager, 1)
-        self.stock_row()
-        for n in CONCURRENCY:
-            self.timed("own loop, eager", self.eager, n)
-        self.compiled_rows()
-        peaks = [row.peak_gib for row in self.rows if row.peak_gib is not None]
-        self.report["peak_gib"] = max(peaks) if peaks else None  # the largest batch's row, weights included
 
     def close(self) -> None:
-        self.__dict__.pop("model", None)
-        self.__dict__.pop("eager", None)
+        for name in ("model", "eager", "compiled"):
+            self.__dict__.pop(name, None)
         torch._dynamo.reset()  # compiled graphs and CUDA graphs hold the model's tensors
         gc.collect()
         if self.options.device == "cuda":
@@ -425,37 +450,108 @@ class ModelBench:
         )
         return False
 
-    def timed(self, loop: str, decoder: BatchDecoder, n: int, note: str = "") -> None:
+    # --- the kinds of row -------------------------------------------------------------------------
+
+    def eager_row(self, row: Row) -> None:
+        self.timed(row, self.eager, self.step_bytes["own"])
+        if row.batch == 1 and row.step_ms:
+            self.step_estimate = row.step_ms / 1e3
+
+    def stock_row(self, row: Row) -> None:
         frames = self.options.frames
-        row = Row(loop, n, frames, note=note)
-        self.rows.append(row)
+        if not self.fits(row, 3 * (frames + 2) * self.step_estimate * 2):
+            return
+        [request] = requests(self.model.config, TIMED_PROMPT_LENGTHS, row.batch, frames)
+        run_stock(self.model, replace(request, max_frames=2), self.options.device)  # warm-up
+        self.fill(row, run_stock(self.model, request, self.options.device), self.step_bytes["stock"])
+
+    def compiled_row(self, row: Row) -> None:
+        """The compiled step at this row's batch: its bucket compiled first (timed), the compiled-vs-eager
+        check on the first; the bytes one compiled frame moves; recompiles and CUDA graphs skipped."""
+        decoder = self.compiled_decoder(row)
+        if decoder is None:
+            return
+        bucket = bucket_for(row.batch)
+        if str(bucket) not in self.report["compile_s"] and not self.compile_bucket(decoder, row, bucket):
+            return
+        if "compiled vs eager" not in self.report["checks"]:
+            self.check_compiled(decoder, row.batch)
+        if bucket not in self.compiled_step_bytes:
+            self.compiled_step_bytes[bucket] = compiled_frame_bytes(decoder, bucket)
+        graphs, skips = _compile_counters()
+        self.timed(row, decoder, self.compiled_step_bytes[bucket])
+        row.recompiles = _compile_counters()[0] - graphs
+        if self.options.device == "cuda":
+            row.cudagraph_skips = self.compile_skips.get(bucket, 0) + _compile_counters()[1] - skips
+            if row.cudagraph_skips:
+                self.fail_row(row, f"inductor skipped CUDA graphs {row.cudagraph_skips} time(s) "
+                              "(TORCH_LOGS=perf_hints says why)")  # fmt: skip
+
+    # --- the compiled step ---------------------------------------------------------------------------
+
+    def compiled_decoder(self, row: Row) -> BatchDecoder | None:
+        """The compiled decoder (built once), or None with the reason in the row's note."""
+        reason = compiled_unavailable()
+        if reason is None and not self.options.compiled:
+            reason = "skipped: compiled rows run on CUDA (--compiled compiles on the CPU too)"
+        if reason is not None:
+            row.note = reason
+            self.report["checks"].setdefault("compiled vs eager", {"ok": None, "note": reason})
+            return None
+        if self.compiled is None:
+            self.compiled = BatchDecoder(self.model, compile_mode="on")
+            self.compile_skips: dict[int, int] = {}
+        return self.compiled
+
+    def compile_bucket(self, decoder: BatchDecoder, row: Row, bucket: int) -> bool:
+        """Compile (and on CUDA record) the step for the bucket, if the budget holds a compile as long
+        as the longest so far; False (the row skipped, with a note) if not."""
+        reserve = COMPILE_RESERVE_S if self.options.device == "cuda" else 0
+        if not self.fits(row, max([reserve, *self.report["compile_s"].values()])):
+            return False
+        graphs, skips = _compile_counters()
+        started = time.perf_counter()
+        decoder.warm_up([bucket], DIFFUSION_STEPS)
+        row.compile_s = self.report["compile_s"][str(bucket)] = time.perf_counter() - started
+        self.compile_skips[bucket] = _compile_counters()[1] - skips
+        self.report.setdefault("compile_graphs", {})[str(bucket)] = _compile_counters()[0] - graphs
+        if not decoder.compiled:  # compilation failed: the static step runs as is, and every row says so
+            row.note = "compilation failed: this row ran uncompiled (see the log)"
+            self.report["notes"].append(f"compiling bucket {bucket} failed: the compiled rows ran uncompiled")
+        return True
+
+    def check_compiled(self, decoder: BatchDecoder, batch: int) -> None:
+        """The compiled step against the eager loop on the same requests, at the first compiled batch."""
+        checked = requests(self.model.config, CHECK_PROMPT_LENGTHS, batch, CHECK_FRAMES)
+        frames = decoder.frame_step.compiled_frames
+        seen = compiled_vs_eager(decoder, self.eager, checked, self.options)
+        if decoder.compiled and decoder.frame_step.compiled_frames == frames:
+            self.report["notes"].append("the compiled check ran uncompiled: its shape is not one the warm-up compiled")
+        record_agreement("compiled vs eager", seen, self.options, self.report["checks"])
+        self.save()
+
+    def fail_row(self, row: Row, reason: str) -> None:
+        row.note = f"FAILED: {reason}"
+        self.report["failures"].append(f"{self.name} {row.loop} at batch {row.batch}: {reason}")
+
+    # --- timing --------------------------------------------------------------------------------------
+
+    def timed(self, row: Row, decoder: BatchDecoder, step_bytes: int) -> None:
+        frames, n = self.options.frames, row.batch
         if not self.fits(row, 2 * (frames + 2) * self.step_estimate * (1 + n / 8)):  # a warm-up and the run
             return
         batch = requests(self.model.config, TIMED_PROMPT_LENGTHS, n, frames)
         decoder.decode([replace(r, max_frames=2) for r in batch])  # warm-up: this batch shape's kernels
         compiled_frames = decoder.frame_step.compiled_frames if decoder.frame_step is not None else 0
-        self.fill(row, decode_checked(decoder, batch, self.options, f"{loop} at batch {n}"), self.step_bytes["own"])
+        self.fill(row, decode_checked(decoder, batch, self.options, f"{row.loop} at batch {n}"), step_bytes)
         if decoder.compiled and decoder.frame_step.compiled_frames == compiled_frames:
             row.note = "ran uncompiled: its shape is not one the warm-up compiled"
-        if loop == "own loop, eager" and n == 1 and row.step_ms:
-            self.step_estimate = row.step_ms / 1e3
-        self.save()
-
-    def stock_row(self) -> None:
-        frames = self.options.frames
-        row = Row("stock generate", 1, frames)
-        self.rows.append(row)
-        if not self.fits(row, 3 * (frames + 2) * self.step_estimate * 2):
-            return
-        [request] = requests(self.model.config, TIMED_PROMPT_LENGTHS, 1, frames)
-        run_stock(self.model, replace(request, max_frames=2), self.options.device)  # warm-up
-        self.fill(row, run_stock(self.model, request, self.options.device), self.step_bytes["stock"])
-        self.save()
 
     def fill(self, row: Row, timing: Timing, step_bytes: int) -> None:
         audio = row.frames * self.frame_seconds
         row.wall_s, row.first_frame_s = timing.wall_s, timing.first_frame_s
         row.rtf, row.realtime_multiple = timing.wall_s / audio, row.batch * audio / timing.wall_s
+        row.step_gb = step_bytes / 1e9
         if timing.step_s:
             row.step_ms = timing.step_s * 1e3
             if self.bandwidth:
@@ -463,56 +559,29 @@ class ModelBench:
         if timing.peak_bytes is not None:
             row.peak_gib = timing.peak_bytes / 2**30
 
-    def compiled_rows(self) -> None:
-        reason = compiled_unavailable()
-        if reason is None and not self.options.compiled:
-            reason = "skipped: compiled rows run on CUDA (--compiled compiles on the CPU too)"
-        decoder = BatchDecoder(self.model, compile_mode="on") if reason is None else None
-        warmed = self.compile(decoder) if decoder is not None else []
-        if decoder is not None and not warmed:
-            reason = f"skipped: less than {self._compile_reserve():.0f} s of this model's time budget left to compile"
-        if reason is not None:
-            self.report["checks"]["compiled vs eager"] = {"ok": None, "note": reason}
-            self.rows += [Row("own loop, compiled", n, note=reason) for n in (1, *CONCURRENCY)]
-            return
-        note = "" if decoder.compiled else "compilation failed: this row ran eager (see the log)"
-        if note:
-            self.report["notes"].append(note)
-        batch = requests(self.model.config, CHECK_PROMPT_LENGTHS, len(CHECK_PROMPT_LENGTHS), CHECK_FRAMES)
-        frames = decoder.frame_step.compiled_frames
-        timing = decode_checked(decoder, batch, self.options, "compiled")
-        if decoder.compiled and decoder.frame_step.compiled_frames == frames:  # a shape the warm-up did not compile
-            self.report["notes"].append("the compiled check ran uncompiled: its shape is not one the warm-up compiled")
-        check_agrees("compiled vs eager", timing.audio, self.eager_check.audio, self.options,
-                     self.model.config.audio_config.hop_length, self.report["checks"])  # fmt: skip
-        self.save()
-        for n in (1, *CONCURRENCY):
-            if n in warmed:
-                self.timed("own loop, compiled", decoder, n, note)
-            else:
-                self.rows.append(Row("own loop, compiled", n, note="skipped: not compiled within the time budget"))
 
-    def _compile_reserve(self) -> float:
-        return COMPILE_RESERVE_S if self.options.device == "cuda" else 0
+def compiled_vs_eager(
+    compiled: BatchDecoder, eager: BatchDecoder, batch: list[DecodeRequest], options: Options
+) -> dict:
+    """The compiled step against the eager loop on the same requests, over their first frames:
+    {"max_error", "per_frame", "tolerance"} (the engine's own start-up comparison answers the same)."""
+    want = decode_checked(eager, batch, options, "the eager reference")
+    got = decode_checked(compiled, batch, options, "compiled")
+    return {**agreement(got.audio, want.audio, compiled.hop_length), "tolerance": TOLERANCE[options.dtype]}
 
-    def compile(self, decoder: BatchDecoder) -> list[int]:
-        """Compile the step batch size by batch size (the check's first) while the budget holds one
-        more compile as long as the longest so far; returns the batch sizes compiled."""
-        check = len(CHECK_PROMPT_LENGTHS)
-        sizes = [check, *sorted({1, *CONCURRENCY} - {check})]
-        self.report["compile_s"], longest, warmed = 0.0, self._compile_reserve(), []
-        for n in sizes:
-            if self.deadline - time.monotonic() < longest:
-                break
-            started = time.perf_counter()
-            decoder.warm_up([n])
-            spent = time.perf_counter() - started
-            self.report["compile_s"] += spent
-            longest = max(longest, spent)
-            if not decoder.compiled:  # compilation failed: every row runs eager, and says so
-                return sizes
-            warmed.append(n)
-        return warmed
+
+def compiled_frame_bytes(decoder: BatchDecoder, bucket: int) -> int:
+    """Bytes one compiled frame moves at this bucket (bench/step_counters.py: every operator of the
+    frame, run once as is on the model's own device, its buffers of its own)."""
+    step = FrameStep(decoder, compile_frame=False)
+    return frame_bytes(step, bucket, capacity_for(1, decoder.device), DIFFUSION_STEPS)
+
+
+def _compile_counters() -> tuple[int, int]:
+    """(graphs dynamo has captured, CUDA graphs inductor skipped) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -583,6 +652,9 @@ def run(options: Options) -> dict:
     except Exception as exc:  # a crash on the device: what was measured before it is still reported
         traceback.print_exc()
         result.update(ok=False, failure=f"{type(exc).__name__}: {exc}")
+    failed_rows = [failure for report in result["models"] for failure in report.get("failures", [])]
+    if failed_rows and result["ok"]:  # every row was measured, but some did not run as they must
+        result.update(ok=False, failure="; ".join(failed_rows))
     save()
     return result
 
@@ -633,15 +705,18 @@ def _model_markdown(report: dict) -> list[str]:
                      f"stock generate {reads['stock'] / 1e9:.3g} GB")  # fmt: skip
     if report.get("peak_gib") is not None:
         lines.append(f"- peak GPU memory: {report['peak_gib']:.3g} GiB")
-    if report.get("compile_s") is not None:
-        lines.append(f"- compiling the step (warm-up of each batch size): {report['compile_s']:.0f} s")
+    if report.get("compile_s"):
+        each = ", ".join(f"bucket {bucket} {seconds:.0f} s" for bucket, seconds in report["compile_s"].items())
+        lines.append(f"- compiling the step (the warm-up of each bucket): {each}")
     lines += [f"- {note}" for note in report.get("notes", [])]
-    header = "| loop | batch | RTF | x real time | first frame (s) | step (ms) | bandwidth used | peak (GiB) | note |"
-    lines += ["", header, "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| loop | batch | RTF | x real time | first frame (s) | step (ms) | GB per step | bandwidth used "
+              "| compile (s) | recompiles | CUDA graphs skipped | peak (GiB) | note |")  # fmt: skip
+    lines += ["", header, "|---" * header.count(" | ") + "|---|"]
     for row in report.get("rows", []):
         share = f"{row['bandwidth_fraction']:.1%}" if row["bandwidth_fraction"] is not None else "—"
         cells = [row["loop"], row["batch"], *(_number(row[key]) for key in ("rtf", "realtime_multiple",
-                 "first_frame_s", "step_ms")), share, _number(row["peak_gib"]), row["note"]]  # fmt: skip
+                 "first_frame_s", "step_ms", "step_gb")), share, *(_number(row[key]) for key in ("compile_s",
+                 "recompiles", "cudagraph_skips", "peak_gib")), row["note"]]  # fmt: skip
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return lines
 
@@ -651,11 +726,12 @@ def as_json(result: dict) -> str:
 
 
 def save_files(result: dict, out: Path | None) -> None:
+    """gpu_results.json and .md in the folder `out` (nothing when None)."""
     if out is not None:
         text = as_json(result)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(text + "\n")
-        out.with_suffix(".md").write_text(markdown(json.loads(text)))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{RESULTS.name}.json").write_text(text + "\n")
+        (out / f"{RESULTS.name}.md").write_text(markdown(json.loads(text)))
 
 
 def parse_options(argv: list[str] | None) -> Options:
@@ -673,7 +749,14 @@ def parse_options(argv: list[str] | None) -> Options:
         "--compiled", action=argparse.BooleanOptionalAction, help="measure the compiled step (default: on CUDA only)"
     )
     parser.add_argument(
-        "--out", type=Path, help="write OUT.md and OUT.json (default: bench/gpu_results on CUDA, nothing on the CPU)"
+        "--out",
+        type=Path,
+        help="the folder to write gpu_results.md and .json in (default: bench/ on CUDA, nothing on the CPU)",
+    )
+    parser.add_argument(
+        "--rows",
+        help="the rows to run, in order, as LOOP:BATCH (LOOP one of "
+        f"{', '.join(LOOPS)}; default: {','.join(f'{loop}:{batch}' for loop, batch in ROWS)})",
     )
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU"
@@ -690,6 +773,9 @@ def parse_options(argv: list[str] | None) -> Options:
     frames = args.frames if args.frames is not None else (48 if on_cuda else 6)
     if frames < 3:
         parser.error("--frames must be at least 3")
+    rows = parse_rows(args.rows) if args.rows else ROWS
+    if rows is None:
+        parser.error(f"--rows: give LOOP:BATCH pairs, LOOP one of {', '.join(LOOPS)} and BATCH from 1 to 64")
     return Options(
         models=models,
         device=args.device,
@@ -697,9 +783,21 @@ def parse_options(argv: list[str] | None) -> Options:
         frames=frames,
         budget_s=args.budget if args.budget is not None else (GPU_BUDGET_S if on_cuda else 300),
         compiled=args.compiled if args.compiled is not None else on_cuda,
-        out=args.out if args.out is not None else (RESULTS if on_cuda else None),
+        out=args.out if args.out is not None else (RESULTS.parent if on_cuda else None),
+        rows=rows,
         inject=args.inject,
     )
+
+
+def parse_rows(text: str) -> tuple[tuple[str, int], ...] | None:
+    """ "eager:1,compiled:16" -> (("eager", 1), ("compiled", 16)); None if any pair is not one."""
+    rows = []
+    for pair in text.split(","):
+        loop, _, batch = pair.strip().partition(":")
+        if loop not in LOOPS or not batch.isdigit() or not 1 <= int(batch) <= 64:
+            return None
+        rows.append((loop, int(batch)))
+    return tuple(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -707,9 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(options)
     print(markdown(json.loads(as_json(result))))
     if options.out is not None:
-        print(
-            f"gpu-bench: wrote {options.out.with_suffix('.md')} and {options.out.with_suffix('.json')}", file=sys.stderr
-        )
+        print(f"gpu-bench: wrote {RESULTS.name}.md and .json in {options.out}", file=sys.stderr)
     if not result["ok"]:
         print(f"gpu-bench FAILED: {result['failure']}", file=sys.stderr)
         return 1

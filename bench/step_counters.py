@@ -1,5 +1,6 @@
-"""Per-frame counts of a decoder's `step`: host synchronisations, and operator dispatches outside
-compiled regions. Used by figures k-m (bench/compiled_step.py) and tests/engine/test_framestep.py.
+"""Per-frame counts of a decoder's `step`: host synchronisations, operator dispatches outside
+compiled regions, and bytes moved. Used by figures a and k-m (bench/weights.py, bench/compiled_step.py),
+`make gpu-bench` and tests/engine/test_framestep.py.
 
 Host synchronisations are counted as the operations that make the host wait for a GPU (this
 machine has none, so they are counted where they are called):
@@ -9,6 +10,11 @@ machine has none, so they are counted where they are called):
   - tensors built from host data (`torch.tensor`): blocking uploads from pageable memory on CUDA.
 Dispatches are the operators the torch profiler records from Python, without those it records
 inside a "Torch-Compiled Region" (a compiled graph runs them from generated code, or fused).
+Bytes moved are counted per operator as if nothing were fused (an upper bound for a compiled graph,
+whose fused elementwise chains keep intermediates in registers): each tensor an operator reads is
+read once (a gather or an embedding lookup reads only the rows it takes, a broadcast tensor only its
+own elements), each tensor it writes is written once (an indexed write only the values written), and
+views move nothing. Weights, the KV cache and any copy of it are therefore counted as a GPU moves them.
 """
 
 from __future__ import annotations
@@ -61,6 +67,83 @@ def counting_syncs() -> Iterator[list[int]]:
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
         torch.tensor = original_tensor
+
+
+# Composite operators a GPU runs as one kernel (a GEMM with its bias, fused attention): counted whole.
+# Other composites (in inference mode this mode sees them undecomposed) are counted by their parts.
+KERNELS = {"linear", "scaled_dot_product_attention"}
+# Operators that write only the part of their first argument that their values cover.
+PARTIAL_WRITES = {"index_put_", "index_put", "_index_put_impl_", "index_copy_", "scatter_", "masked_scatter_"}
+# Operators that write their first argument without reading it.
+WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_"} | PARTIAL_WRITES
+# Operators that read only the rows they gather (their output's size) from their first argument.
+GATHERS = {"embedding", "index", "index_select", "gather", "take"}
+# Operators that only reinterpret their input (no alias annotation in their schema, yet no copy).
+NO_DATA = {"_unsafe_view", "lift_fresh", "detach", "empty", "empty_strided", "empty_like", "new_empty",
+           "new_empty_strided", "alias", "_reshape_alias", "resize_", "set_"}  # fmt: skip
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a kernel reads or writes for `tensor`: broadcast (stride 0) dimensions count once."""
+    elements = 1
+    for size, stride in zip(tensor.shape, tensor.stride(), strict=True):
+        elements *= size if stride != 0 else 1
+    return elements * tensor.element_size()
+
+
+def operator_bytes(func, args: tuple, kwargs: dict, out: object) -> int:
+    """Bytes one operator call reads and writes, unfused (see the module's docstring)."""
+    name = func.overloadpacket.__name__
+    if func.is_view or name in NO_DATA:
+        return 0
+    schema = func._schema.arguments
+    values = list(args) + [kwargs[a.name] for a in schema[len(args) :] if a.name in kwargs]
+    moved, mutates = 0, False
+    for position, (argument, value) in enumerate(zip(schema, values, strict=False)):
+        written = argument.alias_info is not None and argument.alias_info.is_write
+        mutates |= written
+        for tensor in _tensors(value):
+            if written and name in PARTIAL_WRITES:  # the values written: the last tensor argument
+                moved += tensor_bytes([t for v in values for t in _tensors(v)][-1])
+            elif written:  # written whole, and read first unless overwritten
+                moved += tensor_bytes(tensor) * (1 if name in WRITE_ONLY else 2)
+            elif position == 0 and name in GATHERS:
+                moved += sum(tensor_bytes(t) for t in _tensors(out))
+            else:
+                moved += tensor_bytes(tensor)
+    return moved + (0 if mutates else sum(tensor_bytes(t) for t in _tensors(out)))
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, list | tuple) else []
+
+
+class _BytesMoved(TorchDispatchMode):
+    def __init__(self, counter: list[int]):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ not in KERNELS:  # a composite (reshape may copy): count its parts
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        self.counter[0] += operator_bytes(func, args, kwargs, out)
+        return out
+
+
+@contextlib.contextmanager
+def counting_bytes() -> Iterator[list[int]]:
+    """Bytes moved by the operators run in this thread while open (eager code; a compiled function's
+    graph runs inside it only through a backend that runs the graph's operators one by one)."""
+    counter = [0]
+    with _BytesMoved(counter):
+        yield counter
 
 
 def dispatches_outside_compiled(profile) -> int:
@@ -121,3 +204,34 @@ def count_dispatches(decoder, requests) -> list[int]:
         return dispatches_outside_compiled(recorded)
 
     return frames(decoder, requests, measure)
+
+
+@contextlib.contextmanager
+def attention_as_compiled_before() -> Iterator[None]:
+    """transformers' sdpa attention takes the branch it takes inside torch.compile (`repeat_kv`: the KV
+    cache copied once per query head), as the static step's compiled graph did before it had its own
+    attention (engine/attention.py). Only for counting: the arithmetic is the same either way."""
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.is_torchdynamo_compiling
+    sdpa_attention.is_torchdynamo_compiling = lambda: True
+    try:
+        yield
+    finally:
+        sdpa_attention.is_torchdynamo_compiling = original
+
+
+def frame_bytes(frame_step, bucket: int, capacity: int, steps: int, packed: bool = True) -> int:
+    """Bytes one static frame (engine/framestep.py) moves for a bucket, capacity and step count: with the
+    static step's own attention (`packed`), or as its compiled graph ran with transformers' sdpa."""
+    from engine.attention import PACKED_SDPA, use_attention
+
+    language_model = frame_step.model.model.language_model
+    attention = use_attention(language_model, PACKED_SDPA) if packed else attention_as_compiled_before()
+    slots = frame_step.allocate(bucket, capacity, steps)
+    try:
+        with torch.inference_mode(), attention, counting_bytes() as moved:
+            frame_step.frame(slots.tensors)  # uncompiled: the operators one by one
+    finally:
+        frame_step.release(slots)
+    return moved[0]

@@ -1,4 +1,5 @@
-"""Figure a: weight bytes read per second of generated audio, for the real VibeVoice-7B on a GPU.
+"""Figure a: weight bytes read per second of generated audio, for the real VibeVoice-7B on a GPU; and
+the bytes one compiled frame moves, with the static step's own attention against transformers' sdpa.
 
 Decoding is memory-bandwidth bound: every module call reads that module's weights once, whatever
 the batch. So the figure counts, with forward hooks on the tiny checkpoint, which modules run how
@@ -6,6 +7,13 @@ many times, and weighs each call by that module's parameter bytes in the real 7B
 from its configuration on the meta device: no weights needed). An embedding lookup reads only the
 rows it gathers, and so does the decode loop's token head (the lm_head rows of VibeVoice's four
 tokens). KV-cache and activation traffic is not counted.
+
+The compiled static step (engine/framestep.py) is counted differently, since it calls no module as
+a whole: every operator of one frame, run on the meta device in bf16 (shapes only) for the real 7B and
+1.5B at a full KV capacity step (1024 columns), under bench/step_counters.py's byte counter (weights,
+KV cache, activations, unfused). "Before" is its graph with transformers' sdpa, which under
+torch.compile copies the KV cache once per query head (`repeat_kv`); "after" is its own attention
+(engine/attention.py). tests/engine/test_attention.py checks both counts on the compiled graph itself.
 
 The real configurations (7B, and the 1.5B for `make gpu-bench`) live here, in one place.
 """
@@ -102,11 +110,43 @@ def module_bytes(model) -> dict[str, int]:
 
 
 def real_module_bytes() -> dict[str, int]:
+    return module_bytes(meta_model(real_7b_config()))
+
+
+def meta_model(config, dtype: torch.dtype = torch.bfloat16):
+    """A model of this configuration on the meta device (shapes and dtypes, no weights), in `dtype`."""
     from transformers import VibeVoiceForConditionalGeneration
 
-    with torch.device("meta"):
-        model = VibeVoiceForConditionalGeneration(real_7b_config())
-    return module_bytes(model)
+    from tools.tiny_checkpoint import build_generation_config
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = VibeVoiceForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config = build_generation_config(config)  # the noise scheduler's settings
+    return model.eval()
+
+
+def compiled_frame_rows() -> tuple[list[Row], dict]:
+    """Bytes one compiled frame moves, own attention against transformers' sdpa, 7B and 1.5B at batch 1 and 16."""
+    from bench.step_counters import frame_bytes
+    from engine.decoder import BatchDecoder
+    from engine.framestep import CAPACITY_STEP, FrameStep
+
+    rows, detail = [], {}
+    for name, config in (("7B", real_7b_config), ("1.5B", real_1_5b_config)):
+        step = FrameStep(BatchDecoder(meta_model(config())), compile_frame=False)
+        for batch in (1, 16):
+            after, before = (frame_bytes(step, batch, CAPACITY_STEP["cuda"], DIFFUSION_STEPS, packed=packed)
+                             for packed in (True, False))  # fmt: skip
+            note = "" if rows else "baseline: that graph with transformers' sdpa (repeat_kv); 1024 KV columns, unfused"
+            rows.append(Row("a", f"bytes moved per compiled frame, {name} at batch {batch} (GB)", after / 1e9,
+                            before / 1e9, "GB", None, note))  # fmt: skip
+            detail[f"{name}_batch_{batch}"] = {"own_attention": after, "transformers_sdpa": before}
+    return rows, detail
 
 
 class TokenGuidanceCounter:
@@ -237,10 +277,12 @@ def measure(workspace) -> tuple[list[Row], dict]:
         Row("a", f"bandwidth floor RTF on one H100, per chunk, {CHUNKS} chunks batched",
             batched / H100_BYTES_PER_SECOND, stock / H100_BYTES_PER_SECOND, "RTF", None),
     ]  # fmt: skip
+    frame_rows, frame_detail = compiled_frame_rows()
     detail = {
         "module_bytes_bf16": sizes,
         "frames_per_chunk": FRAMES_PER_CHUNK,
         "diffusion_steps": DIFFUSION_STEPS,
         "runs": runs,
+        "compiled_frame_bytes": frame_detail,
     }
-    return rows, detail
+    return rows + frame_rows, detail

@@ -130,10 +130,11 @@ class BatchDecoder:
 
         lm_head = model.lm_head
         # The rows of lm_head for the allowed tokens: the logits VibeVoice's argmax can pick from.
-        self.token_head = nn.Linear(lm_head.in_features, len(self.allowed_token_ids), bias=False)
+        self.token_head = nn.Linear(lm_head.in_features, len(self.allowed_token_ids), bias=False,
+                                    device=lm_head.weight.device, dtype=lm_head.weight.dtype)  # fmt: skip
         with torch.no_grad():
             self.token_head.weight.copy_(lm_head.weight[self.allowed_token_ids])
-        self.token_head.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype).eval()
+        self.token_head.eval()
         self._allowed = torch.tensor(self.allowed_token_ids, device=lm_head.weight.device)
 
         self.noise_scheduler = model._build_default_noise_scheduler(generation_config)

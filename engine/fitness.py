@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention import use_attention
 from engine.batch import DecodeRequest
 from engine.decoder import BatchDecoder
-from engine.framestep import use_attention
 
 # Forced speech frames the checks decode: each feeds the next (its latent becomes the next input), so a
 # few frames test the loop and not only one pass.
@@ -132,7 +132,7 @@ def compare_compiled(decoder: BatchDecoder, prompt_ids: torch.Tensor) -> Agreeme
         return _failed(agreement, f"compilation failed ({frame_step.failure})")
     if frame_step.compiled_frames - before < PROBE_FRAMES:
         return _failed(agreement, "its frames ran uncompiled (the warm-up did not compile the probe's shape)")
-    with decoder.eager_loop(), use_attention(decoder.model, frame_step.attention):
+    with decoder.eager_loop(), use_attention(decoder.model.model.language_model, frame_step.attention):
         plain = probe(decoder, request)
     return _compared(agreement, fast, plain)
 
@@ -145,13 +145,13 @@ def compare_attention(
     request = probe_request(decoder, prompt_ids)
     with decoder.eager_loop():
         try:
-            with use_attention(decoder.model, candidate):
+            with use_attention(decoder.model.model.language_model, candidate):
                 fast = probe(decoder, request)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # kernels that do not run on this GPU, a build that does not load
             return _failed(agreement, exc)
-        with use_attention(decoder.model, reference):
+        with use_attention(decoder.model.model.language_model, reference):
             plain = probe(decoder, request)
     return _compared(agreement, fast, plain)
 

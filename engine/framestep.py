@@ -33,15 +33,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from engine.attention import PACKED_SDPA, use_attention
 from engine.batch import Batch, FrameOutput, HostCopy, HostFrame, RowState, Sequence, codec_map
+from engine.compile_cache import StepArtifacts, cache_misses
 
 log = logging.getLogger("vibevoice.framestep")
 
@@ -87,13 +87,6 @@ def warm_up_shapes(cap: int, device: torch.device, steps: int) -> list[tuple[int
     step = capacity_step(device)
     short = [(bucket, step, steps) for bucket in WARM_UP_BUCKETS if bucket <= largest]
     return short + [(bucket, 2 * step, steps) for bucket in LONG_WARM_UP_BUCKETS if bucket <= largest]
-
-
-def use_compile_caches(folder: Path) -> None:
-    """Keep torch.compile's caches in `folder` (on the volume), so a later cold start reuses them
-    instead of compiling again. Variables already set (by bootstrap.sh or the operator) win."""
-    for variable, name in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        os.environ.setdefault(variable, str(folder / name))
 
 
 # --- data types ---------------------------------------------------------------------------------
@@ -347,11 +340,12 @@ class FrameStep:
     def __init__(self, decoder, compile_frame: bool):
         self.decoder = decoder
         self.model = decoder.model
-        # The language model's attention inside this step (set around every frame, `run`): it hands
-        # attention a 4-D boolean mask over the slot cache, which sdpa (or eager) reads; flash-attention 2
-        # cannot, and its unpadding reads the host in every layer, so it could not be captured either.
-        # The prefill and the eager loop keep the model's own attention (flash-attention 2 where it runs).
-        self.attention = "sdpa"
+        # The language model's attention inside this step (set around every frame, `run`): sdpa with each
+        # KV head's query heads packed against the shared cache (attention.py), over a 4-D boolean mask of
+        # the slot cache; flash-attention 2 cannot take that mask, and its unpadding reads the host in every
+        # layer, so it could not be captured either. The prefill and the eager loop keep the model's own
+        # attention (flash-attention 2 where it runs).
+        self.attention = PACKED_SDPA
         self.frame = StaticFrame(
             self.model, decoder.token_head, decoder._allowed, decoder.audio_token_id, decoder.audio_bos_token_id
         )
@@ -389,7 +383,7 @@ class FrameStep:
     def run(self, tensors: SlotTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One frame (StaticFrame's outputs), compiled when the warm-up compiled its shape; a compilation
         failure logs one line and every frame runs uncompiled from then on. `last_compiled` says which."""
-        with use_attention(self.model, self.attention):
+        with use_attention(self.model.model.language_model, self.attention):
             if self.compiled and (self._warming or _shape_of(tensors) in self.compiled_shapes):
                 try:
                     if self.device.type == "cuda":
@@ -713,7 +707,13 @@ class FrameStep:
         """Compile (and on CUDA capture) the frame for each shape (bucket, capacity, steps), with idle rows,
         in order: the one place shapes are compiled, only at start-up (a shape compiled mid-job would stall
         every row of the batch). Returns the seconds each shape took; stops at a compilation failure
-        (`compiled` turns False, `failure` says why). Their buffers are kept for the batches to come."""
+        (`compiled` turns False, `failure` says why). Their buffers are kept for the batches to come. The
+        volume's artifacts of an earlier start are loaded first (compile_cache.py); what compiled anew is
+        saved after."""
+        artifacts = StepArtifacts.for_model(self.model) if self.compiled else None
+        if artifacts is not None:
+            artifacts.load()
+        misses = cache_misses()
         seconds = {}
         self._warming = True
         try:
@@ -729,24 +729,9 @@ class FrameStep:
                 seconds[shape] = time.perf_counter() - started
         finally:
             self._warming = False
+        if artifacts is not None and self.compiled and cache_misses() > misses:
+            artifacts.save()
         return seconds
-
-
-@contextlib.contextmanager
-def use_attention(model, name: str) -> Iterator[None]:
-    """The language model computes attention with `name` (a transformers attention implementation) inside
-    the block; the model's own choice again after it. Only the thread that holds the model may use it (the
-    decode thread, or `BatchDecoder.decode` under its lock), so switching is safe; it costs one attribute."""
-    config = model.model.language_model.config
-    previous = config._attn_implementation
-    if previous == name:
-        yield
-        return
-    config._attn_implementation_internal = name
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = previous
 
 
 def _tensors_of(tensors: SlotTensors) -> list[torch.Tensor]:

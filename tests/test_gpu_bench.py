@@ -25,42 +25,71 @@ def committed_results() -> dict[str, float | None]:
     return {str(path): path.stat().st_mtime if path.exists() else None for path in paths}
 
 
-def test_the_cpu_run_checks_and_reports_every_row(tmp_path) -> None:
+def test_the_cpu_run_checks_and_reports_every_row_in_order(tmp_path) -> None:
     before = committed_results()
     env = {**os.environ, "GPU_BENCH_PYTHON": sys.executable, "GPU_BENCH_WHEELS": str(tmp_path / "no-wheels")}
     done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_bench.sh"), "--out", str(tmp_path / "r"), "--frames", "4"],
+        ["bash", str(ROOT / "bench" / "gpu_bench.sh"), "--out", str(tmp_path / "out"), "--frames", "4"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert committed_results() == before  # a CPU run never writes the committed GPU results
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "out" / "gpu_results.json").read_text())
     assert report["ok"] and report["failure"] is None and report["gpu"] is None
     assert {"torch", "cuda", "transformers", "diffusers", "bandwidth_tb_s", "bandwidth_note"} <= set(report)
     [model] = report["models"]
-    assert model["model"] == "tiny" and model["parameters"] > 1e6
+    assert model["model"] == "tiny" and model["parameters"] > 1e6 and model["failures"] == []
     checks = model["checks"]
     assert checks["finite"]["ok"] and checks["finite"]["prompt_lengths"] == list(gpu_bench.CHECK_PROMPT_LENGTHS)
     agreement = checks["own loop vs stock generate"]
     assert agreement["ok"] and agreement["max_error"] <= agreement["tolerance"] == 1e-4
     assert len(agreement["per_frame"]) == gpu_bench.CHECK_FRAMES
-    assert checks["compiled vs eager"]["ok"] in (True, None)
+    assert checks["compiled vs eager"]["ok"] is None  # the CPU compiles only when asked (next test)
     reads = model["weight_bytes_per_step"]
     assert 0 < reads["own"] < reads["stock"]  # stock runs a third LM pass and the full lm_head
-    rows = {(row["loop"], row["batch"]): row for row in model["rows"]}
-    expected = [(EAGER, 1), (STOCK, 1)] + [(EAGER, n) for n in gpu_bench.CONCURRENCY]
-    assert list(rows)[: len(expected)] == expected
-    for key in expected:
-        row = rows[key]
+    # The headline rows first: eager at batch 1, compiled at 1 and 16; then the rest.
+    order = [(row["loop"], row["batch"]) for row in model["rows"]]
+    assert order[:3] == [(EAGER, 1), (COMPILED, 1), (COMPILED, 16)]
+    assert order == [(gpu_bench.LOOPS[loop], batch) for loop, batch in gpu_bench.ROWS]
+    for row in model["rows"]:
+        if row["loop"] == COMPILED:
+            assert row["rtf"] is None and row["note"].startswith("skipped: compiled rows run on CUDA"), row
+            continue
         assert row["rtf"] > 0 and row["step_ms"] > 0 and row["frames"] == 4, row
         assert row["realtime_multiple"] == pytest.approx(row["batch"] / row["rtf"])
+        assert row["step_gb"] * 1e9 == pytest.approx(reads["own" if row["loop"] == EAGER else "stock"])
         assert row["bandwidth_fraction"] is None  # no GPU, no bandwidth: said in bandwidth_note
+        assert row["compile_s"] is None and row["recompiles"] is None and row["cudagraph_skips"] is None
         assert 0 < row["first_frame_s"] < row["wall_s"]
-    for n in (1, *gpu_bench.CONCURRENCY):
-        row = rows[(COMPILED, n)]
-        assert row["rtf"] is not None or row["note"].startswith(("not available in this build", "skipped"))
-    page = (tmp_path / "r.md").read_text()
+    page = (tmp_path / "out" / "gpu_results.md").read_text()
     assert "All checks passed" in page and "| stock generate | 1 |" in page and "| own loop, eager | 16 |" in page
+    assert "| GB per step | bandwidth used | compile (s) | recompiles | CUDA graphs skipped |" in page
+
+
+@pytest.mark.timeout(1800)  # compiling from scratch: minutes, more on busy shared cores
+def test_a_compiled_row_reports_its_compile_recompiles_and_bytes(tmp_path) -> None:
+    """The compiled step on the CPU (torch.compile, no CUDA graphs), bucket 1 only: a minute or two."""
+    out = tmp_path / "compiled"
+    assert gpu_bench.main(["--compiled", "--rows", "eager:1,compiled:1", "--frames", "3", "--out", str(out)]) == 0
+    [model] = json.loads((out / "gpu_results.json").read_text())["models"]
+    check = model["checks"]["compiled vs eager"]
+    assert check["ok"] and check["max_error"] <= check["tolerance"] == 1e-4
+    assert set(model["compile_s"]) == {"1"} and model["compile_s"]["1"] > 0 and model["compile_graphs"] == {"1": 1}
+    eager, compiled = model["rows"]
+    assert compiled["loop"] == COMPILED and compiled["rtf"] > 0 and compiled["note"] == ""
+    assert compiled["compile_s"] == model["compile_s"]["1"] and compiled["recompiles"] == 0
+    assert compiled["cudagraph_skips"] is None  # no CUDA: no graphs to skip
+    # Its own count (every operator of the static frame, KV and activations too), not the eager loop's weights.
+    assert compiled["step_gb"] > 0 and compiled["step_gb"] != eager["step_gb"]
+    assert "compiling the step (the warm-up of each bucket): bucket 1" in (out / "gpu_results.md").read_text()
+
+
+def test_rows_are_named_by_loop_and_batch(capsys) -> None:
+    assert gpu_bench.parse_options(["--rows", "compiled:16, eager:1"]).rows == (("compiled", 16), ("eager", 1))
+    for wrong in ("warp:1", "eager", "eager:0", "eager:65"):
+        with pytest.raises(SystemExit):
+            gpu_bench.parse_options(["--rows", wrong])
+        assert "--rows: give LOOP:BATCH pairs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -74,18 +103,18 @@ def test_a_nan_row_or_a_mismatch_fails_the_run_loudly(tmp_path, capsys, fault, r
     out = tmp_path / fault
     assert gpu_bench.main(["--inject", fault, "--out", str(out), "--frames", "3"]) == 1
     assert f"gpu-bench FAILED: {reason}" in capsys.readouterr().err
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = json.loads((out / "gpu_results.json").read_text())
     assert not report["ok"] and report["failure"].startswith(reason)
     checks = report["models"][0]["checks"]
     assert not checks["finite" if fault == "nan" else "own loop vs stock generate"]["ok"]
     assert report["models"][0]["rows"] == []  # nothing is timed on a device that computes wrong numbers
-    assert "FAILED" in out.with_suffix(".md").read_text()
+    assert "FAILED" in (out / "gpu_results.md").read_text()
 
 
 def test_rows_that_do_not_fit_the_time_budget_are_skipped_with_a_note(tmp_path) -> None:
     out = tmp_path / "budget"
     assert gpu_bench.main(["--budget", "0.01", "--out", str(out), "--frames", "3"]) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
+    report = json.loads((out / "gpu_results.json").read_text())
     rows = report["models"][0]["rows"]
     assert report["ok"] and rows and all(row["rtf"] is None and row["note"] for row in rows)
     assert any("time budget" in row["note"] for row in rows)
