@@ -149,6 +149,10 @@ def fault_api(tiny_model_dir, fault_home, fault_tmp, s3_server, gate, tmp_path_f
         "S3_BUCKET_NAME": s3_server.bucket,
         "S3_TIMEOUT": "1",
         "S3_MAX_ATTEMPTS": "2",
+        "S3_UPLOAD_DEADLINE": "20",
+        # Voice URLs on the test's own servers, with a short deadline (test_trickling_voice_urls...).
+        "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "VOICE_FETCH_TIMEOUT": "2",
     }
     log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
     with running_api(log_path, env, command=[sys.executable, str(ROOT / "tests" / "fault_worker.py")]) as api:
@@ -214,7 +218,9 @@ def test_jobs_complete_while_every_file_write_fails(fault_api: RunpodAPI, fault_
 
 # --- S3 that hangs or drops the connection ----------------------------------------------------------
 
-S3_FAULTS = {"stall": "S3 upload failed: ReadTimeoutError", "reset": "S3 upload failed: ConnectionClosedError"}
+# The cause each fault leaves in the worker's log; the job itself says only that storage failed.
+S3_FAULTS = {"stall": "ReadTimeoutError", "reset": "ConnectionClosedError"}
+STORAGE_FAILED = "the audio could not be uploaded to the endpoint's storage (S3; the cause is in the worker's log)"
 
 
 @pytest.mark.fault
@@ -230,19 +236,39 @@ def test_s3_fault_falls_back_to_base64_or_fails_within_bounded_retries(
         assert small["status"] == "COMPLETED", small
         item = small["output"][0]
         assert item["delivery"] == "base64" and "audio_base64" in item
-        (warning,) = [text for text in item["warnings"] if text.startswith("S3 upload failed")]
-        assert warning.startswith(S3_FAULTS[mode])
-        assert warning.endswith("; the audio is returned as base64 instead.")
+        assert f"{STORAGE_FAILED}; the audio is returned as base64 instead." in item["warnings"]
         assert small["executionTime"] < 30_000  # bounded: not stuck on a dead endpoint
 
         gate.switch(mode)
         failed = run(fault_api, {"text": "Needs a URL.", "output_format": "pcm_16", "return": "url", **TINY})
-        failed_with(failed, S3_FAULTS[mode])
+        failed_with(failed, STORAGE_FAILED)
         assert gate.refused == 2
     finally:
         gate.switch("pass")
+    assert f"failed: {S3_FAULTS[mode]}" in fault_api.worker.log_path.read_text()  # the cause, for the operator
     recovered = run(fault_api, {"text": "S3 is back.", "output_format": "pcm_16", "return": "url", **TINY})
     assert recovered["status"] == "COMPLETED" and recovered["output"][0]["delivery"] == "url", recovered
+
+
+# --- servers that trickle ------------------------------------------------------------------------
+
+
+@pytest.mark.fault
+def test_trickling_voice_urls_cannot_hold_the_worker(fault_api: RunpodAPI, trickle_server) -> None:
+    """Voice URLs on a server that sends one byte a second, more of them than the worker takes at
+    once (MAX_CONCURRENCY=2): each job fails at its VOICE_FETCH_TIMEOUT (2 s) with the connection
+    cut, so no job or thread is held, and the next normal job completes. Without a wall-clock
+    deadline each would hold its slot for the server's 90 s."""
+    jobs = []
+    for number in range(5):
+        job = {"text": f"Trickled voice {number}.", "voice_url": f"{trickle_server.base_url}/body", **TINY}
+        status, reply = fault_api.call("POST", "/run", {"input": job})
+        assert status == 200, reply
+        jobs.append(reply["id"])
+    for job_id in jobs:
+        failed_with(fault_api.wait_for(job_id, FINAL, timeout=60), "'voice_url' timed out after 2 s.")
+    assert trickle_server.wait_for_cuts(5) == ["/body"] * 5  # every connection was cut, none left open
+    still_serving(fault_api)
 
 
 # --- a fault inside generation --------------------------------------------------------------------
