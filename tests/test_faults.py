@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from pathlib import Path
 import pytest
 from audio_helpers import probe
 from conftest import ROOT, RunpodAPI, make_volume, running_api, start_runpod_api
+from test_bridge_e2e import start_bridge
 
 pytestmark = pytest.mark.slow
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
@@ -248,6 +251,44 @@ def test_s3_fault_falls_back_to_base64_or_fails_within_bounded_retries(
     assert f"failed: {S3_FAULTS[mode]}" in fault_api.worker.log_path.read_text()  # the cause, for the operator
     recovered = run(fault_api, {"text": "S3 is back.", "output_format": "pcm_16", "return": "url", **TINY})
     assert recovered["status"] == "COMPLETED" and recovered["output"][0]["delivery"] == "url", recovered
+
+
+@pytest.mark.fault
+def test_bridge_replies_hold_no_storage_internals(fault_api: RunpodAPI, gate: S3Gate, tmp_path: Path) -> None:
+    """S3 drops every connection and a job fails inside generation, behind `make bridge`'s script:
+    no reply in any mode (whole file, word timestamps with the worker's warnings, SSE, raw stream)
+    names the storage endpoint, the bucket, an object key or a traceback; the worker's log has the
+    cause for the operator."""
+    token = "faults-" + os.urandom(6).hex()
+    process, origin = start_bridge(
+        fault_api.base_url, fault_api.api_key, tmp_path / "bridge.log", AUTH_TOKEN=token,
+        STREAM_AUDIO="false", PRESET_VOICES="en-Alice_woman,en-Frank_man", POLL_INITIAL_MS="100",
+    )  # fmt: skip
+    seen = []
+    gate.switch("reset")
+    try:
+        for extra in ({}, {"timestamps": True}, {"stream_format": "sse"}, {"stream_format": "audio"}):
+            for text in ("Stored nowhere.", f"A {MARKER} inside generation."):
+                body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "wav", **TINY, **extra}
+                request = urllib.request.Request(
+                    f"{origin}/v1/audio/speech", data=json.dumps(body).encode(), method="POST",
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                )  # fmt: skip
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        seen.append(f"{response.status} {dict(response.headers)} {response.read()[-4000:]!r}")
+                except urllib.error.HTTPError as error:
+                    seen.append(f"{error.code} {dict(error.headers)} {error.read()!r}")
+    finally:
+        gate.switch("pass")
+        process.terminate()
+        process.wait(timeout=20)
+    everything = "\n".join(seen)
+    assert "base64 instead" in everything  # the worker's warning came back (timestamps), in its words
+    assert "failed while generating the audio" in everything
+    for internal in (str(gate.port), "vibevoice-test", "vibevoice/20", "Traceback", "botocore", "RuntimeError"):
+        assert internal not in everything, internal
+    assert "ConnectionClosedError" in fault_api.worker.log_path.read_text()
 
 
 # --- servers that trickle ------------------------------------------------------------------------

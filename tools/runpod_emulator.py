@@ -213,6 +213,9 @@ class RunpodBehaviour:
                         published limits); calls past the limit get 429 with Retry-After
     transient_every     every Nth /status and /stream call answers `transient_status` (a gateway
                         failure) before anything is handed out
+    lose_stream_every   every Nth /stream reply that carries items hands them out and is then lost on
+                        the way (the client gets `transient_status`; a retried read brings the items
+                        after them), as a reply dropped between RunPod and its client
     """
 
     running_state: bool = False
@@ -220,6 +223,7 @@ class RunpodBehaviour:
     rate_limits: dict[str, tuple[int, float]] | None = None
     transient_every: int = 0
     transient_status: int = 503
+    lose_stream_every: int = 0
     _calls: dict[str, int] = field(default_factory=dict, repr=False)
     _recent: dict[str, deque] = field(default_factory=dict, repr=False)
 
@@ -261,6 +265,13 @@ class RunpodBehaviour:
                 break
             batch.append(item)
         return batch
+
+    def loses(self, items: list) -> bool:
+        """Whether this /stream reply, carrying `items`, is lost on the way (`lose_stream_every`)."""
+        if not (self.lose_stream_every and items):
+            return False
+        self._calls["stream replies"] = self._calls.get("stream replies", 0) + 1
+        return self._calls["stream replies"] % self.lose_stream_every == 0
 
 
 class RequestError(Exception):
@@ -584,6 +595,8 @@ class RunpodEmulator:
             return NOT_FOUND, 404
         items = self.behaviour.stream_batch(job.stream[job.stream_read :])
         job.stream_read += len(items)
+        if self.behaviour.loses(items):
+            return {"error": "upstream connect error"}, self.behaviour.transient_status
         return {"status": job.status, "stream": [{"output": item} for item in items]}, 200
 
     async def _cancel(self, request: web.Request) -> tuple[dict, int]:
@@ -1092,6 +1105,13 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--transient-every", type=int, default=0, metavar="N", help="every Nth /status and /stream call answers 503"
     )
+    group.add_argument(
+        "--lose-stream-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every Nth /stream reply with items is lost after handing them out (the client gets 503)",
+    )
 
 
 def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
@@ -1106,6 +1126,7 @@ def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
         stream_reply_bytes=args.stream_reply_bytes,
         rate_limits=rate_limits,
         transient_every=args.transient_every,
+        lose_stream_every=args.lose_stream_every,
     )
 
 
