@@ -1,20 +1,26 @@
 """Secrets stay out of logs and outputs; voice URLs cannot reach private networks through DNS.
 
 Where each security measure is tested:
-- secrets in the worker's log, job outputs and errors: here (a live worker with known fake
-  secrets, at DEBUG); in the bridge's answers and logs: bridge/test/routes.spec.js ("secrets"),
-  test_bridge_e2e.py, test_load.py; in S3 error messages: test_storage.py.
-- voice URLs: loopback, private, link-local, metadata, IPv6 and IPv4-mapped addresses, redirects,
-  schemes: test_voices.py; names that resolve to private addresses: here (DNS answers are
-  monkeypatched in-process: there is no DNS server to point at a private address here).
+- secrets in the worker's log, job outputs and errors, a failing job's traceback and the RunPod
+  SDK's own lines included: here (a live worker with known fake secrets, at DEBUG); in the bridge's
+  answers and logs: bridge/test/routes.spec.js ("secrets"), test_bridge_e2e.py, test_load.py; in S3
+  error messages: test_storage.py; storage internals in bridge replies: test_faults.py,
+  bridge/test/security.spec.js.
+- voice URLs: loopback, private, link-local, metadata, IPv6 and every IPv6 form that carries an IPv4
+  address, redirects, schemes, a server that trickles: test_voices.py (and test_faults.py through
+  the worker loop); names that resolve to private addresses: here (DNS answers are monkeypatched
+  in-process: there is no DNS server to point at a private address here).
 - size caps: text (MAX_TEXT_LENGTH) tests/data/bad_jobs.json ("100k-character text"); base64 clips
   test_voices.py::test_size_cap_on_base64 and here through the worker loop; downloads
   test_voices.py::test_fetch_limits; bridge bodies bridge/test/speech.spec.js and
-  bridge/test/data/bad_requests.json (413 cases); RunPod's payload limits in the emulator.
+  bridge/test/data/bad_requests.json (413 cases); RunPod's payload limits in the emulator; a
+  streamed job's final output: test_streaming_runpod.py.
 - speaker names never leave the voices folder: test_voices.py and the bad-job corpus.
-- object keys (uuid4) and presigned URL expiry (S3_PRESIGN_EXPIRY): test_storage.py.
-- the bridge's token check (SHA-256 digests compared with timingSafeEqual, 401 before any work):
-  bridge/test/bad_requests.spec.js.
+- object keys (uuid4), presigned URL expiry (S3_PRESIGN_EXPIRY) and the documented lifecycle rule:
+  test_storage.py.
+- the bridge's keys, owners, clip URLs, consent, quotas and headers: bridge/test/security.spec.js,
+  bridge/test/properties.spec.js (several keys), bridge/test/bad_requests.spec.js (401 before any
+  work, constant-time comparison), test_bridge_e2e.py (through the SDKs and `make bridge`).
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import http.server
+import json
 import logging
+import math
 import re
 import threading
 import urllib.request
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -142,3 +145,17 @@ def test_without_s3(make_settings) -> None:
     with pytest.raises(DeliveryError, match=r"over the 0.0 MB limit for base64 results; configure S3"):
         deliver(b"x" * 2000, "audio/wav", "wav", "base64", None, 1000)
     assert settings.inline_limit_bytes == 9_000_000
+
+
+def test_the_documented_lifecycle_rule_is_valid_and_outlives_the_urls(s3_server, make_settings) -> None:
+    """docs/operations.md's rule for results: S3 (moto's server) takes it as written, it covers the
+    default key prefix, and its expiry is the presigned URL's life plus a day, in S3's whole days."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = docs.split("### Results in S3", 1)[1]
+    rule = json.loads(section.split("```json", 1)[1].split("```", 1)[0])
+    client = s3_server.client()
+    client.put_bucket_lifecycle_configuration(Bucket=s3_server.bucket, LifecycleConfiguration=rule)
+    (stored,) = client.get_bucket_lifecycle_configuration(Bucket=s3_server.bucket)["Rules"]
+    settings = make_settings()
+    assert stored["Filter"]["Prefix"] == settings.s3_key_prefix and stored["Status"] == "Enabled"
+    assert stored["Expiration"]["Days"] == math.ceil(settings.s3_presign_expiry / 86400) + 1
