@@ -699,8 +699,11 @@ def test_sdk_retries_never_start_a_second_job(
 
 def test_open_webui_lists_the_preset_voices_without_a_token(bridge: Bridge) -> None:
     """Open WebUI fetches these without its key; with AUTH_TOKEN set, they still answer."""
+    consent = bridge.client().audio.voice_consents.create(
+        name="Clone's consent", language="en", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
+    )
     created = bridge.client().audio.voices.create(
-        name="Private clone", audio_sample=("clip.wav", wav_bytes(24000, 1, 2.0), "audio/wav"), consent="n/a"
+        name="Private clone", audio_sample=("clip.wav", wav_bytes(24000, 1, 2.0), "audio/wav"), consent=consent.id
     )
     with urllib.request.urlopen(bridge.base_url + "/audio/voices", timeout=10) as response:
         voices = json.loads(response.read())["voices"]
@@ -710,7 +713,8 @@ def test_open_webui_lists_the_preset_voices_without_a_token(bridge: Bridge) -> N
     assert created.id in {voice["id"] for voice in bridge.get_json("/audio/voices")["voices"]}
     with urllib.request.urlopen(bridge.base_url + "/audio/models", timeout=10) as response:
         assert "tts-1" in {model["id"] for model in json.loads(response.read())["models"]}
-    bridge.client().audio.voices.delete(created.id)
+    bridge.client().audio.voice_consents.delete(consent.id, extra_query={"delete_voice": "true"})
+    assert created.id not in {voice["id"] for voice in bridge.get_json("/audio/voices")["voices"]}
 
 
 def test_any_model_name_runs_and_the_reply_says_which(bridge: Bridge) -> None:
