@@ -1,13 +1,16 @@
-# VibeVoice RunPod serverless worker. Two images from one file (see the README's deployment section):
+# VibeVoice RunPod serverless worker. Two images from one file (docs/operations.md#deployment-choices):
 #
-#   docker build -t vibevoice-worker .                       # network-volume mode (default target)
-#   docker build --target self-contained -t vibevoice-worker:full .
-#   docker build --target self-contained --build-arg BAKE_MODEL=vibevoice/VibeVoice-7B \
+#   docker build -t vibevoice-worker .                       # self-contained (the default target)
+#   docker build --build-arg BAKE_MODEL=vibevoice/VibeVoice-7B-hf \
 #       --secret id=hf_token,env=HF_TOKEN -t vibevoice-worker:baked .
+#   docker build --target volume -t vibevoice-worker:volume .
 #
-# Network-volume mode: the image holds Python and the code only; bootstrap.sh builds the venv and the
-# model cache on /runpod-volume on the first boot. Self-contained: the dependencies are installed at
-# build time (VIBEVOICE_PYTHON), the model comes from RunPod's cached models, the volume, or is baked in.
+# Self-contained: the dependencies are installed at build time (VIBEVOICE_PYTHON); the model comes from
+# RunPod's cached models, a network volume if one is attached, a download, or is baked in. It is the
+# default because it needs no volume: RunPod Hub builds the default target, and a worker without a
+# volume would otherwise rebuild the 7.5 GB venv at every cold start. Network-volume mode: the image
+# holds Python and the code only; bootstrap.sh builds the venv and the model cache on /runpod-volume on
+# the first boot (and warns, in one line, when no volume is attached).
 #
 # The base is CUDA's smallest image: torch's wheels bring their own CUDA runtime, cuBLAS, cuDNN and
 # NCCL (nvidia-* packages in the venv), and the flash-attn wheel is prebuilt, so neither needs the
@@ -31,7 +34,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 
-# --- self-contained: dependencies (and optionally the model) inside the image ---------------------------
+# --- network-volume mode: the venv and the model on the volume, built by the first boot -----------------
+FROM base AS volume
+COPY . /app
+CMD ["bash", "/app/bootstrap.sh"]
+
+# --- self-contained (the default target, last): dependencies (and optionally the model) in the image ------
 FROM base AS self-contained
 ARG TORCH_SPEC=torch==2.8.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
@@ -55,10 +63,5 @@ snapshot_download(sys.argv[1], local_dir='/opt/model-src', token=os.environ.get(
         && rm -rf /root/.cache/huggingface; \
     fi
 ENV VIBEVOICE_PYTHON=/opt/venv/bin/python
-COPY . /app
-CMD ["bash", "/app/bootstrap.sh"]
-
-# --- network-volume mode (the default target) -------------------------------------------------------------
-FROM base AS volume
 COPY . /app
 CMD ["bash", "/app/bootstrap.sh"]

@@ -18,8 +18,11 @@ SERVE_PORT ?= 8000
 SERVE_API_KEY ?= local-dev
 SERVE_FLAGS ?=
 GPU_BENCH_FLAGS ?=
+# `make test`'s pytest processes (pytest-xdist) and how tests are shared among them (docs/testing.md).
+TEST_WORKERS ?= 3
+TEST_DIST ?= loadgroup
 
-# The bridge (bridge/): Node 20 + npm; packages from bridge/package-lock.json, installed by npm ci.
+# The bridge (bridge/): Node 20 or newer + npm (deploying with wrangler: Node 22); packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
 BRIDGE_PORT ?= 8787
 RUNPOD_URL ?= http://127.0.0.1:$(SERVE_PORT)/v2/vibevoice-local
@@ -93,14 +96,19 @@ serve: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m bench.soak
 
-## The whole test suite (CI runs this through .ci/run). The aligner's accuracy test speaks with
-## espeak-ng and the playground's browser tests drive Chromium (Debian's packages): installed with
-## apt-get if missing.
+## The whole test suite (CI runs this through .ci/run): lint, then the bridge's tests in workerd beside
+## pytest, whose files are spread over TEST_WORKERS processes (pytest-xdist). The aligner's accuracy
+## test speaks with espeak-ng and the playground's browser tests drive Chromium (Debian's packages):
+## installed with apt-get if missing.
 test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak $(CHROMIUM)
 	$(PY) -m ruff check .
 	$(MAKE) --no-print-directory lint-deploy
-	cd bridge && npx vitest run
-	$(PY) -m pytest
+	@mkdir -p .local
+	@(cd bridge && npx vitest run > ../.local/vitest.log 2>&1) & vitest=$$!; \
+		$(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST); status=$$?; \
+		wait $$vitest; bridge=$$?; tail -n 6 .local/vitest.log; \
+		if [ $$bridge -ne 0 ]; then cat .local/vitest.log; echo "the bridge's tests failed (make bridge-test)"; fi; \
+		[ $$status -eq 0 ] && [ $$bridge -eq 0 ]
 
 ## The production stack (not part of `make test`; downloads several GB on every run): bootstrap.sh builds
 ## the production venv (Python 3.12, torch 2.8.0, requirements.txt) in .local/test-deploy, boots twice,
@@ -114,7 +122,7 @@ lint-deploy: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile
 
 ## Speed, memory and start-up figures against baselines measured in the same run (not part of
-## `make test`; about 5-10 minutes on 2 cores). Writes bench/results.json and bench/results.md.
+## `make test`; about 8 minutes). Writes bench/results.json and bench/results.md.
 ## The design's post-processing baseline needs the ffmpeg command, the aligner's figure espeak-ng:
 ## installed with apt-get if missing.
 bench: $(STAMP) espeak

@@ -22,6 +22,8 @@
 # ever removed. Long steps log a progress line every BOOTSTRAP_PROGRESS_SECONDS, and each step that
 # writes gigabytes first checks the free disk space.
 # With VIBEVOICE_PYTHON set (the self-contained image), the venv steps are skipped.
+# Without a network volume (VIBEVOICE_HOME on the container disk, which every cold start gets empty),
+# one WARNING line says what each cold start rebuilds and what to change.
 #
 # Any failure ends the script with exit status 1 and one line starting "bootstrap: FAILED".
 # Arguments are passed on to the worker (e.g. `bootstrap.sh --test_input '{...}'`).
@@ -61,6 +63,8 @@ TOKENIZER=${TOKENIZER:-}
 VOICES_MANIFEST=${VOICES_MANIFEST-$APP_DIR/demo/voices.json} # empty: fetch no voices
 VOICES_URLS=${VOICES_URLS:-}                                   # base URLs to fetch from (default: the manifest's)
 VOICES_TIMEOUT=${VOICES_TIMEOUT:-120}                          # seconds for all voices together
+# The container's own disk is the filesystem of this path: a VIBEVOICE_HOME on it has no network volume.
+BOOTSTRAP_CONTAINER_DISK=${BOOTSTRAP_CONTAINER_DISK:-/}
 
 FLAG="$VIBEVOICE_HOME/.first_run_complete"
 LOCK="$VIBEVOICE_HOME/.bootstrap.lock"
@@ -476,6 +480,38 @@ retry_voices() {
         log "warning: could not update $FLAG"
 }
 
+# --- without a network volume -----------------------------------------------------------------------------
+
+# VIBEVOICE_HOME lies on the container's own disk (the same filesystem as BOOTSTRAP_CONTAINER_DISK).
+on_container_disk() {
+    local folder=$VIBEVOICE_HOME
+    while [ ! -e "$folder" ] && [ "$folder" != / ]; do folder=$(dirname "$folder"); done
+    [ "$(stat -c %d "$folder")" = "$(stat -c %d "$BOOTSTRAP_CONTAINER_DISK")" ]
+}
+
+# The model will be downloaded: no local folder, no baked model, nothing in RunPod's cache or the volume's.
+model_needs_download() {
+    [ -z "$MODEL_PATH$MODEL_SOURCE" ] || return 1
+    ! provision "$TOOL_PYTHON" find-model "$MODEL_ID" --runpod-cache "$RUNPOD_HF_CACHE" \
+        --cache "$VIBEVOICE_HOME/hf_cache" >/dev/null 2>&1
+}
+
+# A worker without a network volume starts from an empty VIBEVOICE_HOME at every cold start: say, once and
+# in one line, what that costs and what to change, before paying it.
+warn_without_volume() {
+    on_container_disk || return 0
+    local rebuilt=()
+    [ -n "$VIBEVOICE_PYTHON" ] || rebuilt+=("builds the 7.5 GB virtual environment")
+    model_needs_download && rebuilt+=("downloads $MODEL_ID")
+    [ "${#rebuilt[@]}" -gt 0 ] || return 0
+    local what=${rebuilt[0]}
+    [ "${#rebuilt[@]}" -eq 1 ] || what="${rebuilt[0]} and ${rebuilt[1]}"
+    log "WARNING: no network volume: $VIBEVOICE_HOME is on the container disk, which starts empty, so this" \
+        "and every cold start $what again (minutes each time). Attach a network volume (mounted at" \
+        "/runpod-volume), or deploy the self-contained image (the Dockerfile's default target) with the" \
+        "endpoint's cached model set to $MODEL_ID."
+}
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 run_worker() {
@@ -542,6 +578,7 @@ main() {
     # We hold the lock: the flag goes until every step succeeded; dead boots' leftovers go too.
     rm -f "$FLAG"
     remove_dead_builds
+    warn_without_volume
 
     if [ -z "$VIBEVOICE_PYTHON" ]; then
         prepare_venv "$hash"

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     result_limit_bytes: int = Field(20_000_000, ge=10_000, le=20_000_000)
 
     # --- job limits and defaults -----------------------------------------------------------
-    max_text_length: int = Field(2000, ge=1, le=1_000_000)
+    # OpenAI's limit for speech input: the bridge and .runpod/hub.json share it (tests/test_deploy_files.py).
+    max_text_length: int = Field(4096, ge=1, le=1_000_000)
     # Every cost a job can drive is bounded before work starts (see the failure section of the docs).
     max_chunks: int = Field(100, ge=1, le=10_000)  # chunks one job's text may be cut into
     # The longest audio a job may ask for: every chunk's frame cap, slowed down by `speed`.

@@ -117,7 +117,7 @@ class VibeVoiceEngine:
         self.decoder = BatchDecoder(model, compile_mode)
         if self.decoder.frame_step is not None:  # the static step may have switched the language model to sdpa
             self.info.attention = model.model.language_model.config._attn_implementation
-        self.budget = BatchBudget(batch_size, model.device, self.kv_bytes_per_token(), self.prefill_bytes())
+        self.budget = memory_budget(model, batch_size)
         self.scheduler = DecodeScheduler(self.decoder, self.budget)
 
     @property
@@ -391,31 +391,43 @@ class VibeVoiceEngine:
         """MAX_CONCURRENCY=0: on CUDA as many jobs as typical chunks fill the batch; on the CPU, 2."""
         if self.model.device.type != "cuda":
             return CPU_AUTO_CONCURRENCY
-        # A default chunk (300 characters, ~100 text tokens) with a 20 s voice (150 frames) and the
-        # prompt's scaffolding (~100 tokens), speaking for as long as the budget plans.
-        frames = math.ceil((1.0 + 300 / SPEECH_CHARS_PER_SECOND) * self.frame_rate)
-        request = DecodeRequest(0, torch.zeros(350, dtype=torch.long), frames, 0, expected_frames=frames)
-        return self.budget.fits(request)
+        return self.budget.fits(typical_request(self.frame_rate))
 
-    # --- memory ------------------------------------------------------------------------------------
 
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of keys and values one token adds to one row of the language model's cache
-        (57 344 for the 7B in bf16: 28 layers x 4 KV heads x 128 x K and V x 2 bytes)."""
-        text = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        element = torch.finfo(self.model.dtype).bits // 8
-        return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
+# --- memory: what the scheduler's budget counts (also read by bench/sizing.py's GPU table) -----------------
 
-    def prefill_bytes(self) -> int:
-        """Peak bytes of one prefill piece: a voice segment through the acoustic encoder, or a prompt
-        piece through the language model (its activations), whichever is larger."""
-        element = torch.finfo(self.model.dtype).bits // 8
-        filters = int(self.model.config.audio_config.num_filters)
-        voice = VOICE_SEGMENT_SAMPLES * ENCODER_BYTES_PER_SAMPLE_PER_FILTER_BYTE * filters * element
-        text = self.model.config.get_text_config(decoder=True)
-        prompt = PREFILL_PIECE_TOKENS * (8 * text.hidden_size + 3 * text.intermediate_size) * element
-        return max(voice, prompt)
+
+def memory_budget(model: VibeVoiceForConditionalGeneration, batch_size: int = 0, device=None) -> BatchBudget:
+    """The decode scheduler's memory budget for `model` (on `device`, by default the model's own)."""
+    device = model.device if device is None else device
+    return BatchBudget(batch_size, device, kv_bytes_per_token(model), prefill_bytes(model))
+
+
+def typical_request(frame_rate: float) -> DecodeRequest:
+    """What MAX_CONCURRENCY=0 plans for: a default chunk (300 characters, ~100 text tokens) with a 20 s
+    voice (150 frames) and the prompt's scaffolding (~100 tokens), speaking as long as the budget plans."""
+    frames = math.ceil((1.0 + 300 / SPEECH_CHARS_PER_SECOND) * frame_rate)
+    return DecodeRequest(0, torch.zeros(350, dtype=torch.long), frames, 0, expected_frames=frames)
+
+
+def kv_bytes_per_token(model: VibeVoiceForConditionalGeneration) -> int:
+    """Bytes of keys and values one token adds to one row of the language model's cache
+    (57 344 for the 7B in bf16: 28 layers x 4 KV heads x 128 x K and V x 2 bytes)."""
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = torch.finfo(model.dtype).bits // 8
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * element
+
+
+def prefill_bytes(model: VibeVoiceForConditionalGeneration) -> int:
+    """Peak bytes of one prefill piece: a voice segment through the acoustic encoder, or a prompt
+    piece through the language model (its activations), whichever is larger."""
+    element = torch.finfo(model.dtype).bits // 8
+    filters = int(model.config.audio_config.num_filters)
+    voice = VOICE_SEGMENT_SAMPLES * ENCODER_BYTES_PER_SAMPLE_PER_FILTER_BYTE * filters * element
+    text = model.config.get_text_config(decoder=True)
+    prompt = PREFILL_PIECE_TOKENS * (8 * text.hidden_size + 3 * text.intermediate_size) * element
+    return max(voice, prompt)
 
 
 class _JobReader:

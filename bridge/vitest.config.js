@@ -30,8 +30,9 @@ export default defineConfig({
           STREAM_POLL_MAX_MS: "50",
           RETRY_BASE_MS: "5",
           RETRY_MAX_MS: "20",
-          // Tests name voices freely; the preset check has its own tests.
+          // Tests name voices freely; the preset check and OpenAI's voice names have their own tests.
           PRESET_VOICES: "",
+          OPENAI_VOICES: "false",
         },
       },
     })),

@@ -12,9 +12,12 @@ import contextlib
 import http.server
 import json
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -36,13 +39,31 @@ for _name in list(os.environ):
     if _name.startswith(("S3_", "RUNPOD_")) or _name in ("MODEL_ID", "MODEL_PATH", "HF_TOKEN", "VIBEVOICE_CONFIG"):
         del os.environ[_name]
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One seed for the run's generated inputs (tests/fuzzing.py), shared with pytest-xdist's worker processes,
+# which inherit this environment.
+os.environ.setdefault("FUZZ_SEED", str(random.SystemRandom().randrange(2**32)))
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's caches for this run, shared by every process in it (pytest-xdist's workers and the
+# workers the tests start inherit the environment): a shape compiled once is a cache hit for the rest
+# of the run, and no run reads an earlier run's cache, as on a fresh CI machine.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _COMPILE_CACHE = tempfile.mkdtemp(prefix="vibevoice-test-compile-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "inductor")
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "triton")
+else:
+    _COMPILE_CACHE = None
 
 from config import Settings, load_settings  # noqa: E402
 from runtime import lifetime  # noqa: E402
 from tools import tiny_checkpoint  # noqa: E402
 from tools.local_home import write_demo_voices  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's compile cache goes with the process that made it (not with pytest-xdist's workers)."""
+    if _COMPILE_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
 
 
 def free_port() -> int:

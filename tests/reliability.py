@@ -16,6 +16,9 @@ corpus and its property tests run in vitest (workerd); their counts come from th
 bridge/.vitest-report.json, which every vitest run writes (`make test` runs vitest just before
 pytest); a property test's title says how many requests it generates ("(300 generated)"). The soak
 count is the last `make soak` run's, read from bench/soak.json.
+
+Tests may run in several processes (pytest-xdist): each test's counts and notes travel to the process
+that prints the summary inside its report (`user_properties`), and are added up there.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ SOAK_RESULTS = ROOT / "bench" / "soak.json"
 _totals: Counter = Counter()
 _notes: list[str] = []
 _pending = pytest.StashKey[Counter]()
+_pending_notes = pytest.StashKey[list[str]]()
+_PROPERTY = "reliability"  # the name of the report property that carries a test's counts and notes
 
 
 class Recorder:
@@ -48,7 +53,7 @@ class Recorder:
         self.item.stash.setdefault(_pending, Counter())[kind] += count
 
     def note(self, line: str) -> None:
-        _notes.append(line)
+        self.item.stash.setdefault(_pending_notes, []).append(line)
 
 
 @pytest.fixture()
@@ -63,17 +68,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Where the test ran: its counts into its report (which pytest-xdist sends to the controller)."""
     report = yield
     if report.when == "call" or (report.when == "setup" and report.failed):
+        counts: Counter = Counter()
         marks = [name for name in ("bad_input", "fault") if item.get_closest_marker(name)]
         pending = item.stash.get(_pending, Counter())
         if report.passed:
-            _totals.update(marks)
-            _totals.update(pending)
+            counts.update(marks)
+            counts.update(pending)
         elif marks or pending:
-            _totals["failed"] += 1
-            _totals["losses"] += pending["losses"]
+            counts["failed"] += 1
+            counts["losses"] += pending["losses"]
+        notes = item.stash.get(_pending_notes, [])
+        if counts or notes:
+            report.user_properties.append((_PROPERTY, {"counts": dict(counts), "notes": list(notes)}))
     return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where the summary is printed: add up every test's counts and notes."""
+    for name, value in report.user_properties:
+        if name == _PROPERTY:
+            _totals.update(value["counts"])
+            _notes.extend(value["notes"])
 
 
 def _vitest_cases(spec: str) -> tuple[list[dict], str]:
@@ -141,6 +159,8 @@ def summary_line() -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller prints the summary
+        return
     if any(_totals.values()):
         terminalreporter.write_line(summary_line())
         for line in _notes:

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import RunpodAPI, running_api
 
+# One xdist worker runs this module (its fixtures start a worker and run the whole corpus at once).
+pytestmark = pytest.mark.xdist_group("bad_inputs")
+
 CORPUS = json.loads((Path(__file__).parent / "data" / "bad_jobs.json").read_text())["cases"]
 VALID = {"text": "Still serving.", "max_new_tokens": 1, "diffusion_steps": 1, "output_format": "pcm_16"}
 TRACEBACK_MARKERS = re.compile(r'Traceback|File "|, line \d+, in |\n')

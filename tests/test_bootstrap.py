@@ -495,6 +495,43 @@ def test_the_lock_wait_stays_below_runpods_start_up_limit(deploy):
     assert "BOOTSTRAP_LOCK_TIMEOUT (3s) leaves less than 600s of RUNPOD_INIT_TIMEOUT (602s)" in done.stdout
 
 
+def warnings_in(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("bootstrap: WARNING")]
+
+
+def test_a_worker_without_a_network_volume_is_told_what_each_cold_start_costs(deploy, tmp_path):
+    """The volume folder is on / here, as on a worker without a network volume: one WARNING line, before
+    the venv is built, naming the cost and the two ways out. The model comes from MODEL_SOURCE: not named."""
+    out = ok(deploy.run())
+    [warning] = warnings_in(out)
+    assert f"no network volume: {deploy.home} is on the container disk" in warning
+    assert "every cold start builds the 7.5 GB virtual environment again" in warning
+    assert "Attach a network volume" in warning and "the self-contained image" in warning
+    assert "downloads" not in warning
+    assert out.index(warning) < out.index("building the virtual environment")
+    assert warnings_in(ok(deploy.run())) == [], "a boot that finds its setup done pays nothing and says nothing"
+
+
+def test_a_network_volume_or_the_self_contained_image_gets_no_warning(deploy, tmp_path):
+    # /proc stands in for the container's own disk: the volume folder is then on another filesystem.
+    assert warnings_in(ok(deploy.run(BOOTSTRAP_CONTAINER_DISK="/proc"))) == []
+    # The self-contained image (dependencies in the image) with its model at hand: nothing to rebuild.
+    home = tmp_path / "container-disk" / "vibevoice"
+    image = {"VIBEVOICE_PYTHON": sys.executable, "BOOTSTRAP_CHECK_IMPORTS": "torch transformers"}
+    out = ok(deploy.run(VIBEVOICE_HOME=str(home), **image))
+    assert warnings_in(out) == [] and "building the virtual environment" not in out
+
+
+def test_the_self_contained_image_without_a_cached_model_is_told_it_downloads_it(deploy, tmp_path):
+    home = tmp_path / "container-disk" / "vibevoice"
+    image = {"VIBEVOICE_PYTHON": sys.executable, "BOOTSTRAP_CHECK_IMPORTS": "torch transformers"}
+    done = deploy.run(VIBEVOICE_HOME=str(home), MODEL_SOURCE="", MODEL_ID="acme/m", **image)
+    assert done.returncode == 1  # offline here: the download itself fails, after the warning
+    [warning] = warnings_in(done.stdout)
+    assert "every cold start downloads acme/m again" in warning and "virtual environment" not in warning
+    assert "cached model set to acme/m" in warning
+
+
 # --- the model download, against a local stand-in for the Hugging Face Hub (tests/hf_standin.py) ---------
 
 

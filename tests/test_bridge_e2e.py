@@ -35,12 +35,14 @@ import numpy as np
 import openai
 import pytest
 from audio_helpers import probe
-from conftest import ROOT, free_port, running_api
+from conftest import ROOT, free_port, make_volume, running_api
 
 from runtime import lifetime
+from tools.local_home import pinned_voice_names, write_demo_voices
 from tools.runpod_emulator import RunpodEmulator
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start the emulator, a worker and the bridge).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bridge_e2e")]
 
 BRIDGE_DIR = ROOT / "bridge"
 # Tiny generations (VibeVoice settings the bridge passes through as extra body fields).
@@ -49,7 +51,8 @@ TINY = {"max_new_tokens": 4, "diffusion_steps": 3, "seed": 11}
 LONG_TEXT = "Speaker 1: A job that keeps the worker busy for a while, sentence after sentence. " * 4
 LONG = {"max_new_tokens": 300, "diffusion_steps": 3}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-PRESETS = "en-Alice_woman,en-Frank_man"  # the worker's demo voices (tests/conftest.py)
+# OpenAI's voice names (its speech guide); the bridge maps each to a preset (bridge/src/openai_voices.js).
+OPENAI_VOICE_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse")
 
 
 @dataclass
@@ -148,12 +151,23 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_model_dir: Path, volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+def preset_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A volume with a synthetic voice under each reference voice's name, as `make serve`'s (and as a
+    deployment fetches them): every preset the bridge offers by default exists."""
+    home = make_volume(tmp_path_factory.mktemp("preset-volume"))
+    write_demo_voices(home / "demo" / "voices", pinned_voice_names())
+    return home
+
+
+@pytest.fixture(scope="module")
+def chain(
+    tiny_model_dir: Path, preset_volume: Path, s3_server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Chain]:
     """The RunPod emulator and one worker (the SDK's real loop) that delivers through S3."""
     logs = tmp_path_factory.mktemp("bridge-e2e")
     worker_env = {
         "MODEL_PATH": str(tiny_model_dir),
-        "VIBEVOICE_HOME": str(volume),
+        "VIBEVOICE_HOME": str(preset_volume),
         "DEVICE": "cpu",
         "S3_ENDPOINT_URL": s3_server.endpoint,
         "S3_ACCESS_KEY_ID": s3_server.access_key_id,
@@ -178,8 +192,6 @@ BRIDGE_SETTINGS = {
     "RUNSYNC_WAIT_SECONDS": "2",
     "RETRY_BASE_MS": "50",
     "RETRY_MAX_MS": "500",
-    "MAX_TEXT_LENGTH": "2000",  # the worker's own default
-    "PRESET_VOICES": PRESETS,
 }
 
 
@@ -333,6 +345,28 @@ def test_node_sdk_gets_audio(bridge: Bridge, tmp_path: Path) -> None:
     assert probe(output.read_bytes()).codec == "pcm_s16le"
 
 
+def test_every_openai_voice_name_speaks_on_a_fresh_bridge(bridge: Bridge) -> None:
+    """`make bridge` with no voices.json: OpenAI's voice names are listed with their preset's name, and
+    each gives audio in that preset's voice (the same text and seed: names sharing a preset give the
+    same samples, names with different presets different ones)."""
+    listed = {voice["id"]: voice["name"] for voice in bridge.get_json("/audio/voices")["voices"]}
+    by_preset: dict[str, dict[str, np.ndarray]] = {}
+    for name in OPENAI_VOICE_NAMES:
+        label, _, preset = listed[name].partition(" (")
+        assert label == name.capitalize() and preset.endswith(")"), listed[name]
+        audio = bridge.client().audio.speech.create(
+            model="tts-1", voice=name, input="Every voice, one sentence.", response_format="wav", extra_body=TINY
+        )
+        by_preset.setdefault(preset, {})[name] = probe(audio.content).samples
+    assert len(by_preset) >= 4, by_preset.keys()
+    firsts = []
+    for preset, samples in by_preset.items():
+        first = next(iter(samples.values()))
+        assert all(np.array_equal(first, other) for other in samples.values()), preset
+        firsts.append(first)
+    assert all(not np.array_equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1 :])
+
+
 def test_models_and_voices_lists(bridge: Bridge) -> None:
     assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts", "vibevoice-7b"} <= {m.id for m in bridge.client().models.list()}
     voices = bridge.get_json("/audio/voices")["voices"]
@@ -340,9 +374,9 @@ def test_models_and_voices_lists(bridge: Bridge) -> None:
     assert {voice["id"] for voice in voices} >= {"alloy", "echo", "onyx", "nova", "shimmer"}
 
 
-def test_created_voice_is_usable_at_once_and_deletable(bridge: Bridge, volume: Path) -> None:
+def test_created_voice_is_usable_at_once_and_deletable(bridge: Bridge, preset_volume: Path) -> None:
     client = bridge.client()
-    clip = volume / "demo" / "voices" / "en-Frank_man.wav"
+    clip = preset_volume / "demo" / "voices" / "en-Frank_man.wav"
     consent = client.audio.voice_consents.create(
         name="Frank's consent", language="en-US", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
     )
@@ -383,10 +417,10 @@ def test_errors_have_openai_shape(bridge: Bridge) -> None:
 
     # The worker's limits, checked by the bridge before a job is queued (MAX_TEXT_LENGTH, PRESET_VOICES).
     with pytest.raises(openai.BadRequestError) as caught:
-        client.audio.speech.create(model="tts-1", voice="alloy", input="a" * 2500, extra_body=TINY)
+        client.audio.speech.create(model="tts-1", voice="alloy", input="a" * 5000, extra_body=TINY)
     assert caught.value.body["param"] == "input"
-    assert caught.value.body["message"] == "'input' is 2500 characters long; the limit is 2000."
-    assert bridge.jobs("a" * 2500) == []
+    assert caught.value.body["message"] == "'input' is 5000 characters long; the limit is 4096."
+    assert bridge.jobs("a" * 5000) == []
 
     with pytest.raises(openai.NotFoundError):
         client.audio.speech.create(model="tts-1", voice={"id": "voice_0123456789abcdef01234567"}, input="x")
@@ -449,7 +483,7 @@ def owners_bridge(chain: Chain) -> Iterator[tuple[Bridge, dict[str, str]]]:
         yield bridge, keys
 
 
-def test_one_owners_voice_is_no_other_owners(owners_bridge: tuple[Bridge, dict[str, str]], volume: Path) -> None:
+def test_one_owners_voice_is_no_other_owners(owners_bridge: tuple[Bridge, dict[str, str]], preset_volume: Path) -> None:
     """Through the SDK and the whole chain: alice's voice clones for alice (the worker fetches the
     clip by a URL the bridge signed with CLIP_URL_SECRET at PUBLIC_URL); to bob it does not exist."""
     bridge, keys = owners_bridge
@@ -459,7 +493,7 @@ def test_one_owners_voice_is_no_other_owners(owners_bridge: tuple[Bridge, dict[s
     )
     with pytest.raises(openai.NotFoundError):  # alice's consent is not bob's to give
         bob.audio.voices.create(name="Borrowed", audio_sample=("a.wav", wav_bytes(24000, 1, 1.0)), consent=consent.id)
-    with (volume / "demo" / "voices" / "en-Frank_man.wav").open("rb") as sample:
+    with (preset_volume / "demo" / "voices" / "en-Frank_man.wav").open("rb") as sample:
         voice = alice.audio.voices.create(name="Alice's clone", audio_sample=sample, consent=consent.id)
     audio = alice.audio.speech.create(
         model="tts-1", voice={"id": voice.id}, input="Mine.", response_format="flac", extra_body=TINY
@@ -780,3 +814,141 @@ def test_captions_come_back_with_whole_files_and_in_sse(bridge: Bridge) -> None:
             if line.startswith("data: ") and '"speech.audio.done"' in line:
                 done = json.loads(line.removeprefix("data: "))
     assert done is not None and done["captions"].startswith("WEBVTT\n\n00:00:00.000 --> ")
+
+
+# --- a cold start longer than the old deadline -------------------------------------------------------
+
+
+def deployed_settings() -> dict:
+    """The bridge's settings as `make bridge` and a deployment run them: wrangler.jsonc's vars, then
+    bridge/src/config.js's defaults (read through the bridge's own loadConfig, by Node)."""
+    script = (
+        "import { readFileSync } from 'node:fs'; import { loadConfig } from './src/config.js';"
+        "const text = readFileSync('wrangler.jsonc', 'utf8').replace(/^\\s*\\/\\/.*$/gm, '');"
+        "console.log(JSON.stringify(loadConfig(JSON.parse(text).vars)));"
+    )
+    done = subprocess.run(
+        [shutil.which("node"), "--input-type=module", "-e", script],
+        cwd=BRIDGE_DIR, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+# The longest later cold start docs/operations.md documents (scale from zero: a worker starting, loading
+# the model, compiling): about ten minutes. The bridge's deadline was 300 s before it had to cover it.
+DOCUMENTED_COLD_START_S = 600
+OLD_DEADLINE_S = 300
+# The test's clock runs this much faster: the emulated cold start and every duration of the bridge's
+# (deadline, TTL margin, keep-alive interval) are divided by it; the worker's own work is tiny.
+SCALE = 10
+
+
+def test_a_cold_start_longer_than_the_old_deadline_gets_every_reply_whole(
+    tiny_model_dir: Path, preset_volume: Path, tmp_path: Path
+) -> None:
+    """Requests sent while the endpoint's only worker has a cold start (the emulator holds its jobs in
+    the queue until it ends, however soon the process is up): a bridge with the deployed defaults
+    answers a whole file, a raw stream and an SSE stream that sends keep-alive comments while it waits;
+    a bridge with the old 300 s deadline answers 504 and cancels its job. On a clock 10x faster."""
+    for doc in (ROOT / "docs" / "operations.md", BRIDGE_DIR / "README.md"):
+        assert "about 10 minutes" in doc.read_text(), f"{doc.name} documents the cold start this test covers"
+    deployed = deployed_settings()
+    assert deployed["JOB_TIMEOUT_SECONDS"] >= DOCUMENTED_COLD_START_S + 240  # the cold start and a long job
+    assert DOCUMENTED_COLD_START_S > OLD_DEADLINE_S
+
+    def scaled(**seconds: float) -> dict[str, str]:
+        return {name: str(value / SCALE) for name, value in seconds.items()}
+
+    timing = {
+        "TTL_MARGIN_SECONDS": deployed["TTL_MARGIN_SECONDS"],
+        "SSE_KEEPALIVE_SECONDS": deployed["SSE_KEEPALIVE_SECONDS"],
+    }
+    emulator = RunpodEmulator("test-key-" + os.urandom(6).hex()).start()
+    chain = Chain(emulator, tmp_path)
+    bridges, worker = [], None
+    try:
+        for name, deadline in (("cold-default", deployed["JOB_TIMEOUT_SECONDS"]), ("cold-old", OLD_DEADLINE_S)):
+            bridges.append(running_bridge(chain, name, **scaled(JOB_TIMEOUT_SECONDS=deadline, **timing)))
+        default, old = (next(bridge) for bridge in bridges)
+        env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(preset_volume), "DEVICE": "cpu",
+               "MAX_CONCURRENCY": "4", "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8"}  # fmt: skip
+        cold = DOCUMENTED_COLD_START_S / SCALE
+        worker = emulator.start_worker(env, log_path=tmp_path / "worker.log", cold_start_s=cold)
+        started = time.monotonic()
+        replies = cold_start_requests(default, old)
+        assert time.monotonic() - started >= cold - 1
+    finally:
+        if worker:
+            worker.stop()
+        for bridge in bridges:
+            bridge.close()
+        emulator.stop()
+
+    assert probe(replies["whole file"]).codec == "flac"
+    assert len(replies["raw stream"]) == 4 * 3200 * 2  # 4 frames of 24 kHz s16le
+    keep_alives, audio = replies["sse"]
+    assert keep_alives >= 2 and probe(audio).codec == "mp3float"
+    assert replies["old deadline"] == 504
+    statuses = {entry["text"]: entry["status"] for entry in replies["jobs"]}
+    assert [statuses[text] for text in COLD_TEXTS[:3]] == ["COMPLETED"] * 3
+    assert statuses[COLD_TEXTS[3]] == "CANCELLED"
+
+
+COLD_TEXTS = [f"After a cold start, {label}." for label in ("a whole file", "a raw stream", "events", "too late")]
+
+
+def cold_start_requests(default: Bridge, old: Bridge) -> dict:
+    """The four requests at once (sent during the cold start); what each client got."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(bridge: Bridge) -> openai.OpenAI:
+        return openai.OpenAI(base_url=bridge.base_url, api_key=bridge.token, max_retries=0, timeout=300)
+
+    def whole() -> bytes:
+        return (
+            client(default)
+            .audio.speech.create(
+                model="tts-1", voice="alloy", input=COLD_TEXTS[0], response_format="flac", extra_body=TINY
+            )
+            .content
+        )
+
+    def raw() -> bytes:
+        with client(default).audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=COLD_TEXTS[1], response_format="pcm", stream_format="audio",
+            extra_body=TINY,
+        ) as response:  # fmt: skip
+            return response.read()
+
+    def events() -> tuple[int, bytes]:
+        keep_alives, deltas = 0, []
+        with client(default).audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=COLD_TEXTS[2], response_format="mp3", stream_format="sse",
+            extra_body=TINY,
+        ) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith(":") and not deltas:
+                    keep_alives += 1
+                elif line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    assert event["type"] != "error", event
+                    if event["type"] == "speech.audio.delta":
+                        deltas.append(base64.b64decode(event["audio"]))
+        return keep_alives, b"".join(deltas)
+
+    def too_late() -> int:
+        try:
+            client(old).audio.speech.create(
+                model="tts-1", voice="alloy", input=COLD_TEXTS[3], response_format="flac", extra_body=TINY
+            )
+        except openai.APIStatusError as error:
+            return error.status_code
+        return 200
+
+    with ThreadPoolExecutor(4) as pool:
+        calls = {"whole file": whole, "raw stream": raw, "sse": events, "old deadline": too_late}
+        futures = {name: pool.submit(call) for name, call in calls.items()}
+        replies = {name: future.result(timeout=400) for name, future in futures.items()}
+    replies["jobs"] = default.emulator.submissions()
+    return replies

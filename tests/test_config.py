@@ -11,7 +11,7 @@ from config import SettingsError, load_settings
 
 def test_design_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
-    assert settings.max_text_length == 2000
+    assert settings.max_text_length == 4096
     assert settings.default_sample_rate == 24000
     assert settings.max_chunk_chars == 300
     assert settings.default_speaker == "Alice"

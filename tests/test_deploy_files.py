@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import sizing
 from config import Settings
 from jobs.schema import parse_job_input
 from jobs.voices import VoiceLibrary
@@ -48,6 +49,13 @@ MEASURED = {
     "model": 18.7e9,  # vibevoice/VibeVoice-7B-hf in bf16
     "converted": 18.7e9,  # a community-layout MODEL_ID (offered in hub.json) is kept and converted beside it
 }
+
+
+def test_the_hub_offers_the_gpu_pools_that_fit_the_default_model():
+    """gpuIds are the pools of docs/operations.md's GPU table whose smallest card holds the 7B and a row
+    (bench/sizing.py, from the scheduler's budget), cheapest per hour of audio first."""
+    assert HUB["config"]["gpuIds"].split(",") == sizing.tiers_that_fit()
+    assert sizing.MODELS[0].model_id == Settings.model_fields["model_id"].default
 
 
 def test_container_disk_fits_a_first_boot_and_leaves_what_the_sdk_checks_for():
@@ -112,6 +120,42 @@ def test_the_default_model_is_the_same_everywhere():
     assert hub_default == bootstrap_default[1]
 
 
+def bridge_defaults() -> dict:
+    """The bridge's settings with nothing set: bridge/src/config.js's own defaults, read by Node."""
+    script = "import { loadConfig } from './src/config.js'; console.log(JSON.stringify(loadConfig({})));"
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def openai_voices() -> dict[str, str]:
+    """The bridge's map of OpenAI's voice names to presets (bridge/src/openai_voices.js), read by Node."""
+    script = "import { OPENAI_VOICES } from './src/openai_voices.js'; console.log(JSON.stringify(OPENAI_VOICES));"
+    done = subprocess.run(
+        ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def wrangler_vars() -> dict[str, str]:
+    """The vars a deployed bridge (and `make bridge`) runs with: bridge/wrangler.jsonc without its comments."""
+    text = (ROOT / "bridge" / "wrangler.jsonc").read_text()
+    return json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.MULTILINE))["vars"]
+
+
+def test_the_text_limit_is_the_same_in_the_worker_the_hub_and_the_bridge():
+    """One MAX_TEXT_LENGTH: a text the bridge passes is never refused by the worker after it queued (and
+    perhaps waited for a cold start), and the Hub's form shows the worker's real default."""
+    worker = Settings.model_fields["max_text_length"].default
+    hub = next(e["input"]["default"] for e in HUB["config"]["env"] if e["key"] == "MAX_TEXT_LENGTH")
+    hub_tests = [e for e in HUB_TESTS["config"]["env"] if e["key"] == "MAX_TEXT_LENGTH"]
+    assert worker == hub == bridge_defaults()["MAX_TEXT_LENGTH"] == int(wrangler_vars()["MAX_TEXT_LENGTH"]) == 4096
+    assert hub_tests == []  # the Hub's test endpoint runs the default too
+
+
 @pytest.mark.parametrize("test", HUB_TESTS["tests"], ids=lambda t: t["name"])
 def test_hub_test_jobs_run_on_the_worker(test, run_job, settings):
     assert test["timeout"] >= 60_000  # milliseconds: a cold start loads the model first
@@ -132,9 +176,34 @@ def test_dockerfile_builds_both_modes_from_the_cuda_base():
     # The smallest CUDA image: torch's wheels bring the CUDA libraries, the flash-attn wheel needs no nvcc.
     assert "ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04" in dockerfile
     stages = re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.MULTILINE)
-    assert stages == ["base", "self-contained", "volume"]  # the last stage is the default target
+    # The last stage is the default target (what RunPod Hub builds): the one that needs no network volume.
+    assert stages == ["base", "volume", "self-contained"]
     assert dockerfile.count('CMD ["bash", "/app/bootstrap.sh"]') == 2
     assert "libsndfile1" in dockerfile and "python3-venv" in dockerfile
+
+
+def test_the_image_installs_the_dependencies_a_volume_boot_installs():
+    """The self-contained image and bootstrap.sh's venv build hold the same torch, index and flash-attn."""
+
+    def docker_arg(name: str) -> str:
+        return re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE, re.MULTILINE)[1]
+
+    def bootstrap_default(name: str) -> str:
+        return re.search(rf"^{name}=\$\{{{name}-(.+)\}}$", BOOTSTRAP, re.MULTILINE)[1]
+
+    assert docker_arg("TORCH_SPEC") == bootstrap_default("TORCH_SPEC")
+    assert f"--index-url {docker_arg('TORCH_INDEX_URL')}" == bootstrap_default("TORCH_INDEX_ARGS")
+    assert docker_arg("FLASH_ATTN_SPEC") == bootstrap_default("FLASH_ATTN_SPEC")
+    assert "-r /app/requirements.txt" in DOCKERFILE
+
+
+def test_every_file_the_build_context_leaves_out_by_name_exists_or_is_generated():
+    """.dockerignore names no file that is gone (a stale entry hides nothing and misleads)."""
+    generated = {".git", ".github", ".ci", ".venv", ".pytest_cache", ".ruff_cache", ".local", "node_modules"}
+    for entry in (line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()):
+        if not entry or entry.startswith("#") or any(c in entry for c in "*?[") or entry in generated:
+            continue
+        assert (ROOT / entry).exists(), entry
 
 
 def test_docker_build_context_leaves_out_tests_venvs_and_audio():
@@ -203,6 +272,8 @@ def test_the_default_voice_and_the_bridge_presets_are_among_the_fetched_voices(t
     bridge = json.loads((ROOT / "bridge" / "voices.example.json").read_text())["voices"]
     for voice in bridge.values():
         library.find(voice["preset"] if isinstance(voice, dict) else voice)
+    for name, preset in openai_voices().items():  # OpenAI's names speak with these on a fresh bridge
+        assert library.find(preset).name == preset, name
     for test in HUB_TESTS["tests"]:
         for speaker in test["input"].get("speakers", []):
             library.find(speaker)
@@ -214,6 +285,16 @@ def test_the_bridge_lists_exactly_the_fetched_voices_as_presets():
     wrangler = (ROOT / "bridge" / "wrangler.jsonc").read_text()
     presets = re.search(r'"PRESET_VOICES":\s*"([^"]*)"', wrangler).group(1).split(",")
     assert sorted(presets) == sorted(name.removesuffix(".wav") for name in VOICES["files"])
+
+
+def test_the_bridge_readme_lists_the_map_of_openai_voice_names():
+    """bridge/README.md's table of OpenAI's voice names is the bridge's own map (src/openai_voices.js)."""
+    text = (ROOT / "bridge" / "README.md").read_text()
+    table = text.split("| voices | preset |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for names, preset in re.findall(r"^\| (.+?) \| `([^`]+)` \|$", table, re.MULTILINE):
+        documented.update(dict.fromkeys(re.findall(r"`([^`]+)`", names), preset))
+    assert documented == openai_voices()
 
 
 def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):

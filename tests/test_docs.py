@@ -6,12 +6,14 @@ it (docs move; links must follow).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from audio.formats import markdown_table
+from bench import sizing
 from config import Settings
 from jobs.schema import JobInput, _public_fields
 
@@ -71,6 +73,23 @@ def test_the_settings_table_lists_every_setting_with_its_default() -> None:
 
 def test_the_format_table_is_generated_from_the_registry() -> None:
     assert markdown_table() in (ROOT / "docs" / "api.md").read_text()
+
+
+def test_the_gpu_table_is_generated_from_the_budget() -> None:
+    """docs/operations.md's GPU tables are bench/sizing.py's: weights from the real configurations, the
+    memory per row and the batch from the decode scheduler's budget. Regenerate with `python -m bench.sizing`."""
+    assert sizing.markdown_tables() in (ROOT / "docs" / "operations.md").read_text()
+
+
+def test_the_speed_estimate_counts_the_module_calls_figure_a_counted() -> None:
+    """The estimate's weight reads per frame are the own loop's calls that bench figure a counted on the
+    tiny model (bench/results.json): a change to what a frame calls shows up here."""
+    figure_a = json.loads((ROOT / "bench" / "results.json").read_text())["details"]["a"]
+    calls = figure_a["runs"]["own loop, batch 1"]["calls"]
+    per_frame = {name: round(calls[name] / figure_a["frames_per_chunk"]) for name in sizing.FRAME_CALLS}
+    assert per_frame == sizing.FRAME_CALLS
+    steps = Settings.model_fields["default_diffusion_steps"].default
+    assert figure_a["diffusion_steps"] == sizing.DIFFUSION_STEPS == steps
 
 
 def anchors(path: Path) -> set[str]:

@@ -39,7 +39,8 @@ from audio_helpers import probe
 from conftest import ROOT, RunpodAPI, make_volume, running_api, start_runpod_api
 from test_bridge_e2e import start_bridge
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start a fault-injecting worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 TINY = {"max_new_tokens": 3, "diffusion_steps": 2}
 VALID = {"text": "Still serving.", "output_format": "pcm_16", "return": "base64", **TINY}

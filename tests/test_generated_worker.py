@@ -25,7 +25,8 @@ from test_generated_jobs import TRACEBACK, outcome
 
 from jobs.voices import VoiceLibrary
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start a worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("generated_worker")]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 GENERATED = 200
 DRAWN = 240  # a few are too deeply nested to send

@@ -27,7 +27,8 @@ from audio_helpers import encode_file, probe, tone
 from conftest import RunpodAPI, running_api
 from test_bridge_e2e import start_bridge
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start a worker).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("load")]
 BURST = 50
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 SAMPLES_PER_FRAME = 3200  # 133 ms at 24 kHz

@@ -34,6 +34,9 @@ from deploy.convert_checkpoint import convert, native_name
 from tools import tiny_checkpoint
 from tools.local_home import synthetic_voice
 
+# One xdist worker runs this module (its fixtures run the reference implementation once).
+pytestmark = pytest.mark.xdist_group("parity")
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PYTHON = ROOT / ".venv-reference" / "bin" / "python"
 AUDIO_TOLERANCE = 1e-4  # max abs difference on float32 waveforms in [-1, 1]

@@ -32,7 +32,8 @@ from test_bridge_e2e import BRIDGE_DIR, start_bridge
 from runtime import lifetime
 from tools.local_home import synthetic_voice
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module (its fixtures start the emulator, a worker and the bridge).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("playground")]
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 OUT = ROOT / ".local" / "playground"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 import urllib.error
@@ -27,6 +28,7 @@ from tools.runpod_emulator import (
     RunpodEmulator,
     add_behaviour_arguments,
     behaviour_from,
+    build_parser,
 )
 
 pytestmark = pytest.mark.slow
@@ -325,6 +327,45 @@ def test_concurrent_worker_runs_two_jobs_and_stops_only_the_cancelled_one(
     finally:
         worker.stop()
         emulator.stop()
+
+
+# --- a worker with a cold start --------------------------------------------------------------------
+
+
+def test_a_worker_with_a_cold_start_takes_no_job_until_it_ends(tiny_model_dir: Path, volume: Path, tmp_path: Path):
+    """start_worker(cold_start_s=...): initializing in /health, asking for jobs and getting none, until the
+    cold start ends; a job queued meanwhile waits IN_QUEUE and then runs (its delayTime says how long)."""
+    cold = 45.0  # well past the worker's own start-up (seconds; tens of them on a busy machine)
+    emulator = RunpodEmulator("test-key-" + os.urandom(6).hex()).start()
+    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu"}
+    started = time.monotonic()
+    worker = emulator.start_worker(env, log_path=tmp_path / "worker.log", cold_start_s=cold)
+    api = RunpodAPI(emulator.base_url, emulator.api_key, emulator, worker)
+    try:
+        job = api.call("POST", "/run", {"input": {"text": "After a cold start.", **FAST}})[1]
+        assert api.call("GET", "/health")[1]["workers"]["initializing"] == 1
+        # The process asks for jobs well before its cold start ends (it loads the tiny model in seconds).
+        deadline = time.monotonic() + cold
+        while not emulator._call(lambda: worker.pod_id in emulator._workers):
+            assert time.monotonic() < deadline, "the worker never asked for a job during its cold start"
+            time.sleep(0.2)
+        first_seen = emulator._call(lambda: emulator._workers[worker.pod_id].first_seen)
+        assert first_seen - started < cold
+        assert api.call("GET", f"/status/{job['id']}")[1]["status"] == "IN_QUEUE"
+        health = api.call("GET", "/health")[1]["workers"]
+        assert (health["initializing"], health["idle"], health["running"]) == (1, 0, 0)
+        worker.wait_until_polling(timeout=120)  # the polling event is set once the cold start is over
+        assert time.monotonic() - started >= cold
+        done = api.wait_for(job["id"], FINAL)
+        assert done["status"] == "COMPLETED" and done["delayTime"] >= (cold - 1) * 1000
+    finally:
+        worker.stop()
+        emulator.stop()
+
+
+def test_make_serve_has_a_cold_start_flag() -> None:
+    assert build_parser().parse_args(["--cold-start", "30"]).cold_start == 30.0
+    assert build_parser().parse_args([]).cold_start == 0.0
 
 
 # --- RunPod behaviours clients must survive (opt-in switches) --------------------------------------

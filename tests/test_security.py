@@ -41,6 +41,9 @@ from conftest import ROOT, RunpodAPI, running_api
 
 from jobs.voices import VoiceError, VoiceLimits, fetch_audio
 
+# One xdist worker runs this module (its fixtures start a worker with secrets set).
+pytestmark = pytest.mark.xdist_group("security")
+
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 TINY = {"max_new_tokens": 2, "diffusion_steps": 1}
 FAKE = os.urandom(4).hex()

@@ -3,7 +3,9 @@
 `make run` and `make serve` use `.local/vibevoice` inside the checkout (git-ignored). When no
 model is configured (MODEL_PATH / MODEL_ID) and there is no GPU, the tiny random-weight
 checkpoint is built into `models/tiny-vibevoice`; its audio is noise. Demo voices are
-synthetic, speech-like signals (a glottal pulse train through vowel formants), written once.
+synthetic, speech-like signals (a glottal pulse train through vowel formants), written once: there,
+one under the name of each reference voice a deployment fetches (demo/voices.json), so every preset
+the bridge offers exists locally too; the tests' volumes hold two (DEMO_VOICES).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +51,28 @@ def synthetic_voice(f0: float, seed: int, seconds: float = 4.0, rate: int = 2400
     return (0.3 * out / np.max(np.abs(out))).astype(np.float32)
 
 
-def write_demo_voices(voices_dir: Path) -> list[Path]:
+def pinned_voice_names() -> list[str]:
+    """The reference voices a deployment's first boot fetches (demo/voices.json), by file stem."""
+    files = json.loads((ROOT / "demo" / "voices.json").read_text())["files"]
+    return [name.removesuffix(".wav") for name in files]
+
+
+def voice_pitch(name: str) -> tuple[float, int]:
+    """(fundamental frequency, seed) for a stand-in: DEMO_VOICES', else a man's or a woman's pitch by name."""
+    if name in DEMO_VOICES:
+        return DEMO_VOICES[name]
+    seed = zlib.crc32(name.encode()) % 1000 + 3
+    return (115.0 if "_man" in name else 210.0) + (seed % 7) * 6, seed
+
+
+def write_demo_voices(voices_dir: Path, names: list[str] | None = None) -> list[Path]:
+    """Synthetic voices named `names` (by default DEMO_VOICES') that `voices_dir` lacks; returns the new files."""
     voices_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, (f0, seed) in DEMO_VOICES.items():
+    for name in names or list(DEMO_VOICES):
         path = voices_dir / f"{name}.wav"
         if not path.exists():
+            f0, seed = voice_pitch(name)
             soundfile.write(path, synthetic_voice(f0, seed), 24000, subtype="PCM_16")
             written.append(path)
     return written
@@ -73,7 +92,7 @@ def prepare(home: Path = DEFAULT_HOME, environ: dict[str, str] | None = None) ->
     environ = dict(os.environ if environ is None else environ)
     for folder in LAYOUT:
         (home / folder).mkdir(parents=True, exist_ok=True)
-    write_demo_voices(home / "demo" / "voices")
+    write_demo_voices(home / "demo" / "voices", pinned_voice_names())
     env = {"VIBEVOICE_HOME": str(home)}
     if wants_tiny_model(environ):
         model_dir = home / "models" / "tiny-vibevoice"

@@ -39,6 +39,10 @@ limits answered 429 with Retry-After, and passing 5xx answers on /status and /st
 `submissions(text)` lists every job ever submitted with that input text (with its policy), so
 tests can count the jobs a client caused.
 
+A worker can have a cold start (`start_worker(..., cold_start_s=N)`, `--cold-start N`): RunPod
+counts it as initializing and hands it no job until N seconds after it was started, however soon its
+process asks, as a worker that scales from zero pulls its image, loads the model and compiles first.
+
 Python use (tests, `make serve`):
 
     with RunpodEmulator(api_key="k") as api:                 # 127.0.0.1, a free port
@@ -48,7 +52,7 @@ Python use (tests, `make serve`):
 
 Command line (what `make serve` runs):
 
-    python -m tools.runpod_emulator [--port 8000] [--key KEY] [--no-worker]
+    python -m tools.runpod_emulator [--port 8000] [--key KEY] [--no-worker] [--cold-start SECONDS]
         [--running-state] [--stream-reply-bytes N] [--rate-limit N/SECONDS] [--transient-every N]
 """
 
@@ -187,6 +191,7 @@ class WorkerSeen:
 
     id: str
     last_seen: float
+    first_seen: float = field(default_factory=time.monotonic)
     jobs: set[str] = field(default_factory=set)
     to_stop: dict[str, PendingStop] = field(default_factory=dict)
     stop_signal: asyncio.Event = field(default_factory=asyncio.Event)
@@ -330,6 +335,7 @@ class RunpodEmulator:
         self._queue: deque[str] = deque()
         self._workers: dict[str, WorkerSeen] = {}
         self._expected_workers: set[str] = set()
+        self._ready_at: dict[str, float] = {}  # a worker's cold start ends then (time.monotonic())
         self._polling: dict[str, threading.Event] = {}  # set at a worker's first job-take
         self._processes: dict[str, WorkerProcess] = {}  # workers this emulator started, by pod id
         self._counts = {"completed": 0, "failed": 0, "retried": 0}
@@ -458,10 +464,13 @@ class RunpodEmulator:
         pod_id: str | None = None,
         log_path: Path | None = None,
         command: list[str] | None = None,
+        cold_start_s: float = 0.0,
     ) -> WorkerProcess:
-        """Start `python handler.py` (the production loop) against this server; see WorkerProcess."""
+        """Start `python handler.py` (the production loop) against this server; see WorkerProcess.
+
+        With `cold_start_s`, the worker is initializing and takes no job until that many seconds from now."""
         pod_id = pod_id or "worker-" + secrets.token_hex(4)
-        self._call(self._expect_worker, pod_id)
+        self._call(self._expect_worker, pod_id, time.monotonic() + cold_start_s)
         full_env = {"RUNPOD_DEBUG_LEVEL": "INFO", **os.environ, **(env or {}), **self.worker_env(pod_id)}
         process = WorkerProcess(self, pod_id, full_env, log_path, command or [sys.executable, "handler.py"])
         self._processes[pod_id] = process
@@ -486,8 +495,9 @@ class RunpodEmulator:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=15)
 
-    def _expect_worker(self, pod_id: str) -> None:
+    def _expect_worker(self, pod_id: str, ready_at: float) -> None:
         self._expected_workers.add(pod_id)
+        self._ready_at[pod_id] = ready_at
         self.polling_event(pod_id)
 
     def _release_worker(self, pod_id: str) -> None:
@@ -645,9 +655,11 @@ class RunpodEmulator:
         statuses = [job.status for job in self._jobs.values()]
         now = time.monotonic()
         alive = [w for w in self._workers.values() if not w.leaving and now - w.last_seen < self.worker_timeout_s]
+        warming = {w.id for w in alive if self._ready_at.get(w.id, 0.0) > now}
+        alive = [w for w in alive if w.id not in warming]
         running = sum(1 for w in alive if w.jobs)
         idle = len(alive) - running
-        initializing = len(self._expected_workers - set(self._workers))
+        initializing = len((self._expected_workers - set(self._workers)) | warming)
         jobs = {
             "completed": self._counts["completed"],
             "failed": self._counts["failed"],
@@ -812,6 +824,10 @@ class RunpodEmulator:
 
     async def _take(self, worker: WorkerSeen, count: int) -> list[dict]:
         """Hold the request until jobs are queued (or the hold time passes), then hand them out."""
+        warming = self._ready_at.get(worker.id, 0.0) - time.monotonic()
+        if warming > 0:  # a cold start: no job yet, however soon the process asks
+            await asyncio.sleep(min(warming, self.poll_hold_s))
+            return []
         self.polling_event(worker.id).set()
         self._expected_workers.discard(worker.id)
         if worker.leaving or self._closing:
@@ -1056,29 +1072,28 @@ def _policy_ms(policy: dict, name: str, default: int, low: int, high: int) -> in
 
 
 def print_usage(api: RunpodEmulator) -> None:
+    """The base URL, the key, and the variables docs/api.md's examples read."""
     print(
         f"""
 RunPod API emulator with a live worker (the SDK's production loop)
   base URL: {api.base_url}
   API key:  {api.api_key}
 
-  export RUNPOD_BASE={api.base_url} RUNPOD_KEY={api.api_key}
+  # the variables docs/api.md's curl and runpod SDK examples read:
+  export RUNPOD_API_KEY={api.api_key} RUNPOD_ENDPOINT_ID={api.endpoint_id}
+  export ENDPOINT={api.base_url} RUNPOD_ENDPOINT_BASE_URL={api.url}/v2
 
-  # synchronous job: waits up to 90 s (?wait=1000..300000 ms), then answers IN_PROGRESS with the id
-  curl -s -X POST "$RUNPOD_BASE/runsync" -H "Authorization: Bearer $RUNPOD_KEY" \\
+  # a synchronous job: waits up to 90 s (?wait=1000..300000 ms), then answers IN_PROGRESS with the id
+  curl -s -X POST "$ENDPOINT/runsync" -H "Authorization: Bearer $RUNPOD_API_KEY" \\
        -H "Content-Type: application/json" -d '{{"input": {{"text": "Hello from VibeVoice."}}}}'
 
-  # queued job, then its status (poll until COMPLETED, FAILED, CANCELLED or TIMED_OUT)
-  curl -s -X POST "$RUNPOD_BASE/run" -H "Authorization: Bearer $RUNPOD_KEY" \\
-       -H "Content-Type: application/json" \\
-       -d '{{"input": {{"text": "Speaker 1: Hi.\\nSpeaker 2: Hello!", "speakers": ["Alice", "Frank"]}}}}'
-  curl -s "$RUNPOD_BASE/status/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-
-  # items a job has yielded since the previous call (a "stream": true job yields audio chunks)
-  curl -s "$RUNPOD_BASE/stream/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-
-  curl -s -X POST "$RUNPOD_BASE/cancel/JOB_ID" -H "Authorization: Bearer $RUNPOD_KEY"
-  curl -s "$RUNPOD_BASE/health" -H "Authorization: Bearer $RUNPOD_KEY"
+  # a queued job, then its status; a streamed job's items; cancel; health
+  curl -s -X POST "$ENDPOINT/run" -H "Authorization: Bearer $RUNPOD_API_KEY" \\
+       -H "Content-Type: application/json" -d '{{"input": {{"text": "Hi.", "stream": true}}}}'
+  curl -s "$ENDPOINT/status/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s "$ENDPOINT/stream/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s -X POST "$ENDPOINT/cancel/JOB_ID" -H "Authorization: Bearer $RUNPOD_API_KEY"
+  curl -s "$ENDPOINT/health" -H "Authorization: Bearer $RUNPOD_API_KEY"
 
 Ctrl-C stops the emulator and the worker.
 """,
@@ -1130,15 +1145,24 @@ def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
     )
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`make serve`'s command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=int(os.environ.get("SERVE_PORT", "8000")))
     parser.add_argument("--key", default=os.environ.get("SERVE_API_KEY"), help="the API key clients send")
     parser.add_argument("--endpoint-id", default="vibevoice-local")
     parser.add_argument("--home", type=Path, default=None, help="VIBEVOICE_HOME (default .local/vibevoice)")
     parser.add_argument("--no-worker", action="store_true", help="serve the API only; start workers yourself")
+    parser.add_argument(
+        "--cold-start", type=float, default=0.0, metavar="SECONDS",
+        help="the worker takes no job for this long after it starts (a scale-from-zero cold start)",
+    )  # fmt: skip
     add_behaviour_arguments(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     sys.path.insert(0, str(ROOT))
@@ -1158,14 +1182,17 @@ def main() -> None:
             env = prepare(args.home or DEFAULT_HOME)
             model = env.get("MODEL_PATH") or os.environ.get("MODEL_PATH") or os.environ.get("MODEL_ID") or "MODEL_ID"
             print(f"starting the worker (`python handler.py`, model: {model}) ...", flush=True)
-            worker = api.start_worker(env, pod_id="worker-local")
+            worker = api.start_worker(env, pod_id="worker-local", cold_start_s=args.cold_start)
+            if args.cold_start:  # jobs sent now wait IN_QUEUE until the worker is up, as after scale-to-zero
+                print_usage(api)
+                print(f"the worker is cold-starting: it takes jobs in {args.cold_start:.0f} s", flush=True)
             while not stop.is_set():
                 try:
                     worker.wait_until_polling(timeout=1)
                     break
                 except TimeoutError:
                     continue
-        if not stop.is_set():
+        if not stop.is_set() and not args.cold_start:
             print_usage(api)
         while not stop.wait(1):
             if worker and worker.process.poll() is not None:

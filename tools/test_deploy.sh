@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # `make test-deploy`: the production stack on this machine (no GPU needed; not part of `make test`).
 #
-#   1. first boot: bootstrap.sh builds the production venv exactly as on RunPod (Python 3.12, torch 2.8.0
-#      and its CUDA 12.8 libraries, the flash-attn wheel, requirements.txt), fetches the reference voices
-#      and converts a model (the tiny checkpoint in the community layout: the real weights are not
-#      downloadable here);
+#   1. first boot on a network volume: bootstrap.sh builds the production venv exactly as on RunPod
+#      (Python 3.12, torch 2.8.0 and its CUDA 12.8 libraries, the flash-attn wheel, requirements.txt: the
+#      pins the self-contained image installs too, which tests/test_deploy_files.py keeps equal), fetches
+#      the reference voices and converts a model (the tiny checkpoint in the community layout: the real
+#      weights are not downloadable here);
 #   2. second boot: offline, from the flag;
-#   3. a job: the README's smallest job, {"text": "Hello!"}, through bootstrap.sh and handler.py;
-#   4. the fast test suite (pytest -m "not slow", plus tests/test_faults.py) on that venv, with the
+#   3. the default target's boot: the self-contained image (that venv as its VIBEVOICE_PYTHON) with no
+#      network volume (an empty VIBEVOICE_HOME on the container disk): nothing is built, no WARNING;
+#   4. a job: the README's smallest job, {"text": "Hello!"}, through that boot (bootstrap.sh, handler.py);
+#   5. the fast test suite (pytest -m "not slow", plus tests/test_faults.py) on that venv, with the
 #      test tools of requirements-dev.txt added to it.
 # It downloads several GB (torch and the nvidia-* wheels) on every run: bootstrap installs with
 # --no-cache-dir, as in production. Each run starts from an empty volume folder in .local/test-deploy.
@@ -49,6 +52,8 @@ mkdir -p "$WORK"
 (cd "$ROOT" && "$DEV_PYTHON" -m tools.tiny_checkpoint "$WORK/tiny-community" --community >/dev/null)
 VIBEVOICE_HOME="$WORK/vibevoice"
 # bootstrap.sh with this run's volume and pins (not exported: the test suite later sees a clean environment).
+# The volume is a folder on this machine's disk, so bootstrap takes it for the container disk: that is
+# what the volume-less boots of step 3 need; steps 1 and 2 say it is a volume (BOOTSTRAP_CONTAINER_DISK).
 boot() {
     env VIBEVOICE_HOME="$VIBEVOICE_HOME" PYTHON_BIN="$PYTHON_BIN" TORCH_INDEX_ARGS="$TORCH_INDEX_ARGS" \
         MODEL_SOURCE="$WORK/tiny-community" RUNPOD_HF_CACHE="$WORK/no-runpod-cache" DEVICE=cpu "$@" \
@@ -58,7 +63,7 @@ BOOT_ARGS=()
 
 say "1. first boot with $("$PYTHON_BIN" --version), torch==2.8.0 and requirements.txt (several GB to download)"
 started=$(now_ms)
-boot BOOTSTRAP_EXEC=0 2>&1 | tee "$WORK/first-boot.log"
+boot BOOTSTRAP_EXEC=0 BOOTSTRAP_CONTAINER_DISK=/proc 2>&1 | tee "$WORK/first-boot.log"
 first_boot=$(elapsed "$started")
 PYTHON=$(sed -n 's/^python=//p' "$VIBEVOICE_HOME/.first_run_complete")
 VENV=$(dirname "$(dirname "$PYTHON")")
@@ -69,13 +74,24 @@ nvidia_bytes=$(du -scb "$VENV"/lib/python*/site-packages/nvidia 2>/dev/null | ta
 
 say "2. second boot (offline)"
 started=$(now_ms)
-boot BOOTSTRAP_EXEC=0 HF_HUB_OFFLINE=1 2>&1 | tee "$WORK/second-boot.log"
+boot BOOTSTRAP_EXEC=0 BOOTSTRAP_CONTAINER_DISK=/proc HF_HUB_OFFLINE=1 2>&1 | tee "$WORK/second-boot.log"
 grep -q "already set up" "$WORK/second-boot.log"
 second_boot=$(elapsed "$started")
 
-say "3. a job: {\"text\": \"Hello!\"}"
+say "3. the default target: the self-contained image's boot without a network volume"
+started=$(now_ms)
+# What the image holds as /opt/venv: the production venv; the container disk starts empty at each cold start.
+image_boot() { boot VIBEVOICE_PYTHON="$PYTHON" VIBEVOICE_HOME="$WORK/container-disk/vibevoice" "$@"; }
+image_boot BOOTSTRAP_EXEC=0 2>&1 | tee "$WORK/image-boot.log"
+image_boot_seconds=$(elapsed "$started")
+if grep -q -e "WARNING" -e "building the virtual environment" "$WORK/image-boot.log"; then
+    say "FAILED: the self-contained image built something or warned (see $WORK/image-boot.log)"
+    exit 1
+fi
+
+say "4. a job: {\"text\": \"Hello!\"}"
 BOOT_ARGS=(--test_input '{"input": {"text": "Hello!"}}')
-boot VIBEVOICE_TEST_OUTPUT="$WORK/job.json" 2>&1 | tail -n 20
+image_boot VIBEVOICE_TEST_OUTPUT="$WORK/job.json" 2>&1 | tail -n 20
 "$DEV_PYTHON" - "$WORK/job.json" <<'PY'
 import json, sys
 result = json.load(open(sys.argv[1]))[0]
@@ -83,7 +99,7 @@ assert result.get("status") == "completed", result
 print(f"job completed: {result['duration_sec']} s of {result['format']}; warnings: {result.get('warnings', [])}")
 PY
 
-say "4. the fast test suite on the production venv"
+say "5. the fast test suite on the production venv"
 "$PYTHON" -m pip install --quiet -r "$ROOT/requirements-dev.txt"
 cd "$ROOT"
 started=$(now_ms)
@@ -97,7 +113,8 @@ tests_seconds=$(elapsed "$started")
 say "summary"
 cat "$WORK/versions.txt"
 echo "python: $("$PYTHON" --version)"
-echo "first boot: ${first_boot} s; second boot: ${second_boot} s; tests: ${tests_seconds} s"
+echo "first boot: ${first_boot} s; second boot: ${second_boot} s; self-contained boot: ${image_boot_seconds} s;" \
+    "tests: ${tests_seconds} s"
 echo "venv: $((venv_bytes / 1000000)) MB, of which nvidia-* CUDA libraries: $((nvidia_bytes / 1000000)) MB"
 grep -h -E "^[0-9]+ (passed|failed)|passed|failed" "$WORK/fast-suite.log" "$WORK/faults.log" | tail -n 2
 exit "$status"

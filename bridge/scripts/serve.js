@@ -8,7 +8,8 @@
 //                 script makes a key for the run and prints it: the bridge is never open by default
 //   CLIP_URL_SECRET, PUBLIC_URL  default: a random secret for the run, and this server's own URL
 //   and any setting named in README.md
-// The R2 bucket is in memory, seeded with voices.example.json (or VOICES_JSON=path).
+// The R2 bucket is in memory and starts empty, as a new deployment's: OpenAI's voice names speak with the
+// presets (src/openai_voices.js). VOICES_JSON=path seeds a voices.json (voices.example.json is one).
 
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -56,10 +57,11 @@ const miniflare = new Miniflare({
 
 const url = await miniflare.ready;
 const bucket = await miniflare.getR2Bucket("VOICES");
-const seed = process.env.VOICES_JSON || join(BRIDGE, "voices.example.json");
-await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
+const seed = process.env.VOICES_JSON;
+if (seed) await bucket.put(bindings.VOICES_OBJECT_KEY || "voices.json", readFileSync(seed, "utf8"));
 const auth = open ? "off (ALLOW_ANONYMOUS)" : "on";
-console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; voices from ${seed})`);
+const voices = seed ? `voices.json from ${seed}` : "no voices.json";
+console.log(`bridge: listening on ${url.origin}/v1 (RunPod endpoint ${runpodUrl}; auth ${auth}; ${voices})`);
 if (madeKey) {
   // A key for this run only, on this machine's console (set AUTH_TOKEN to choose one).
   console.log(`bridge: no AUTH_TOKEN or API_KEYS set; this run's key: ${bindings.AUTH_TOKEN}`);

@@ -8,7 +8,11 @@
 export const VOICE_BYTES_CEILING = 10 * 1024 * 1024;
 
 const NUMBERS = {
-  JOB_TIMEOUT_SECONDS: { fallback: 300, min: 1, max: 3600 },
+  // A job's whole life as the bridge follows it: queueing (a cold start after scale-to-zero, several
+  // minutes: docs/operations.md#cold-starts) and generation. Its RunPod TTL is this plus TTL_MARGIN_SECONDS.
+  JOB_TIMEOUT_SECONDS: { fallback: 900, min: 1, max: 3600 },
+  // Silence after which an SSE reply sends a keep-alive comment (and starts before its first audio).
+  SSE_KEEPALIVE_SECONDS: { fallback: 15, min: 0.1, max: 300 },
   UPSTREAM_TIMEOUT_SECONDS: { fallback: 30, min: 1, max: 600 },
   // At most 25 s: a client that disconnects while /runsync waits is only known to RunPod by the
   // job id /runsync returns, and Workers keep running for about 30 s after a disconnect.
@@ -38,6 +42,8 @@ const NUMBERS = {
 
 const FLAGS = {
   STREAM_AUDIO: true,
+  // OpenAI's voice names (alloy, echo, ...) speak with preset voices unless voices.json maps them.
+  OPENAI_VOICES: true,
   PUBLIC_LISTINGS: true,
   REQUIRE_VOICE_CONSENT: false,
   PLAYGROUND: true,

@@ -6,12 +6,14 @@
 // Failures before the first audio byte get their proper status. After it, a reply is never left
 // looking complete: a raw stream is broken off (the client sees an incomplete transfer) and an
 // SSE stream ends with an "error" event; both are logged. Whatever ends a request early, its
-// RunPod job is cancelled (lifecycle.js).
+// RunPod job is cancelled (lifecycle.js). An SSE reply whose first audio takes longer than
+// SSE_KEEPALIVE_SECONDS (a job queued behind a cold start) starts with keep-alive comments instead.
 
 import { ApiError, invalid } from "./errors.js";
 import { EXTRAS, RETURNED, returnedHeader } from "./extras.js";
 import { FORMATS, FORMAT_NAMES } from "./formats.js";
 import { readJsonObject, toBase64 } from "./http.js";
+import { KEEP_ALIVE, KEEP_ALIVE_COMMENT, withKeepAlive } from "./keepalive.js";
 import { JobTie } from "./lifecycle.js";
 import { audioPieces, checkFormat, chunksOf } from "./pieces.js";
 import { CallerGone, RunPod } from "./runpod.js";
@@ -99,21 +101,16 @@ async function wholeFile(runpod, tie, job, format, headers, speech, ctx) {
   const submitted = await tie.submit(() =>
     runpod.submit(job.input, { sync: true, deadline, characters: job.characters }),
   );
-  const finished = await runpod.pollStatus(submitted, { deadline, signal: tie.signal });
-  tie.settle();
-  // Streamed through from the worker's storage, never held whole (runpod.openAudio).
-  const { result, audio } = await runpod.openAudio(finished.output, deadline, tie.signal);
-  checkFormat(result, format);
-  headers["x-runpod-job-id"] = finished.id;
+  headers["x-runpod-job-id"] = submitted.id;
+  if (speech.streamFormat === "sse" && !speech.timestamps) {
+    const summary = {};
+    const pieces = fileAsPieces(runpod, tie, submitted, format, deadline, summary);
+    return sseReply(pieces, summary, speech, headers, ctx, tie, runpod.config);
+  }
+  const { result, audio } = await finishedAudio(runpod, tie, submitted, format, deadline);
   if (speech.timestamps) {
     tie.finish();
     return timedReply(audio.stream, result, format, speech.responseFormat, headers);
-  }
-  if (speech.streamFormat === "sse") {
-    const pieces = (async function* () {
-      for await (const bytes of chunksOf(audio.stream)) yield { bytes, base64: null };
-    })();
-    return sseResponse(pieces, result, speech, headers, ctx, tie);
   }
   for (const name of RETURNED) {
     if (result[name] !== undefined) headers[returnedHeader(name)] = encodeReturned(result[name]);
@@ -140,14 +137,42 @@ async function streamed(runpod, tie, job, format, headers, speech, ctx) {
   headers["x-runpod-job-id"] = submitted.id;
   const summary = {};
   const pieces = audioPieces(runpod, tie, submitted.id, format, deadline, summary);
+  if (speech.streamFormat === "sse") return sseReply(pieces, summary, speech, headers, ctx, tie, runpod.config);
   // The wait for the first byte: queueing, a cold start, the first decoded frames.
   const first = await pieces.next();
-  if (first.done) {
-    throw new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
-  }
-  const rest = prepend(first.value, pieces);
-  if (speech.streamFormat === "sse") return sseResponse(rest, summary, speech, headers, ctx, tie);
-  return rawResponse(rest, headers, ctx, tie);
+  if (first.done) throw noAudio();
+  return rawResponse(prepend(first.value, pieces), headers, ctx, tie);
+}
+
+// An SSE reply starts with the first audio, or, when none has come within SSE_KEEPALIVE_SECONDS (a job
+// queued behind a cold start), with a keep-alive comment, repeated until the audio comes; a failure
+// after that arrives as an `error` event, like any failure once a stream has started.
+async function sseReply(pieces, summary, speech, headers, ctx, tie, config) {
+  const waiting = withKeepAlive(pieces, config.SSE_KEEPALIVE_SECONDS * 1000);
+  const first = await waiting.next();
+  if (first.done) throw noAudio();
+  return sseResponse(prepend(first.value, waiting), summary, speech, headers, ctx, tie);
+}
+
+// A whole-file job's audio once it has finished (it may wait in the queue first), as a stream from
+// the worker's storage: passed through, never held whole (runpod.openAudio).
+async function finishedAudio(runpod, tie, submitted, format, deadline) {
+  const finished = await runpod.pollStatus(submitted, { deadline, signal: tie.signal });
+  tie.settle();
+  const { result, audio } = await runpod.openAudio(finished.output, deadline, tie.signal);
+  checkFormat(result, format);
+  return { result, audio };
+}
+
+// The same as pieces for an SSE reply, as they arrive; fills `summary` with the worker's result.
+async function* fileAsPieces(runpod, tie, submitted, format, deadline, summary) {
+  const { result, audio } = await finishedAudio(runpod, tie, submitted, format, deadline);
+  Object.assign(summary, result);
+  for await (const bytes of chunksOf(audio.stream)) yield { bytes, base64: null };
+}
+
+function noAudio() {
+  return new ApiError(502, "The worker finished without sending audio.", { code: "upstream_bad_output" });
 }
 
 export function parseSpeechRequest(body, config) {
@@ -252,7 +277,8 @@ function sseResponse(pieces, summary, speech, headers, ctx, tie) {
   const pump = (async () => {
     try {
       for await (const piece of pieces) {
-        await send({ type: "speech.audio.delta", audio: piece.base64 ?? toBase64(piece.bytes) });
+        if (piece === KEEP_ALIVE) await write(writer, encoder.encode(KEEP_ALIVE_COMMENT), tie);
+        else await send({ type: "speech.audio.delta", audio: piece.base64 ?? toBase64(piece.bytes) });
       }
       await send(doneEvent(summary, speech));
       await writer.close();

@@ -20,6 +20,7 @@ import { ConsentStore, checkQuota, consentNotFound, randomHex } from "./consents
 import { ApiError, invalid, notFound } from "./errors.js";
 import { formatBytes } from "./http.js";
 import { ownerTag, owns } from "./keys.js";
+import { withOpenAiVoices } from "./openai_voices.js";
 import { checkClip } from "./uploads.js";
 
 export const CLIP_PREFIX = CLIP_KEY_PREFIX;
@@ -43,8 +44,15 @@ export class VoiceStore {
     }
   }
 
-  // The operator's map, validated: {id: {name, preset | clip | url}} in file order.
+  // The operator's map, then OpenAI's voice names it leaves out (openai_voices.js):
+  // {id: {name, preset | clip | url}} in that order.
   async map({ fresh = false } = {}) {
+    const offered = (preset) => !this.config.presetVoices.length || findPreset(this.config.presetVoices, preset);
+    return withOpenAiVoices(await this.fileMap({ fresh }), this.config, offered);
+  }
+
+  // voices.json, validated, in file order (cached for VOICES_CACHE_SECONDS).
+  async fileMap({ fresh = false } = {}) {
     if (!this.bucket) return new Map();
     const cached = mapCache.get(this.bucket);
     if (!fresh && cached && cached.expires > Date.now()) return cached.voices;
@@ -234,7 +242,15 @@ export class VoiceStore {
       await this.bucket.delete(CLIP_PREFIX + id);
       return { id, object: "audio.voice.deleted", deleted: true };
     }
-    if (lookup(await this.map({ fresh: true }), id)) {
+    const entry = lookup(await this.map({ fresh: true }), id);
+    if (entry?.builtIn) {
+      throw invalid(
+        `Voice '${id}' is one of OpenAI's voice names, which the bridge maps to a preset; map it to another voice in ${this.config.voicesKey} instead.`,
+        "voice_id",
+        "voice_not_deletable",
+      );
+    }
+    if (entry) {
       throw invalid(
         `Voice '${id}' is defined in ${this.config.voicesKey}; edit that file in the bucket to remove it.`,
         "voice_id",

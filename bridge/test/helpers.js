@@ -118,10 +118,11 @@ export function base64(text) {
 }
 
 // Server-sent events: the JSON of every `data:` line; each block's `event:` line must name its type.
+// Comment blocks (": keep-alive") carry no event and are skipped, as every SSE parser skips them.
 export function parseSse(text) {
   return text
     .split("\n\n")
-    .filter((block) => block.trim())
+    .filter((block) => block.trim() && !block.split("\n").every((line) => line.startsWith(":")))
     .map((block) => {
       const lines = block.split("\n");
       const data = JSON.parse(

@@ -15,6 +15,7 @@
 //                           a refused run or runsync starts no job (GET /__refused?text= counts them)
 //   {delay: {op: ms}}       the operation answers after ms
 //   {running: true}         a pending job reads RUNNING (a documented state) instead of IN_PROGRESS
+//   {queued: ms}            the job waits IN_QUEUE for ms after submission (a cold start), then goes on
 //   {delivery: "url"}       the result has an audio_url served by this server (else audio_base64)
 //   {audio: "text"}         the result's audio bytes (default "AUDIO:<format>:<text>")
 //   {audioSize: n}          the result's audio is n bytes (of 7)
@@ -104,6 +105,7 @@ export function startStandin() {
         sent: 0,
         cancelled: false,
         wait: url.searchParams.get("wait"),
+        submitted: Date.now(),
       };
       jobs.set(job.id, job);
     } else {
@@ -141,9 +143,15 @@ export function startStandin() {
     return send(200, streamReply(job, released.has(job.input.text)));
   });
 
+  // Still waiting for a worker (a {queued: ms} plan).
+  function queued(job) {
+    return !job.cancelled && Date.now() - job.submitted < (job.plan.queued || 0);
+  }
+
   function statusReply(job, op) {
     const plan = job.plan;
     if (job.cancelled) return { id: job.id, status: "CANCELLED" };
+    if (queued(job)) return { id: job.id, status: "IN_QUEUE" };
     if (plan.never || (op === "runsync" && plan.polls) || job.polls < (plan.polls || 0)) {
       return { id: job.id, status: plan.running ? "RUNNING" : "IN_PROGRESS" };
     }
@@ -201,6 +209,7 @@ export function startStandin() {
     const plan = job.plan;
     const pending = plan.running ? "RUNNING" : "IN_PROGRESS";
     if (job.cancelled) return { status: "CANCELLED", stream: [] };
+    if (queued(job)) return { status: "IN_QUEUE", stream: [] };
     if (plan.never) return { status: pending, stream: [] };
     if (plan.fail && !plan.chunks) return { status: "FAILED", error: plan.fail, stream: [] };
     if (plan.wholeInStream) {

@@ -220,13 +220,13 @@ describe("whole files", () => {
   it("sends every job with a policy: a TTL past the bridge's deadline, an execution timeout from the text", async () => {
     const short = uniqueText();
     await speech({ input: short }, WHOLE);
-    expect((await jobs(short))[0].policy).toEqual({ ttl: 330_000, executionTimeout: 60_000 + short.length * 200 });
+    expect((await jobs(short))[0].policy).toEqual({ ttl: 930_000, executionTimeout: 60_000 + short.length * 200 });
     const long = uniqueText().padEnd(4000, "a");
     await speech({ input: long }, { envOverrides: { ...WHOLE.envOverrides, JOB_TIMEOUT_SECONDS: "600" } });
     expect((await jobs(long))[0].policy).toEqual({ ttl: 630_000, executionTimeout: 600_000 });
     const streamedText = uniqueText();
     await (await speech({ input: streamedText, stream_format: "audio" })).arrayBuffer();
-    expect((await jobs(streamedText))[0].policy.ttl).toBe(330_000);
+    expect((await jobs(streamedText))[0].policy.ttl).toBe(930_000);
   });
 
   it("passes VibeVoice's extra fields to the worker and never sends instructions", async () => {

@@ -22,6 +22,9 @@ from engine.decoder import BatchDecoder
 from engine.framestep import FrameStep, capacity_for, solver_coefficients
 from text.script import Chunk, Turn
 
+# One xdist worker runs this module (its fixtures compile the static step).
+pytestmark = pytest.mark.xdist_group("framestep")
+
 
 @pytest.fixture(scope="module")
 def voices(settings) -> dict[int, np.ndarray]:

@@ -11,7 +11,7 @@ BAD_INPUTS = [
     ({}, "'text'", "is required"),
     ({"text": ""}, "'text'", "is empty"),
     ({"text": " \n\t "}, "'text'", "is empty"),
-    ({"text": "x" * 2001}, "'text'", "the limit is 2000"),
+    ({"text": "x" * 4097}, "'text'", "the limit is 4096"),
     ({"text": 42}, "'text'", "must be a string"),
     ({"text": ["a"]}, "'text'", "must be a string"),
     ({"text": "hi", "colour": "red"}, "'colour'", "allowed fields are"),
