@@ -57,7 +57,12 @@ class Settings(BaseSettings):
     s3_presign_expiry: int = Field(3600, ge=60, le=7 * 24 * 3600)
     s3_max_attempts: int = Field(3, ge=1, le=10)
     s3_timeout: float = Field(10.0, gt=0, le=300)
+    # Wall-clock limit of one result's upload, all attempts together (a slow endpoint cannot stretch it).
+    s3_upload_deadline: float = Field(120.0, gt=0, le=3600)
     inline_limit_bytes: int = Field(9_000_000, ge=1_000, le=20_000_000)
+    # The largest final job output RunPod accepts (its /runsync payload limit, which the SDK warns
+    # about too); a streamed job's aggregate leaves its audio items out beyond it (handler.py).
+    result_limit_bytes: int = Field(20_000_000, ge=10_000, le=20_000_000)
 
     # --- job limits and defaults -----------------------------------------------------------
     # OpenAI's limit for speech input: the bridge and .runpod/hub.json share it (tests/test_deploy_files.py).

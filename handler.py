@@ -36,7 +36,7 @@ from config import Settings, SettingsError, load_settings
 from inference import ChunkAudio, ModelLoadError, StartupError, VibeVoiceEngine
 from jobs.planning import JobError, JobPlan, plan_job
 from jobs.rendering import LevelTracker, StreamRenderer, render
-from jobs.reporting import ProgressThrottle, after_items, job_result
+from jobs.reporting import FinalOutput, ProgressThrottle, after_items, job_result
 from jobs.schema import InputError, JobInput, parse_job_input
 from jobs.storage import DeliveryError, S3Storage, deliver
 from jobs.streaming import StreamedGeneration
@@ -52,7 +52,7 @@ from runtime.lifecycle import (
     register_warm_up,
     report_unstarted_jobs,
 )
-from runtime.logs import setup_logging
+from runtime.logs import quiet_runpod_sdk, setup_logging
 from text.aligner import Aligner, shared_aligner
 
 log = logging.getLogger("vibevoice.handler")
@@ -109,6 +109,14 @@ class Worker:
             message = f"internal error while generating audio ({type(exc).__name__}); the job was not completed."
             yield {"error": after_items(message, streamed)}
         cancel.close()  # not reached when the job is cancelled: the callback must see that
+
+    async def serve(self, job: dict) -> AsyncIterator[dict]:
+        """`handle` for the SDK's production loop, whose final output (every item, aggregated)
+        is kept within RunPod's result limit (`reporting.FinalOutput`)."""
+        output = FinalOutput(self.settings.result_limit_bytes)
+        async for item in self.handle(job):
+            output.add(item)
+            yield item
 
     async def run(self, job: dict, job_input: JobInput, started: float) -> dict:
         """A whole-file job: plan, generate, render, deliver; returns the result."""
@@ -269,6 +277,8 @@ def main() -> None:
     os.environ.setdefault("HF_HOME", str(settings.hf_home))
     import runpod
 
+    quiet_runpod_sdk()  # at DEBUG (its default) the SDK prints every job's output, presigned URLs included
+
     local = _sdk_local_mode(sys.argv)
     try:
         engine = VibeVoiceEngine.load(settings)
@@ -299,7 +309,7 @@ def main() -> None:
 
     runpod.serverless.start(
         {
-            "handler": worker.collect if local else worker.handle,
+            "handler": worker.collect if local else worker.serve,
             "return_aggregate_stream": True,
             "concurrency_modifier": concurrency,
         }

@@ -1,7 +1,11 @@
 // The bridge's tests run inside workerd (the Workers runtime) through Cloudflare's Vitest plugin.
+import { createHash } from "node:crypto";
 import { cloudflareTest } from "@cloudflare/vitest-plugin";
 import { defineConfig } from "vitest/config";
+import { ADMINS, KEYS } from "./test/owners.js";
 import { RUNPOD_KEY } from "./test/runpod-standin.js";
+
+const digest = (key) => createHash("sha256").update(key).digest("hex");
 
 export default defineConfig({
   plugins: [
@@ -13,6 +17,12 @@ export default defineConfig({
           RUNPOD_ENDPOINT_URL: `http://127.0.0.1:${inject("runpodPort")}/v2/test-endpoint`,
           RUNPOD_API_KEY: RUNPOD_KEY,
           AUTH_TOKEN: "test-auth-token",
+          API_KEYS: JSON.stringify(
+            Object.fromEntries(Object.entries(KEYS).map(([owner, key]) => [owner, digest(key)])),
+          ),
+          ADMIN_OWNERS: ADMINS.join(","),
+          CLIP_URL_SECRET: "test-clip-url-secret",
+          PUBLIC_URL: "http://bridge.test",
           VOICES_CACHE_SECONDS: "0",
           POLL_INITIAL_MS: "20",
           POLL_MAX_MS: "50",

@@ -11,13 +11,15 @@
 //   GET    /health                   whether the bridge is configured (no secrets, no auth)
 //   GET    /, /playground            the web playground (no auth for the page; its API calls send the token)
 // The listings (models, voices) answer without a token too when PUBLIC_LISTINGS is on: Open WebUI
-// fetches them without one. Settings and deployment: README.md beside this file.
+// fetches them without one. Every other route needs a key (keys.js): without one configured the
+// bridge is closed, unless ALLOW_ANONYMOUS. Settings and deployment: README.md beside this file.
 
 import { serveClip } from "./src/clips.js";
 import { ConfigError, loadConfig } from "./src/config.js";
 import { createConsent, deleteConsent, getConsent, listConsents, updateConsent } from "./src/consents.js";
 import { ApiError, errorResponse } from "./src/errors.js";
-import { checkAuth, corsHeaders, json, preflight, withHeaders } from "./src/http.js";
+import { API_HEADERS, apiHeaders, corsHeaders, json, preflight, withHeaders } from "./src/http.js";
+import { authenticate, hasKeys, loadKeys } from "./src/keys.js";
 import { playgroundAsset, playgroundPage } from "./src/playground.js";
 import { MODELS, createSpeech } from "./src/speech.js";
 import { createVoice, deleteVoice, getVoice, listVoices } from "./src/voice_routes.js";
@@ -25,38 +27,41 @@ import { createVoice, deleteVoice, getVoice, listVoices } from "./src/voice_rout
 // A fixed date for /v1/models (the models do not change while the bridge runs).
 const MODELS_CREATED = 1_735_689_600;
 
-// `access`: "token" (the default) needs AUTH_TOKEN; "listing" answers without a token when
-// PUBLIC_LISTINGS is on and none is sent (c.anonymous); "public" never needs one.
+// `access`: "key" (the default) needs a key (c.caller: {owner, admin}); "listing" answers a GET
+// without a key when PUBLIC_LISTINGS is on (c.caller null: presets only); "public" needs none.
 const ROUTES = [
-  { path: /^\/v1\/audio\/speech\/?$/, methods: { POST: (c) => createSpeech(c.request, c.env, c.ctx, c.config) } },
+  {
+    path: /^\/v1\/audio\/speech\/?$/,
+    methods: { POST: (c) => createSpeech(c.request, c.env, c.ctx, c.config, c.caller) },
+  },
   {
     path: /^\/v1\/audio\/voices\/?$/,
     access: "listing",
     methods: {
-      GET: (c) => listVoices(c.env, c.config, { presetsOnly: c.anonymous }),
-      POST: (c) => createVoice(c.request, c.env, c.config),
+      GET: (c) => listVoices(c.request, c.env, c.config, c.caller),
+      POST: (c) => createVoice(c.request, c.env, c.config, c.caller),
     },
   },
   {
     path: /^\/v1\/audio\/voices\/([^/]+)\/?$/,
     methods: {
-      GET: (c, id) => getVoice(c.env, c.config, id),
-      DELETE: (c, id) => deleteVoice(c.env, c.config, id),
+      GET: (c, id) => getVoice(c.env, c.config, c.caller, id),
+      DELETE: (c, id) => deleteVoice(c.env, c.config, c.caller, id),
     },
   },
   {
     path: /^\/v1\/audio\/voice_consents\/?$/,
     methods: {
-      GET: (c) => listConsents(c.request, c.env, c.config),
-      POST: (c) => createConsent(c.request, c.env, c.config),
+      GET: (c) => listConsents(c.request, c.env, c.config, c.caller),
+      POST: (c) => createConsent(c.request, c.env, c.config, c.caller),
     },
   },
   {
     path: /^\/v1\/audio\/voice_consents\/([^/]+)\/?$/,
     methods: {
-      GET: (c, id) => getConsent(c.env, c.config, id),
-      POST: (c, id) => updateConsent(c.request, c.env, c.config, id),
-      DELETE: (c, id) => deleteConsent(c.env, c.config, id),
+      GET: (c, id) => getConsent(c.env, c.config, c.caller, id),
+      POST: (c, id) => updateConsent(c.request, c.env, c.config, c.caller, id),
+      DELETE: (c, id) => deleteConsent(c.request, c.env, c.config, c.caller, id),
     },
   },
   {
@@ -76,10 +81,16 @@ const ROUTES = [
     methods: { GET: (c, key) => serveClip(c.request, c.env, c.config, key) },
   },
   { path: /^\/health\/?$/, access: "public", methods: { GET: (c) => health(c.env, c.config) } },
-  { path: /^\/(?:playground\/?)?$/, access: "public", methods: page((c) => playgroundPage(c.config, c.path)) },
+  {
+    path: /^\/(?:playground\/?)?$/,
+    access: "public",
+    page: true,
+    methods: page((c) => playgroundPage(c.config, c.path)),
+  },
   {
     path: /^\/playground\/([\w.-]+)$/,
     access: "public",
+    page: true,
     methods: page((c, name) => playgroundAsset(c.config, c.path, name)),
   },
 ];
@@ -89,17 +100,22 @@ export default {
     let config;
     try {
       config = loadConfig(env);
+      config.keys = loadKeys(env, config.ALLOW_ANONYMOUS);
     } catch (error) {
-      if (!(error instanceof ConfigError)) return errorResponse(error);
-      return errorResponse(new ApiError(500, error.message, { code: "bad_config" }), corsHeaders({ corsOrigin: "*" }));
+      const headers = { ...corsHeaders({ corsOrigin: "*" }), ...API_HEADERS };
+      if (!(error instanceof ConfigError)) return errorResponse(error, headers);
+      return errorResponse(new ApiError(500, error.message, { code: "bad_config" }), headers);
     }
-    const cors = corsHeaders(config);
-    if (request.method === "OPTIONS") return preflight(request, config);
+    // Every API and clip answer: not sniffed, not cached by anyone but the caller, keyed by the key.
+    const headers = apiHeaders(config);
+    if (request.method === "OPTIONS") {
+      return withHeaders(preflight(request, config), { "x-content-type-options": "nosniff" });
+    }
     try {
-      const response = await route(request, env, ctx, config);
-      return withHeaders(response, cors);
+      const { response, page } = await route(request, env, ctx, config);
+      return withHeaders(response, page ? corsHeaders(config) : headers);
     } catch (error) {
-      return errorResponse(error, cors);
+      return errorResponse(error, headers);
     }
   },
 };
@@ -109,10 +125,9 @@ async function route(request, env, ctx, config) {
   for (const entry of ROUTES) {
     const match = entry.path.exec(path);
     if (!match) continue;
-    const anonymous = entry.access === "listing" && config.PUBLIC_LISTINGS && !request.headers.has("authorization");
-    if (entry.access !== "public" && !(anonymous && request.method === "GET")) {
-      await checkAuth(request, config.authToken);
-    }
+    const publicListing = entry.access === "listing" && config.PUBLIC_LISTINGS && request.method === "GET";
+    // Checked before anything else, the body included.
+    const caller = entry.access === "public" ? null : await authenticate(request, config.keys, { publicListing });
     const handler = entry.methods[request.method];
     if (!handler) {
       const allowed = Object.keys(entry.methods).join(", ");
@@ -121,10 +136,10 @@ async function route(request, env, ctx, config) {
         headers: { allow: `${allowed}, OPTIONS` },
       });
     }
-    const context = { request, env, ctx, config, path, anonymous: anonymous && Boolean(config.authToken) };
-    return handler(context, ...match.slice(1).map(decodeSegment));
+    const context = { request, env, ctx, config, path, caller };
+    return { response: await handler(context, ...match.slice(1).map(decodeSegment)), page: Boolean(entry.page) };
   }
-  await checkAuth(request, config.authToken);
+  await authenticate(request, config.keys);
   throw new ApiError(404, `Unknown route: ${request.method} ${path}.`, { code: "unknown_route" });
 }
 
@@ -160,7 +175,8 @@ function health(env, config) {
       api_key_configured: Boolean(config.runpodApiKey),
     },
     voices_bucket: Boolean(env.VOICES),
-    auth_required: Boolean(config.authToken),
+    auth_required: !config.ALLOW_ANONYMOUS,
+    keys_configured: hasKeys(config.keys),
     public_listings: config.PUBLIC_LISTINGS,
   });
 }

@@ -6,6 +6,7 @@ same fields computed the same way (segments, captions, warnings, timings).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -99,6 +100,41 @@ def after_items(message: str, items: int) -> str:
     if not items:
         return message
     return f"streaming stopped after {items} item(s): {message[0].lower()}{message[1:]}"
+
+
+# The summary's warning when a streamed job's final output leaves its audio items out.
+ITEMS_LEFT_OUT = (
+    "the job's final output (/status, /run) holds only this summary: its audio items together pass "
+    "RunPod's {limit:g} MB result limit, and were delivered on /stream."
+)
+
+
+class FinalOutput:
+    """Keeps a streamed job's final output within RunPod's result limit.
+
+    The SDK keeps every item a job yields and posts them all as the job's final output
+    (`return_aggregate_stream`). RunPod refuses an output past its limit: the job would lose its
+    result after all its audio was streamed. `add` sees each item before it is yielded; when the
+    summary (the last item) would take the total past `limit`, the earlier items are emptied in
+    place (the SDK holds the same objects, and has already posted each one to /stream), so the
+    output is `[{}, ..., summary]`, and the summary says so.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.items: list[dict] = []
+        self.size = 2  # the list's brackets
+
+    def add(self, item: dict) -> None:
+        size = len(json.dumps(item)) + 2  # and a separator
+        if item.get("status") == "complete" and self.size + size > self.limit:
+            for earlier in self.items:
+                earlier.clear()
+            self.size = 2 + 4 * len(self.items)  # "{}, " each
+            item["warnings"] = [*item.get("warnings", []), ITEMS_LEFT_OUT.format(limit=self.limit / 1e6)]
+            size = len(json.dumps(item)) + 2
+        self.items.append(item)
+        self.size += size
 
 
 class ProgressThrottle:

@@ -2,8 +2,9 @@
 
 - `return: "url"` needs S3 and fails loudly when the upload fails.
 - `return: "base64"` inlines the audio when it fits under the inline limit, else fails.
-- `return: "auto"` uploads when S3 is configured; when the upload fails after bounded retries,
-  it falls back to base64 only if the result fits the inline limit, and says so in a warning.
+- `return: "auto"` uploads when S3 is configured; when the upload fails after bounded retries or
+  passes its deadline, it falls back to base64 only if the result fits the inline limit, and
+  says so in a warning.
 Nothing is ever written to a local folder and called delivered.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +22,12 @@ import botocore.config
 import botocore.exceptions
 
 from config import Settings
+from runtime.deadline import DeadlinePassed, call_within
+
+log = logging.getLogger("vibevoice.storage")
+
+# What a job says when S3 fails, whatever the cause; the cause is in the worker's log.
+UPLOAD_FAILED = "the audio could not be uploaded to the endpoint's storage (S3; the cause is in the worker's log)."
 
 
 class DeliveryError(RuntimeError):
@@ -35,12 +43,21 @@ class Delivery:
 
 
 class S3Storage:
-    """Uploads to one bucket under unguessable keys and presigns GET URLs."""
+    """Uploads to one bucket under unguessable keys and presigns GET URLs.
+
+    An upload, all its attempts together, ends within `S3_UPLOAD_DEADLINE` seconds: botocore's own
+    connect and read timeouts and its retries end an endpoint that stalls or refuses, and the
+    upload runs in a helper thread that the job stops waiting for at the deadline, which also ends
+    one that trickles bytes (runtime/deadline.py). What went wrong goes to the worker's log; the
+    job's error or warning says only that storage failed, as S3's messages quote the endpoint,
+    bucket and key."""
 
     def __init__(self, settings: Settings):
         self.bucket = settings.s3_bucket_name
         self.prefix = settings.s3_key_prefix
         self.expiry = settings.s3_presign_expiry
+        self.deadline = settings.s3_upload_deadline
+        timeout = min(settings.s3_timeout, settings.s3_upload_deadline)
         self._client = boto3.session.Session().client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -51,8 +68,8 @@ class S3Storage:
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},  # works with R2, MinIO, B2 and AWS alike
                 retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
-                connect_timeout=settings.s3_timeout,
-                read_timeout=settings.s3_timeout,
+                connect_timeout=timeout,
+                read_timeout=timeout,
             ),
         )
 
@@ -61,20 +78,24 @@ class S3Storage:
         return f"{self.prefix}{day}/{uuid.uuid4().hex}.{extension}"
 
     def upload(self, data: bytes, content_type: str, extension: str) -> tuple[str, str]:
-        """Upload and return (key, presigned GET URL). Raises DeliveryError naming the S3 error."""
+        """Upload and return (key, presigned GET URL). Raises DeliveryError with UPLOAD_FAILED."""
         key = self.new_key(extension)
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-            url = self._client.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry
-            )
+            return call_within(self.deadline, lambda: self._put(key, data, content_type), name="s3-upload")
+        except DeadlinePassed:
+            log.warning("S3 upload of %s did not finish within S3_UPLOAD_DEADLINE (%g s)", key, self.deadline)
         except botocore.exceptions.ClientError as exc:
             error = exc.response.get("Error", {})
-            code = error.get("Code", "error")
-            message = error.get("Message") or "no message"
-            raise DeliveryError(f"S3 upload failed: {code} ({message.rstrip('.')}).") from None
+            log.warning("S3 upload of %s failed: %s (%s)", key, error.get("Code", "error"), error.get("Message"))
         except botocore.exceptions.BotoCoreError as exc:
-            raise DeliveryError(f"S3 upload failed: {type(exc).__name__} ({_first_line(exc)}).") from None
+            log.warning("S3 upload of %s failed: %s (%s)", key, type(exc).__name__, _first_line(exc))
+        raise DeliveryError(UPLOAD_FAILED)
+
+    def _put(self, key: str, data: bytes, content_type: str) -> tuple[str, str]:
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        url = self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self.expiry
+        )
         return key, url
 
 

@@ -14,7 +14,6 @@ import ipaddress
 import re
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,11 +22,13 @@ from urllib.parse import urljoin, urlsplit
 import numpy as np
 import soundfile
 import urllib3
+import urllib3.connection
 
 if TYPE_CHECKING:
     from config import Settings
 
 from audio import dsp, untrusted
+from runtime.deadline import Deadline, DeadlinePassed, call_within
 
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".webm")
 MODEL_RATE = 24000
@@ -227,47 +228,81 @@ class VoiceLibrary:
 
 
 def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
-    """Download reference audio over http(s), with a deadline and a size cap while streaming.
+    """Download reference audio over http(s), within a wall-clock deadline and a size cap.
 
     Every hop (redirects included) is resolved once and checked: loopback, private, link-local,
-    multicast, reserved and cloud metadata addresses are refused unless their network is listed in
-    `allowed_networks`, and the connection goes to the checked address (no second DNS lookup to
-    rebind).
+    multicast, reserved and cloud metadata addresses, also when an IPv6 address carries them
+    (`_destinations`), are refused unless their network is listed in `allowed_networks`, and the
+    connection goes to the checked address (no second DNS lookup to rebind). `fetch_timeout` bounds
+    the whole download, lookups, redirects and a server that trickles bytes included
+    (runtime/deadline.py).
     """
-    deadline = time.monotonic() + limits.fetch_timeout
-    for _ in range(_MAX_REDIRECTS + 1):
-        pool, response = _request(url, field, limits, deadline)
+    timed_out = f"{field} timed out after {limits.fetch_timeout:g} s."
+    with Deadline(limits.fetch_timeout) as deadline:
         try:
-            if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
-                url = urljoin(url, response.headers["Location"])
-                continue
-            if response.status != 200:
-                raise VoiceError(f"{field} could not be fetched (HTTP {response.status}).")
-            return _read_capped(response, field, limits, deadline)
-        finally:
-            response.release_conn()
-            pool.close()
+            for _ in range(_MAX_REDIRECTS + 1):
+                pool, response = _request(url, field, limits, deadline)
+                try:
+                    if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
+                        url = urljoin(url, response.headers["Location"])
+                        continue
+                    if response.status != 200:
+                        raise VoiceError(f"{field} could not be fetched (HTTP {response.status}).")
+                    return _read_capped(response, field, limits, deadline)
+                finally:
+                    response.release_conn()
+                    pool.close()
+        except DeadlinePassed:
+            raise VoiceError(timed_out) from None
     raise VoiceError(f"{field} redirected more than {_MAX_REDIRECTS} times.")
 
 
-def _request(url: str, field: str, limits: VoiceLimits, deadline: float):
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket the deadline's watchdog cuts when the time is up."""
+
+    def __init__(self, *args, deadline: Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self.deadline.watch(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def __init__(self, *args, deadline: Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        self.deadline.watch(sock)  # the TLS socket wraps this connection: the cut reaches it
+        return sock
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+def _request(url: str, field: str, limits: VoiceLimits, deadline: Deadline):
     """One GET to the checked address of `url`'s host; returns (pool, response), body unread."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise VoiceError(f"{field} must be an http:// or https:// URL.")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = _resolve_allowed(parts.hostname, port, field, limits.allowed_networks)
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
+    address = _resolve_allowed(parts.hostname, port, field, limits.allowed_networks, deadline)
+    remaining = deadline.read_timeout()
     timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
-    common = {"port": port, "timeout": timeout, "retries": False, "maxsize": 1}
+    common = {"port": port, "timeout": timeout, "retries": False, "maxsize": 1, "deadline": deadline}
     if parts.scheme == "https":
-        pool = urllib3.HTTPSConnectionPool(
-            address, server_hostname=parts.hostname, assert_hostname=parts.hostname, **common
-        )
+        pool = _WatchedHTTPSPool(address, server_hostname=parts.hostname, assert_hostname=parts.hostname, **common)
     else:
-        pool = urllib3.HTTPConnectionPool(address, **common)
+        pool = _WatchedHTTPPool(address, **common)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     # The file as it is: a compressed response would be decompressed past the byte cap.
     headers = {"Host": parts.netloc.rpartition("@")[2], "User-Agent": "vibevoice-worker", "Accept-Encoding": "identity"}
@@ -277,46 +312,85 @@ def _request(url: str, field: str, limits: VoiceLimits, deadline: float):
         )
     except urllib3.exceptions.HTTPError as exc:
         pool.close()
+        if deadline.passed:
+            raise DeadlinePassed from None
         raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
     return pool, response
 
 
-def _read_capped(response, field: str, limits: VoiceLimits, deadline: float) -> bytes:
-    """The body, stopped as soon as it passes the byte cap or the deadline."""
+def _read_capped(response, field: str, limits: VoiceLimits, deadline: Deadline) -> bytes:
+    """The body, stopped as soon as it passes the byte cap or the deadline.
+
+    Each read takes what has arrived (`read1`) and waits at most the time left; a connection the
+    watchdog cut ends the body early, which the deadline check after the loop tells from a real end."""
     too_large = f"{field} is larger than the {_megabytes(limits.max_bytes)} limit."
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
         raise VoiceError(too_large)
     received = bytearray()
     try:
-        for piece in response.stream(64 * 1024):
+        while True:
+            sock = getattr(response.connection, "sock", None)
+            if sock is not None:
+                sock.settimeout(deadline.read_timeout())
+            piece = response.read1(64 * 1024)
+            if not piece:
+                break
             received += piece
             if len(received) > limits.max_bytes:
                 raise VoiceError(too_large)
-            if time.monotonic() > deadline:
-                raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.")
-    except urllib3.exceptions.HTTPError as exc:
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-            raise VoiceError(f"{field} timed out after {limits.fetch_timeout:g} s.") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if deadline.passed or isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            raise DeadlinePassed from None
         raise VoiceError(f"{field} could not be fetched ({_network_reason(exc)}).") from None
+    if deadline.passed:
+        raise DeadlinePassed
     return bytes(received)
 
 
-def _resolve_allowed(host: str, port: int, field: str, allowed_networks: tuple) -> str:
+# IPv6 forms that carry an IPv4 address, which is where their packets end up: the IPv4-mapped,
+# SIIT-translated and deprecated IPv4-compatible forms, and NAT64's well-known prefix (RFC 6052).
+_CARRIERS = tuple(ipaddress.IPv6Network(net) for net in ("::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96"))
+# Local-use NAT64 (RFC 8215): each network chooses where the IPv4 part sits, so it cannot be read back.
+_UNREADABLE = (ipaddress.IPv6Network("64:ff9b:1::/48"),)
+_UNSPECIFIED, _LOOPBACK = ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")
+
+
+def _destinations(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The addresses a connection to `address` reaches: the IPv4 address an IPv6 form carries (in
+    place of the IPv6 one), and for 6to4 and Teredo the IPv6 address with every IPv4 it embeds."""
+    if address.version == 4:
+        return [address]
+    if any(address in net for net in _CARRIERS) and address not in (_UNSPECIFIED, _LOOPBACK):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    embedded = [address.sixtofour] if address.sixtofour else []
+    embedded += list(address.teredo or ())  # (server, client), the client already de-obfuscated
+    return [address, *embedded]
+
+
+def _allowed(address, allowed_networks: tuple) -> bool:
+    """Public, or in a listed network (an IPv4 address is never "in" an IPv6 network: the versions
+    must match, as `ipaddress` compares the integers alone)."""
+    if any(address.version == net.version and address in net for net in allowed_networks):
+        return True
+    return address.is_global and not any(address.version == 6 and address in net for net in _UNREADABLE)
+
+
+def _resolve_allowed(host: str, port: int, field: str, allowed_networks: tuple, deadline: Deadline) -> str:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = call_within(deadline.left(), lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
     except (socket.gaierror, UnicodeError):
         raise VoiceError(f"{field} names a host that cannot be resolved.") from None
     addresses = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if not address.is_global and not any(address in network for network in allowed_networks):
+        destinations = _destinations(address)
+        if not all(_allowed(destination, allowed_networks) for destination in destinations):
             raise VoiceError(
                 f"{field} points to a private, loopback, link-local or reserved address, which is not allowed."
             )
-        addresses.append(address)
+        # An IPv4-mapped address is connected to as IPv4; other forms as given.
+        addresses.append(destinations[0] if address.version == 6 and address.ipv4_mapped else address)
     if not addresses:
         raise VoiceError(f"{field} names a host that cannot be resolved.")
     return str(addresses[0])

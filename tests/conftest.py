@@ -344,3 +344,67 @@ def bomb_files(tmp_path_factory) -> dict[str, Path]:
     files["wav"] = folder / "wav.bomb"
     files["wav"].write_bytes(bombs.wav_claiming(4 * 1024**3, real_seconds=400.0))
     return files
+
+
+@dataclass
+class TrickleServer:
+    """An HTTP server on 127.0.0.1 that sends one byte a second (at most `max_bytes` per answer).
+
+    `/body` sends its headers at once and then trickles a WAV body; `/headers` trickles from the
+    status line on. `cut` counts the answers the client hung up on before they were complete."""
+
+    base_url: str
+    max_bytes: int
+    cut: list[str]
+    stop: threading.Event
+
+    def wait_for_cuts(self, count: int, timeout: float = 10) -> list[str]:
+        """The paths of the answers cut short, once there are `count` (the server notices a hang-up
+        at its next byte), or as many as there are after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while len(self.cut) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return sorted(self.cut)
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"RIFF" + b"\0" * (self.server.trickle.max_bytes - 4)
+        if self.path == "/headers":
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            self._trickle(head + body)
+        else:
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.end_headers()
+            self.wfile.flush()
+            self._trickle(body)
+
+    def _trickle(self, data: bytes) -> None:
+        for index in range(min(len(data), self.server.trickle.max_bytes)):
+            try:
+                self.wfile.write(data[index : index + 1])
+                self.wfile.flush()
+            except OSError:  # the client hung up
+                self.server.trickle.cut.append(self.path)
+                return
+            if self.server.trickle.stop.wait(1.0):
+                return
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def trickle_server() -> Iterator[TrickleServer]:
+    """A server that trickles one byte a second for at most 90 s per answer (so a client without a
+    wall-clock deadline is held that long, and the test still ends)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    server.trickle = TrickleServer(f"http://127.0.0.1:{server.server_address[1]}", 90, [], threading.Event())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.trickle
+    server.trickle.stop.set()
+    server.shutdown()
+    server.server_close()

@@ -6,6 +6,8 @@ worker loop, the handler and the engine are the real ones. Faults, each switched
 FAULT_GENERATION_MARKER=word   a job whose text contains `word` raises inside generation: from the
                                decode loop's step callback, while the engine holds its lock, as
                                a GPU or model fault would (this machine has no GPU to break).
+FAULT_GENERATION_MESSAGE=text  the injected exception's message (default: "injected fault inside
+                               generation"), e.g. one that quotes a secret, as a careless error would.
 FAULT_NO_FILE_WRITES=1         from the moment the SDK's job loop starts, every write to a file
                                fails (RLIMIT_FSIZE=0 with SIGXFSZ ignored: a full disk that
                                refuses every byte). Output goes through a pipe to a copier
@@ -60,12 +62,13 @@ def inject_generation_fault(marker: str) -> None:
     import inference
 
     original = inference.VibeVoiceEngine.synthesize
+    message = os.environ.get("FAULT_GENERATION_MESSAGE") or "injected fault inside generation"
 
     def synthesize(self, chunks, voices, params, on_chunk=None, should_stop=None, on_audio=None, on_progress=None):
         if any(marker in turn.text for chunk in chunks for turn in chunk.turns):
 
             def on_progress(audio_seconds: float, chunks_done: int) -> None:
-                raise RuntimeError("injected fault inside generation")
+                raise RuntimeError(message)
 
         return original(self, chunks, voices, params, on_chunk, should_stop, on_audio, on_progress)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -64,8 +65,9 @@ class Bridge:
     def client(self, api_key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=api_key or self.token, max_retries=0, timeout=120)
 
-    def get_json(self, path: str) -> dict:
-        request = urllib.request.Request(self.base_url + path, headers={"Authorization": f"Bearer {self.token}"})
+    def get_json(self, path: str, key: str | None = None) -> dict:
+        headers = {"Authorization": f"Bearer {key or self.token}"}
+        request = urllib.request.Request(self.base_url + path, headers=headers)
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
@@ -375,8 +377,11 @@ def test_models_and_voices_lists(bridge: Bridge) -> None:
 def test_created_voice_is_usable_at_once_and_deletable(bridge: Bridge, preset_volume: Path) -> None:
     client = bridge.client()
     clip = preset_volume / "demo" / "voices" / "en-Frank_man.wav"
+    consent = client.audio.voice_consents.create(
+        name="Frank's consent", language="en-US", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
+    )
     with clip.open("rb") as sample:
-        voice = client.audio.voices.create(name="Frank's clone", audio_sample=sample, consent="cons_local")
+        voice = client.audio.voices.create(name="Frank's clone", audio_sample=sample, consent=consent.id)
     assert voice.id.startswith("voice_") and voice.name == "Frank's clone" and voice.object == "audio.voice"
     assert voice.id in {entry["id"] for entry in bridge.get_json("/audio/voices")["voices"]}
 
@@ -443,10 +448,64 @@ def test_health_needs_no_token(bridge: Bridge) -> None:
     with urllib.request.urlopen(bridge.base_url.removesuffix("/v1") + "/health", timeout=10) as response:
         health = json.loads(response.read())
     assert health["runpod"] == {"endpoint_configured": True, "api_key_configured": True}
-    assert health["auth_required"] is True
+    assert health["auth_required"] is True and health["keys_configured"] is True
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(bridge.base_url + "/audio/voice_consents", timeout=10)
     assert caught.value.code == 401
+
+
+def test_make_bridge_is_closed_without_a_key_and_makes_its_own(tmp_path: Path) -> None:
+    """`make bridge` without AUTH_TOKEN or API_KEYS: no anonymous access; the script makes a key for
+    the run and prints it on its console, and that key works."""
+    log_path = tmp_path / "bridge.log"
+    process, origin = start_bridge("http://127.0.0.1:9/v2/none", "key", log_path)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{origin}/v1/audio/voice_consents", timeout=10)
+        assert caught.value.code == 401
+        key = log_path.read_text().split("this run's key: ", 1)[1].split()[0]
+        request = urllib.request.Request(
+            f"{origin}/v1/audio/voice_consents", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["data"] == []
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def owners_bridge(chain: Chain) -> Iterator[tuple[Bridge, dict[str, str]]]:
+    """The bridge with keys for two owners in API_KEYS (as SHA-256 digests), beside AUTH_TOKEN."""
+    keys = {"alice": "alice-" + os.urandom(8).hex(), "bob": "bob-" + os.urandom(8).hex()}
+    digests = {owner: hashlib.sha256(key.encode()).hexdigest() for owner, key in keys.items()}
+    for bridge in running_bridge(chain, "owners-bridge", API_KEYS=json.dumps(digests)):
+        yield bridge, keys
+
+
+def test_one_owners_voice_is_no_other_owners(owners_bridge: tuple[Bridge, dict[str, str]], preset_volume: Path) -> None:
+    """Through the SDK and the whole chain: alice's voice clones for alice (the worker fetches the
+    clip by a URL the bridge signed with CLIP_URL_SECRET at PUBLIC_URL); to bob it does not exist."""
+    bridge, keys = owners_bridge
+    alice, bob = bridge.client(api_key=keys["alice"]), bridge.client(api_key=keys["bob"])
+    consent = alice.audio.voice_consents.create(
+        name="Alice's consent", language="en-US", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
+    )
+    with pytest.raises(openai.NotFoundError):  # alice's consent is not bob's to give
+        bob.audio.voices.create(name="Borrowed", audio_sample=("a.wav", wav_bytes(24000, 1, 1.0)), consent=consent.id)
+    with (preset_volume / "demo" / "voices" / "en-Frank_man.wav").open("rb") as sample:
+        voice = alice.audio.voices.create(name="Alice's clone", audio_sample=sample, consent=consent.id)
+    audio = alice.audio.speech.create(
+        model="tts-1", voice={"id": voice.id}, input="Mine.", response_format="flac", extra_body=TINY
+    )
+    assert probe(audio.content).codec == "flac"
+    with pytest.raises(openai.NotFoundError):
+        bob.audio.speech.create(model="tts-1", voice={"id": voice.id}, input="Not mine.", extra_body=TINY)
+    with pytest.raises(openai.NotFoundError):
+        bob.audio.voices.delete(voice.id)
+    listed = bridge.get_json("/audio/voices", key=keys["bob"])["voices"]
+    assert voice.id not in {entry["id"] for entry in listed}
+    assert alice.audio.voices.delete(voice.id).deleted
 
 
 # --- the bridge under RunPod's real behaviour ------------------------------------------------------
@@ -576,6 +635,34 @@ def test_rough_runpod_is_survived_and_nothing_is_truncated(bridge: Bridge, whole
         assert len(bridge.jobs(text)) == 1
 
 
+def test_a_lost_stream_reply_is_filled_from_the_final_output(bridge: Bridge) -> None:
+    """Every second /stream reply hands its items out and is then lost on the way (the emulator's
+    lose_stream_every): the bridge takes the missing items from the job's final output on /status,
+    so the audio is whole, in raw and SSE streams alike."""
+    frames = 24
+    with bridge.emulator.behaving(lose_stream_every=2):
+        text = f"A stream with a lost reply {os.urandom(4).hex()}."
+        pcm = bridge.client().audio.speech.create(
+            model="tts-1", voice="alloy", input=text, response_format="pcm", stream_format="audio",
+            extra_body={**TINY, "max_new_tokens": frames, "stream_chunk_ms": 100},
+        )  # fmt: skip
+        assert len(pcm.content) == frames * 3200 * 2
+        deltas = []
+        with bridge.client().audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=f"Events with a lost reply {os.urandom(4).hex()}.",
+            response_format="wav", stream_format="sse",
+            extra_body={**TINY, "max_new_tokens": 12, "stream_chunk_ms": 100},
+        ) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    assert event["type"] != "error", event
+                    if event["type"] == "speech.audio.delta":
+                        deltas.append(base64.b64decode(event["audio"]))
+        assert probe(b"".join(deltas)).samples.size == 12 * 3200
+    assert [job["status"] for job in bridge.jobs(text)] == ["COMPLETED"]
+
+
 SDK_CODE = {"python": None, "node": "test/e2e/node-retries.mjs"}
 
 
@@ -646,8 +733,11 @@ def test_sdk_retries_never_start_a_second_job(
 
 def test_open_webui_lists_the_preset_voices_without_a_token(bridge: Bridge) -> None:
     """Open WebUI fetches these without its key; with AUTH_TOKEN set, they still answer."""
+    consent = bridge.client().audio.voice_consents.create(
+        name="Clone's consent", language="en", recording=("consent.wav", wav_bytes(24000, 1, 1.0), "audio/wav")
+    )
     created = bridge.client().audio.voices.create(
-        name="Private clone", audio_sample=("clip.wav", wav_bytes(24000, 1, 2.0), "audio/wav"), consent="n/a"
+        name="Private clone", audio_sample=("clip.wav", wav_bytes(24000, 1, 2.0), "audio/wav"), consent=consent.id
     )
     with urllib.request.urlopen(bridge.base_url + "/audio/voices", timeout=10) as response:
         voices = json.loads(response.read())["voices"]
@@ -657,7 +747,8 @@ def test_open_webui_lists_the_preset_voices_without_a_token(bridge: Bridge) -> N
     assert created.id in {voice["id"] for voice in bridge.get_json("/audio/voices")["voices"]}
     with urllib.request.urlopen(bridge.base_url + "/audio/models", timeout=10) as response:
         assert "tts-1" in {model["id"] for model in json.loads(response.read())["models"]}
-    bridge.client().audio.voices.delete(created.id)
+    bridge.client().audio.voice_consents.delete(consent.id, extra_query={"delete_voice": "true"})
+    assert created.id not in {voice["id"] for voice in bridge.get_json("/audio/voices")["voices"]}
 
 
 def test_any_model_name_runs_and_the_reply_says_which(bridge: Bridge) -> None:

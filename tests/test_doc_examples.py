@@ -86,6 +86,7 @@ def local(runpod_api: RunpodAPI, bridge_origin: tuple[str, str]) -> dict:
         "<endpoint id>": emulator.endpoint_id,
         "https://<your-worker>.workers.dev": origin,
         "<AUTH_TOKEN>": token,
+        "<your key>": token,
     }
     env = {
         **os.environ,

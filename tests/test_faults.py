@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from pathlib import Path
 import pytest
 from audio_helpers import probe
 from conftest import ROOT, RunpodAPI, make_volume, running_api, start_runpod_api
+from test_bridge_e2e import start_bridge
 
 # One xdist worker runs this module (its fixtures start a fault-injecting worker).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]
@@ -150,6 +153,10 @@ def fault_api(tiny_model_dir, fault_home, fault_tmp, s3_server, gate, tmp_path_f
         "S3_BUCKET_NAME": s3_server.bucket,
         "S3_TIMEOUT": "1",
         "S3_MAX_ATTEMPTS": "2",
+        "S3_UPLOAD_DEADLINE": "20",
+        # Voice URLs on the test's own servers, with a short deadline (test_trickling_voice_urls...).
+        "VOICE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "VOICE_FETCH_TIMEOUT": "2",
     }
     log_path = tmp_path_factory.mktemp("fault-worker") / "worker.log"
     with running_api(log_path, env, command=[sys.executable, str(ROOT / "tests" / "fault_worker.py")]) as api:
@@ -215,7 +222,9 @@ def test_jobs_complete_while_every_file_write_fails(fault_api: RunpodAPI, fault_
 
 # --- S3 that hangs or drops the connection ----------------------------------------------------------
 
-S3_FAULTS = {"stall": "S3 upload failed: ReadTimeoutError", "reset": "S3 upload failed: ConnectionClosedError"}
+# The cause each fault leaves in the worker's log; the job itself says only that storage failed.
+S3_FAULTS = {"stall": "ReadTimeoutError", "reset": "ConnectionClosedError"}
+STORAGE_FAILED = "the audio could not be uploaded to the endpoint's storage (S3; the cause is in the worker's log)"
 
 
 @pytest.mark.fault
@@ -231,19 +240,77 @@ def test_s3_fault_falls_back_to_base64_or_fails_within_bounded_retries(
         assert small["status"] == "COMPLETED", small
         item = small["output"][0]
         assert item["delivery"] == "base64" and "audio_base64" in item
-        (warning,) = [text for text in item["warnings"] if text.startswith("S3 upload failed")]
-        assert warning.startswith(S3_FAULTS[mode])
-        assert warning.endswith("; the audio is returned as base64 instead.")
+        assert f"{STORAGE_FAILED}; the audio is returned as base64 instead." in item["warnings"]
         assert small["executionTime"] < 30_000  # bounded: not stuck on a dead endpoint
 
         gate.switch(mode)
         failed = run(fault_api, {"text": "Needs a URL.", "output_format": "pcm_16", "return": "url", **TINY})
-        failed_with(failed, S3_FAULTS[mode])
+        failed_with(failed, STORAGE_FAILED)
         assert gate.refused == 2
     finally:
         gate.switch("pass")
+    assert f"failed: {S3_FAULTS[mode]}" in fault_api.worker.log_path.read_text()  # the cause, for the operator
     recovered = run(fault_api, {"text": "S3 is back.", "output_format": "pcm_16", "return": "url", **TINY})
     assert recovered["status"] == "COMPLETED" and recovered["output"][0]["delivery"] == "url", recovered
+
+
+@pytest.mark.fault
+def test_bridge_replies_hold_no_storage_internals(fault_api: RunpodAPI, gate: S3Gate, tmp_path: Path) -> None:
+    """S3 drops every connection and a job fails inside generation, behind `make bridge`'s script:
+    no reply in any mode (whole file, word timestamps with the worker's warnings, SSE, raw stream)
+    names the storage endpoint, the bucket, an object key or a traceback; the worker's log has the
+    cause for the operator."""
+    token = "faults-" + os.urandom(6).hex()
+    process, origin = start_bridge(
+        fault_api.base_url, fault_api.api_key, tmp_path / "bridge.log", AUTH_TOKEN=token,
+        STREAM_AUDIO="false", PRESET_VOICES="en-Alice_woman,en-Frank_man", POLL_INITIAL_MS="100",
+    )  # fmt: skip
+    seen = []
+    gate.switch("reset")
+    try:
+        for extra in ({}, {"timestamps": True}, {"stream_format": "sse"}, {"stream_format": "audio"}):
+            for text in ("Stored nowhere.", f"A {MARKER} inside generation."):
+                body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "wav", **TINY, **extra}
+                request = urllib.request.Request(
+                    f"{origin}/v1/audio/speech", data=json.dumps(body).encode(), method="POST",
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                )  # fmt: skip
+                try:
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        seen.append(f"{response.status} {dict(response.headers)} {response.read()[-4000:]!r}")
+                except urllib.error.HTTPError as error:
+                    seen.append(f"{error.code} {dict(error.headers)} {error.read()!r}")
+    finally:
+        gate.switch("pass")
+        process.terminate()
+        process.wait(timeout=20)
+    everything = "\n".join(seen)
+    assert "base64 instead" in everything  # the worker's warning came back (timestamps), in its words
+    assert "failed while generating the audio" in everything
+    for internal in (str(gate.port), "vibevoice-test", "vibevoice/20", "Traceback", "botocore", "RuntimeError"):
+        assert internal not in everything, internal
+    assert "ConnectionClosedError" in fault_api.worker.log_path.read_text()
+
+
+# --- servers that trickle ------------------------------------------------------------------------
+
+
+@pytest.mark.fault
+def test_trickling_voice_urls_cannot_hold_the_worker(fault_api: RunpodAPI, trickle_server) -> None:
+    """Voice URLs on a server that sends one byte a second, more of them than the worker takes at
+    once (MAX_CONCURRENCY=2): each job fails at its VOICE_FETCH_TIMEOUT (2 s) with the connection
+    cut, so no job or thread is held, and the next normal job completes. Without a wall-clock
+    deadline each would hold its slot for the server's 90 s."""
+    jobs = []
+    for number in range(5):
+        job = {"text": f"Trickled voice {number}.", "voice_url": f"{trickle_server.base_url}/body", **TINY}
+        status, reply = fault_api.call("POST", "/run", {"input": job})
+        assert status == 200, reply
+        jobs.append(reply["id"])
+    for job_id in jobs:
+        failed_with(fault_api.wait_for(job_id, FINAL, timeout=60), "'voice_url' timed out after 2 s.")
+    assert trickle_server.wait_for_cuts(5) == ["/body"] * 5  # every connection was cut, none left open
+    still_serving(fault_api)
 
 
 # --- a fault inside generation --------------------------------------------------------------------

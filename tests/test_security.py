@@ -1,20 +1,26 @@
 """Secrets stay out of logs and outputs; voice URLs cannot reach private networks through DNS.
 
 Where each security measure is tested:
-- secrets in the worker's log, job outputs and errors: here (a live worker with known fake
-  secrets, at DEBUG); in the bridge's answers and logs: bridge/test/routes.spec.js ("secrets"),
-  test_bridge_e2e.py, test_load.py; in S3 error messages: test_storage.py.
-- voice URLs: loopback, private, link-local, metadata, IPv6 and IPv4-mapped addresses, redirects,
-  schemes: test_voices.py; names that resolve to private addresses: here (DNS answers are
-  monkeypatched in-process: there is no DNS server to point at a private address here).
+- secrets in the worker's log, job outputs and errors, a failing job's traceback and the RunPod
+  SDK's own lines included: here (a live worker with known fake secrets, at DEBUG); in the bridge's
+  answers and logs: bridge/test/routes.spec.js ("secrets"), test_bridge_e2e.py, test_load.py; in S3
+  error messages: test_storage.py; storage internals in bridge replies: test_faults.py,
+  bridge/test/security.spec.js.
+- voice URLs: loopback, private, link-local, metadata, IPv6 and every IPv6 form that carries an IPv4
+  address, redirects, schemes, a server that trickles: test_voices.py (and test_faults.py through
+  the worker loop); names that resolve to private addresses: here (DNS answers are monkeypatched
+  in-process: there is no DNS server to point at a private address here).
 - size caps: text (MAX_TEXT_LENGTH) tests/data/bad_jobs.json ("100k-character text"); base64 clips
   test_voices.py::test_size_cap_on_base64 and here through the worker loop; downloads
   test_voices.py::test_fetch_limits; bridge bodies bridge/test/speech.spec.js and
-  bridge/test/data/bad_requests.json (413 cases); RunPod's payload limits in the emulator.
+  bridge/test/data/bad_requests.json (413 cases); RunPod's payload limits in the emulator; a
+  streamed job's final output: test_streaming_runpod.py.
 - speaker names never leave the voices folder: test_voices.py and the bad-job corpus.
-- object keys (uuid4) and presigned URL expiry (S3_PRESIGN_EXPIRY): test_storage.py.
-- the bridge's token check (SHA-256 digests compared with timingSafeEqual, 401 before any work):
-  bridge/test/bad_requests.spec.js.
+- object keys (uuid4), presigned URL expiry (S3_PRESIGN_EXPIRY) and the documented lifecycle rule:
+  test_storage.py.
+- the bridge's keys, owners, clip URLs, consent, quotas and headers: bridge/test/security.spec.js,
+  bridge/test/properties.spec.js (several keys), bridge/test/bad_requests.spec.js (401 before any
+  work, constant-time comparison), test_bridge_e2e.py (through the SDKs and `make bridge`).
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import http.server
 import json
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from audio_helpers import encode_file, tone
-from conftest import RunpodAPI, running_api
+from conftest import ROOT, RunpodAPI, running_api
 
 from jobs.voices import VoiceError, VoiceLimits, fetch_audio
 
@@ -49,17 +56,31 @@ SECRETS = {
 }
 
 
+# What the failing job's exception says: a secret and a presigned URL, as a careless error message
+# (or a library's) might quote them. The worker must log the traceback without either.
+MARKER = "SECRETFAULT"
+SIGNATURE = "X-Amz-Signature=" + FAKE * 8
+FAULT_MESSAGE = (
+    f"upload helper failed with token {SECRETS['AUTH_TOKEN']} for "
+    f"http://127.0.0.1:9/bucket/key.mp3?X-Amz-Credential={SECRETS['S3_ACCESS_KEY_ID']}%2F20261201&{SIGNATURE}"
+)
+
+
 @pytest.fixture(scope="module")
-def secret_api(tiny_model_dir, volume, s3_strict_server, tmp_path_factory) -> Iterator[RunpodAPI]:
-    """A worker holding known fake secrets, logging everything (its own DEBUG and the SDK's)."""
+def secret_api(tiny_model_dir, volume, s3_server, tmp_path_factory) -> Iterator[RunpodAPI]:
+    """A worker holding known fake secrets, asked to log everything (its own DEBUG, and the SDK's,
+    which it keeps at INFO), whose S3 takes its keys (results come back as presigned URLs) and
+    in which a job with MARKER in its text fails with FAULT_MESSAGE (tests/fault_worker.py)."""
     env = {
         "MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu",
         "LOG_LEVEL": "DEBUG", "RUNPOD_DEBUG_LEVEL": "DEBUG", "MAX_CONCURRENCY": "2",
-        "S3_ENDPOINT_URL": s3_strict_server.endpoint, "S3_BUCKET_NAME": s3_strict_server.bucket,
+        "S3_ENDPOINT_URL": s3_server.endpoint, "S3_BUCKET_NAME": s3_server.bucket,
         "S3_MAX_ATTEMPTS": "1", "VOICE_MAX_BYTES": "100000",
+        "FAULT_GENERATION_MARKER": MARKER, "FAULT_GENERATION_MESSAGE": FAULT_MESSAGE,
         **SECRETS,
     }  # fmt: skip
-    with running_api(tmp_path_factory.mktemp("secret-worker") / "worker.log", env) as api:
+    command = [sys.executable, str(ROOT / "tests" / "fault_worker.py")]
+    with running_api(tmp_path_factory.mktemp("secret-worker") / "worker.log", env, command=command) as api:
         yield api
 
 
@@ -68,10 +89,10 @@ def test_secrets_never_reach_logs_outputs_or_errors(secret_api: RunpodAPI) -> No
     jobs = {
         "succeeds": {"text": "A job that works.", "return": "base64", "output_format": "wav", **TINY},
         "streams": {"text": "A streamed job.", "stream": True, "output_format": "pcm_16", **TINY},
+        "delivered by URL": {"text": "Upload me.", "return": "url", "output_format": "pcm_16", **TINY},
+        "fails with a secret in scope": {"text": f"A {MARKER} job.", "output_format": "pcm_16", **TINY},
         "fails validation": {"text": "Bad.", "cfg_scale": 0},
         "unknown field": {"text": "Bad.", "hf_token": "x"},
-        "S3 refuses the key, falls back": {"text": "Upload me.", "output_format": "pcm_16", **TINY},
-        "S3 refuses the key, fails": {"text": "Upload me.", "return": "url", "output_format": "pcm_16", **TINY},
         "clip over the size cap": {"text": "Cloned.", "voice_audio_base64": clip, **TINY},
         "lists voices": {"action": "list_voices"},
     }
@@ -82,22 +103,32 @@ def test_secrets_never_reach_logs_outputs_or_errors(secret_api: RunpodAPI) -> No
         replies[name] = secret_api.wait_for(job["id"], FINAL)
     assert replies["succeeds"]["status"] == replies["streams"]["status"] == "COMPLETED"
     assert replies["fails validation"]["status"] == replies["unknown field"]["status"] == "FAILED"
-    fallback = replies["S3 refuses the key, falls back"]["output"][0]
-    assert fallback["delivery"] == "base64"
-    assert any(warning.startswith("S3 upload failed: InvalidAccessKeyId") for warning in fallback["warnings"])
-    assert replies["S3 refuses the key, fails"]["error"].startswith("S3 upload failed: InvalidAccessKeyId")
+    presigned = replies["delivered by URL"]["output"][0]["audio_url"]
+    assert "X-Amz-Signature=" in presigned  # a presigned URL was in the job's output
+    assert replies["fails with a secret in scope"]["error"].startswith("internal error while generating audio")
     assert replies["clip over the size cap"]["error"] == (
         "'voice_audio_base64' is larger than the 0.1 MB limit for reference audio."
     )
 
     log = secret_api.worker.log_path.read_text()
-    assert "generation begins" in log and "Async Generator output" in log  # both loggers were at DEBUG
+    assert "generation begins" in log  # the worker's own loggers were at DEBUG
+    assert "upload helper failed with token" in log and "Traceback" in log  # the failure and its traceback
+    assert "the RunPod SDK's log level DEBUG would print job outputs; it is kept at INFO" in log
+    assert "Generator output" not in log and "Handler output" not in log  # the SDK printed no output
+    # The presigned URL carries the access key id, by design of S3 signatures: the reply may hold it
+    # there, and nowhere else.
+    replies["delivered by URL"]["output"][0]["audio_url"] = "(presigned URL)"
     seen = {
         "worker log": log,
         "job replies": json.dumps(replies),
         "health": json.dumps(secret_api.call("GET", "/health")),
     }
-    known = {**SECRETS, "RUNPOD_AI_API_KEY (the worker's own key)": secret_api.emulator.worker_key}
+    known = {
+        **SECRETS,
+        "RUNPOD_AI_API_KEY (the worker's own key)": secret_api.emulator.worker_key,
+        "the presigned URL's signature": presigned.partition("X-Amz-Signature=")[2],
+        "the signature in the failing job's traceback": SIGNATURE,
+    }
     leaks = [f"{name} in the {where}" for name, value in known.items() for where, text in seen.items() if value in text]
     assert leaks == []
 
@@ -223,6 +254,35 @@ def test_log_lines_are_scrubbed(caplog) -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s and %s", (SECRETS["HF_TOKEN"], "ok"), None)
     assert RedactSecrets([SECRETS["HF_TOKEN"]]).filter(record)
     assert record.getMessage() == "token *** and ok"
+
+
+def test_tracebacks_stacks_and_signed_urls_are_scrubbed() -> None:
+    """The whole record: its message, its traceback (the exception's text, the source lines that
+    quote values) and its stack; every URL's query string (presigned S3 URLs, signed clip URLs)."""
+    import io
+    import logging
+
+    from runtime.logs import RedactSecrets
+
+    secret = SECRETS["AUTH_TOKEN"]
+    clip = "https://bridge.example/voice-clips/clips%2Fvoice_1?expires=1&signature=" + "ab" * 32
+    output = io.StringIO()
+    handler = logging.StreamHandler(output)
+    handler.addFilter(RedactSecrets([secret]))
+    logger = logging.getLogger("vibevoice.test-redaction")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"failed with {secret} fetching {clip}")
+        except RuntimeError:
+            logger.error("job failed near %s", "https://s3.example/b/k?X-Amz-Signature=0123", exc_info=True)
+        logger.error("where it happened", stack_info=True, extra={})
+    finally:
+        logger.removeHandler(handler)
+    text = output.getvalue()
+    assert "Traceback" in text and "RuntimeError: failed with *** fetching" in text
+    assert secret not in text and "signature=abab" not in text and "X-Amz-Signature=0123" not in text
+    assert "https://bridge.example/voice-clips/clips%2Fvoice_1?***" in text
 
 
 def test_volume_paths_are_not_in_errors(secret_api: RunpodAPI, volume: Path) -> None:

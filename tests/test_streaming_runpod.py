@@ -9,7 +9,7 @@ import time
 
 import pytest
 from audio_helpers import probe
-from conftest import RunpodAPI
+from conftest import RunpodAPI, running_api
 from test_runpod_emulator import FINAL, wait_for_log
 
 pytestmark = pytest.mark.slow
@@ -107,3 +107,32 @@ def test_a_failing_stream_job_is_failed_with_its_sentence(runpod_api: RunpodAPI)
         "'output_format' flac cannot be streamed; with 'stream': true use mp3, opus, wav or pcm_16."
     )
     assert runpod_api.call("GET", f"/stream/{reply['id']}") == (200, {"status": "FAILED", "stream": []})
+
+
+def test_a_stream_past_runpods_result_limit_keeps_its_summary(tiny_model_dir, volume, tmp_path) -> None:
+    """The SDK posts every streamed item again as the job's final output, and RunPod drops a result
+    past its limit (the emulator with a 60 kB limit here, the worker told the same through
+    RESULT_LIMIT_BYTES). /stream delivers every item; /status then holds the emptied items and
+    the summary, which says so, instead of losing the result after all its audio was sent."""
+    env = {"MODEL_PATH": str(tiny_model_dir), "VIBEVOICE_HOME": str(volume), "DEVICE": "cpu",
+           "RESULT_LIMIT_BYTES": "60000"}  # fmt: skip
+    with running_api(tmp_path / "worker.log", env, result_limit_bytes=60_000) as api:
+        job_input = {"text": "A stream longer than the result limit.", **FAST, "max_new_tokens": 14,
+                     "stream": True, "stream_chunk_ms": 200, "output_format": "pcm_16"}  # fmt: skip
+        status, job = api.call("POST", "/run", {"input": job_input})
+        assert status == 200
+        items: list[dict] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, reply = api.call("GET", f"/stream/{job['id']}")
+            items += [entry["output"] for entry in reply["stream"]]
+            if reply["status"] in FINAL and not reply["stream"]:
+                break
+            time.sleep(0.05)
+        summary = check_items(items)
+        assert len(audio_of(items)) == 14 * 3200 * 2 > 60_000  # all the audio, past the limit
+        final = api.call("GET", f"/status/{job['id']}")[1]
+    assert final["status"] == "COMPLETED"
+    *emptied, kept = final["output"]
+    assert emptied == [{}] * summary["items"]
+    assert kept == summary and "RunPod's 0.06 MB result limit" in kept["warnings"][-1]

@@ -27,8 +27,10 @@ the long-poll that carries `{"jobsToStop": [...]}` when a job is cancelled or ti
 Policies follow RunPod's documentation: `policy.executionTimeout` (default 600000 ms, more than
 5000) ends a running job TIMED_OUT, `policy.ttl` (default 24 h, 10 s to 7 days) ends a job that is
 not finished by then TIMED_OUT, and results are kept 30 minutes after /run and 1 minute after
-/runsync, then /status answers 404. Deliberate simplifications are listed in the project docs
-(no webhooks, one endpoint per server, /stream never holds the request open).
+/runsync, then /status answers 404. A result larger than 20 MB (`result_limit_bytes`) is refused:
+the job reads COMPLETED without its output, as reported of RunPod. Deliberate simplifications are
+listed in the project docs (no webhooks, one endpoint per server, /stream never holds the request
+open).
 
 RunPod behaviours that clients must survive are off by default and switched on with a
 `RunpodBehaviour` (constructor argument `behaviour`, or the attribute at any time; command-line
@@ -101,6 +103,10 @@ TTL_BOUNDS_MS = (10_000, 7 * 24 * 3600 * 1000)
 RUN_RETENTION_S = 30 * 60
 RUNSYNC_RETENTION_S = 60
 STREAM_REPLY_LIMIT_BYTES = 1_000_000  # a /stream reply carries at most 1 MB of items
+# A job's final result (the job-done body) larger than /runsync's documented 20 MB payload limit,
+# which the SDK's own size check names too, is refused with 400 Bad Request; the job then reads
+# COMPLETED without its output (runpod/runpod-python#309, runpod-workers/worker-comfyui#129).
+RESULT_LIMIT_BYTES = 20_000_000
 RATE_LIMITS = {"run": (1000, 10.0), "runsync": (2000, 10.0), "status": (2000, 10.0), "stream": (2000, 10.0)}
 
 # The SDK ignores a stop signal for a job it has taken but not started yet (its run loop starts
@@ -212,6 +218,9 @@ class RunpodBehaviour:
                         published limits); calls past the limit get 429 with Retry-After
     transient_every     every Nth /status and /stream call answers `transient_status` (a gateway
                         failure) before anything is handed out
+    lose_stream_every   every Nth /stream reply that carries items hands them out and is then lost on
+                        the way (the client gets `transient_status`; a retried read brings the items
+                        after them), as a reply dropped between RunPod and its client
     """
 
     running_state: bool = False
@@ -219,6 +228,7 @@ class RunpodBehaviour:
     rate_limits: dict[str, tuple[int, float]] | None = None
     transient_every: int = 0
     transient_status: int = 503
+    lose_stream_every: int = 0
     _calls: dict[str, int] = field(default_factory=dict, repr=False)
     _recent: dict[str, deque] = field(default_factory=dict, repr=False)
 
@@ -261,6 +271,13 @@ class RunpodBehaviour:
             batch.append(item)
         return batch
 
+    def loses(self, items: list) -> bool:
+        """Whether this /stream reply, carrying `items`, is lost on the way (`lose_stream_every`)."""
+        if not (self.lose_stream_every and items):
+            return False
+        self._calls["stream replies"] = self._calls.get("stream replies", 0) + 1
+        return self._calls["stream replies"] % self.lose_stream_every == 0
+
 
 class RequestError(Exception):
     """A client error: becomes `{"error": message}` with the given HTTP status."""
@@ -294,6 +311,7 @@ class RunpodEmulator:
         worker_timeout_s: float = 30.0,
         lost_worker_retries: int = LOST_WORKER_RETRIES,
         min_ttl_ms: int = TTL_BOUNDS_MS[0],
+        result_limit_bytes: int = RESULT_LIMIT_BYTES,
         behaviour: RunpodBehaviour | None = None,
     ):
         self.api_key = api_key or "rp-local-" + secrets.token_hex(12)
@@ -305,6 +323,7 @@ class RunpodEmulator:
         self.runsync_retention_s = runsync_retention_s
         self.min_execution_timeout_ms = min_execution_timeout_ms
         self.min_ttl_ms = min_ttl_ms
+        self.result_limit_bytes = result_limit_bytes
         self.behaviour = behaviour or RunpodBehaviour()
         self._submissions: list[dict] = []  # every job ever submitted (kept past the jobs' retention)
         self.poll_hold_s = poll_hold_s
@@ -586,6 +605,8 @@ class RunpodEmulator:
             return NOT_FOUND, 404
         items = self.behaviour.stream_batch(job.stream[job.stream_read :])
         job.stream_read += len(items)
+        if self.behaviour.loses(items):
+            return {"error": "upstream connect error"}, self.behaviour.transient_status
         return {"status": job.status, "stream": [{"output": item} for item in items]}, 200
 
     async def _cancel(self, request: web.Request) -> tuple[dict, int]:
@@ -879,6 +900,10 @@ class RunpodEmulator:
         worker.to_stop.pop(job.id, None)
         if job.status != IN_PROGRESS or job.worker_id != worker.id:
             return web.json_response({})  # cancelled or timed out meanwhile: the result is dropped
+        if len(await request.read()) > self.result_limit_bytes:
+            log.warning("job %s: its result is over the %d-byte limit and is dropped", job.id, self.result_limit_bytes)
+            self._end(job, COMPLETED)
+            return web.json_response({"error": "result too large"}, status=400)
         error = body.get("error")
         if error is not None:
             message = error if isinstance(error, str) else json.dumps(error)
@@ -1095,6 +1120,13 @@ def add_behaviour_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--transient-every", type=int, default=0, metavar="N", help="every Nth /status and /stream call answers 503"
     )
+    group.add_argument(
+        "--lose-stream-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every Nth /stream reply with items is lost after handing them out (the client gets 503)",
+    )
 
 
 def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
@@ -1109,6 +1141,7 @@ def behaviour_from(args: argparse.Namespace) -> RunpodBehaviour:
         stream_reply_bytes=args.stream_reply_bytes,
         rate_limits=rate_limits,
         transient_every=args.transient_every,
+        lose_stream_every=args.lose_stream_every,
     )
 
 

@@ -4,30 +4,52 @@
 // does not count against RunPod's 10 MB /run payload. R2 bindings cannot presign URLs (that
 // takes the bucket's S3 API with a separate R2 API token, and Miniflare has no S3 endpoint), so
 // the bridge signs its own: GET /voice-clips/{key}?expires=<unix s>&signature=<HMAC-SHA256 hex>,
-// valid for as long as the job may live (its TTL), the same in production and in local runs. The
-// key is CLIP_URL_SECRET, or derived from RUNPOD_API_KEY when that is unset. A signed URL is a
-// credential: it stays out of messages and logs.
+// valid for as long as the job may live (its TTL), the same in production and in local runs.
+//
+// The signing key is CLIP_URL_SECRET, a secret of its own (not derived from another trust
+// domain's key), and the URL's origin is PUBLIC_URL (never a request's Host header): both are
+// required the first time a clip is needed. Signed URLs serve objects under clips/ only, never
+// voices.json or consent recordings. A signed URL is a credential: it stays out of messages and logs.
 
 import { ApiError } from "./errors.js";
 
 const PATH = "/voice-clips/";
+export const CLIP_KEY_PREFIX = "clips/";
 const encoder = new TextEncoder();
 
 // The URL the worker downloads `key` from, valid for `seconds`.
-export async function clipUrl(key, request, config, seconds) {
+export async function clipUrl(key, config, seconds) {
+  requireSigning(config);
   const expires = Math.floor(Date.now() / 1000) + Math.ceil(seconds);
-  const origin = config.publicUrl || new URL(request.url).origin;
   const signature = await sign(config, key, expires);
-  return `${origin}${PATH}${encodeURIComponent(key)}?expires=${expires}&signature=${signature}`;
+  return `${config.publicUrl}${PATH}${encodeURIComponent(key)}?expires=${expires}&signature=${signature}`;
+}
+
+// Cloned voices need both settings; the first request that needs a clip says which one is missing.
+function requireSigning(config) {
+  const missing = [
+    config.clipUrlSecret ? null : "the CLIP_URL_SECRET secret (the key that signs clip URLs)",
+    config.publicUrl ? null : "PUBLIC_URL (the bridge's URL as the RunPod worker reaches it)",
+  ].filter(Boolean);
+  if (missing.length) {
+    throw new ApiError(
+      503,
+      `Cloned voices need ${missing.join(" and ")}: the worker fetches their clips by signed URL.`,
+      {
+        code: "not_configured",
+      },
+    );
+  }
 }
 
 // GET /voice-clips/{key}: the clip, when the signature is right and not expired.
 export async function serveClip(request, env, config, key) {
-  if (!config.clipUrlSecret && !config.runpodApiKey) throw new ApiError(404, "No clip URLs are signed here.");
+  if (!config.clipUrlSecret) throw new ApiError(404, "No clip URLs are signed here.", { code: "not_found" });
   const url = new URL(request.url);
   const expires = Number(url.searchParams.get("expires"));
   const given = url.searchParams.get("signature") || "";
   const valid =
+    key.startsWith(CLIP_KEY_PREFIX) &&
     Number.isInteger(expires) &&
     /^[0-9a-f]{64}$/.test(given) &&
     crypto.subtle.timingSafeEqual(encoder.encode(given), encoder.encode(await sign(config, key, expires)));
@@ -45,10 +67,9 @@ export async function serveClip(request, env, config, key) {
 }
 
 async function sign(config, key, expires) {
-  const secret = config.clipUrlSecret || `vibevoice clip urls\n${config.runpodApiKey}`;
   const hmacKey = await crypto.subtle.importKey(
     "raw",
-    encoder.encode(secret),
+    encoder.encode(config.clipUrlSecret),
     { name: "HMAC", hash: "SHA-256" },
     false,
     ["sign"],

@@ -32,6 +32,12 @@ const NUMBERS = {
   VOICES_CACHE_SECONDS: { fallback: 30, min: 0, max: 3600 },
   MAX_VOICE_BYTES: { fallback: VOICE_BYTES_CEILING, min: 1_000, max: VOICE_BYTES_CEILING },
   MAX_REQUEST_BYTES: { fallback: 65_536, min: 1_024, max: 1_000_000 },
+  // Per owner (keys.js): created voices and consent recordings each may keep.
+  MAX_VOICES_PER_OWNER: { fallback: 100, min: 1, max: 1000 },
+  MAX_CONSENTS_PER_OWNER: { fallback: 100, min: 1, max: 1000 },
+  // The largest audio file the bridge passes on from the worker's storage (an hour of 24 kHz WAV
+  // is 173 MB); it is streamed through, never held whole.
+  MAX_AUDIO_BYTES: { fallback: 300_000_000, min: 1_000_000, max: 2_000_000_000 },
 };
 
 const FLAGS = {
@@ -41,6 +47,7 @@ const FLAGS = {
   PUBLIC_LISTINGS: true,
   REQUIRE_VOICE_CONSENT: false,
   PLAYGROUND: true,
+  ALLOW_ANONYMOUS: false,
 };
 
 // Every setting read from the environment besides the secrets (scripts/serve.js passes these on).
@@ -51,6 +58,7 @@ export const SETTING_NAMES = [
   "VOICES_OBJECT_KEY",
   "PRESET_VOICES",
   "PUBLIC_URL",
+  "ADMIN_OWNERS",
 ];
 
 export class ConfigError extends Error {}
@@ -106,8 +114,8 @@ function endpointUrl(env) {
   return "";
 }
 
-// The bridge's own origin as the RunPod worker reaches it (for signed clip URLs); by default the
-// origin each request came in on.
+// The bridge's own origin as the RunPod worker reaches it, for signed clip URLs: required to sign
+// one (clips.js), so that no request's Host header decides where the worker fetches from.
 function publicUrl(env) {
   return env.PUBLIC_URL ? httpUrl(env.PUBLIC_URL, "PUBLIC_URL") : "";
 }

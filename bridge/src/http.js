@@ -1,6 +1,6 @@
 // Small HTTP helpers: JSON responses, CORS, bearer auth, size-capped bodies, base64.
 
-import { ApiError, invalid, tooLarge } from "./errors.js";
+import { invalid, tooLarge } from "./errors.js";
 
 import { RETURNED, returnedHeader } from "./extras.js";
 
@@ -13,6 +13,14 @@ export const EXPOSED_HEADERS = [
   "retry-after",
   ...RETURNED.map(returnedHeader),
 ];
+
+// On every API and clip answer (worker.js): answers depend on the caller's key, so no shared
+// cache may keep one (and Vary says so to any that would), and no browser may sniff a type.
+export const API_HEADERS = {
+  "x-content-type-options": "nosniff",
+  "cache-control": "private, no-store",
+  vary: "Authorization",
+};
 
 export function json(value, status = 200, headers = {}) {
   return new Response(JSON.stringify(value), {
@@ -30,6 +38,12 @@ export function corsHeaders(config) {
   return headers;
 }
 
+// CORS and API_HEADERS together (their Vary headers joined).
+export function apiHeaders(config) {
+  const cors = corsHeaders(config);
+  return { ...cors, ...API_HEADERS, vary: cors.vary ? `${cors.vary}, ${API_HEADERS.vary}` : API_HEADERS.vary };
+}
+
 export function preflight(request, config) {
   return new Response(null, {
     status: 204,
@@ -44,31 +58,14 @@ export function preflight(request, config) {
   });
 }
 
+// `headers` set on `response` (a Vary is added to the one there, not put in its place).
 export function withHeaders(response, headers) {
   const merged = new Headers(response.headers);
-  for (const [name, value] of Object.entries(headers)) merged.set(name, value);
+  for (const [name, value] of Object.entries(headers)) {
+    if (name.toLowerCase() === "vary" && merged.has("vary")) merged.set("vary", `${merged.get("vary")}, ${value}`);
+    else merged.set(name, value);
+  }
   return new Response(response.body, { status: response.status, statusText: response.statusText, headers: merged });
-}
-
-// Bearer token check in constant time: both sides are hashed first, so neither the length
-// nor the content of the token leaks through timing.
-export async function checkAuth(request, token) {
-  if (!token) return;
-  const header = request.headers.get("authorization") || "";
-  const match = /^Bearer\s+(.+)$/i.exec(header.trim());
-  if (!match) {
-    throw new ApiError(401, "Missing bearer token: send the header 'Authorization: Bearer <token>'.", {
-      code: "invalid_api_key",
-    });
-  }
-  const encoder = new TextEncoder();
-  const [given, expected] = await Promise.all([
-    crypto.subtle.digest("SHA-256", encoder.encode(match[1])),
-    crypto.subtle.digest("SHA-256", encoder.encode(token)),
-  ]);
-  if (!crypto.subtle.timingSafeEqual(given, expected)) {
-    throw new ApiError(401, "Incorrect bearer token.", { code: "invalid_api_key" });
-  }
 }
 
 // The body as bytes, refused with 413 as soon as it passes `limit` (declared or actual size).

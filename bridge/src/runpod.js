@@ -16,7 +16,7 @@
 
 import { ApiError, invalid, rateLimited, upstreamFailed, upstreamTimeout } from "./errors.js";
 import { EXTRAS } from "./extras.js";
-import { fromBase64 } from "./http.js";
+import { formatBytes, fromBase64 } from "./http.js";
 
 // Documented job states; live replies also say IN_PROGRESS.
 export const PENDING = new Set(["IN_QUEUE", "RUNNING", "IN_PROGRESS"]);
@@ -46,12 +46,19 @@ const CLIENT_FIELDS = {
 };
 
 // Worker failures caused by the deployment (storage, bugs, a worker stopped by RunPod), whatever
-// fields they quote.
+// fields they quote, and the bridge's own sentence for each: the worker's text may name its
+// storage, bucket or internals, so it goes to the bridge's log, never to the client.
 const SERVER_FAULTS = [
-  /^internal error/i,
-  /^S3 upload failed/i,
-  /^the encoded audio is/i,
-  /^the worker was shut down/i,
+  [/^internal error/i, "The worker failed while generating the audio; the job was not completed."],
+  [
+    /^(S3 upload failed|the audio could not be uploaded)/i,
+    "The worker could not store the audio; the job was not completed.",
+  ],
+  [
+    /^the encoded audio is/i,
+    "The audio is too large for the endpoint to return without storage; ask for a shorter text or a smaller format.",
+  ],
+  [/^the worker was shut down/i, "The worker was shut down before the job finished; send the request again."],
 ];
 // A streamed job that fails after sending audio says so first; the cause follows.
 const AFTER_ITEMS = /^streaming stopped after \d+ item\(s\): /i;
@@ -234,8 +241,12 @@ export class RunPod {
     throw upstreamFailed(`RunPod's answer to /${operation} is not a JSON object.`);
   }
 
-  // The audio of a finished job: fetched from the presigned URL or decoded from base64.
-  async fetchAudio(output, deadline, signal) {
+  // The audio of a finished job, as {result, audio: {stream, size}}: a stream of its bytes (from the
+  // presigned URL, or the base64 decoded) and its size when known. A download is retried on passing
+  // failures within the deadline, refused past MAX_AUDIO_BYTES, and streamed through: the stream
+  // fails (the client sees a broken transfer) when the body passes the cap, ends short of its
+  // Content-Length, or outlasts the deadline, so a reply is never silently shorter.
+  async openAudio(output, deadline, signal) {
     const items = Array.isArray(output) ? output : [output];
     const failed = items.find((item) => item && typeof item === "object" && "error" in item);
     if (failed) throw workerError(failed.error);
@@ -244,26 +255,85 @@ export class RunPod {
     if (result.audio_base64) {
       const bytes = fromBase64(result.audio_base64);
       if (!bytes) throw upstreamFailed("The worker's audio_base64 is not valid base64.", "upstream_bad_output");
-      return { bytes, result };
+      return { result, audio: { stream: new Blob([bytes]).stream(), size: bytes.byteLength } };
     }
-    // The presigned URL is a credential of sorts: it stays out of messages and logs.
-    const timeout = Math.max(1, Math.min(this.config.UPSTREAM_TIMEOUT_SECONDS * 1000, deadline - Date.now()));
-    try {
-      const response = await fetch(result.audio_url, {
-        signal: AbortSignal.any([AbortSignal.timeout(timeout), ...(signal ? [signal] : [])]),
-      });
-      if (!response.ok) {
-        await response.body?.cancel().catch(() => {});
-        throw upstreamFailed(`Downloading the audio from the worker's storage failed (HTTP ${response.status}).`);
+    const limit = this.config.MAX_AUDIO_BYTES;
+    const response = await this.download(result.audio_url, deadline, signal);
+    const declared = response.headers.get("content-length");
+    const size = declared !== null && /^\d+$/.test(declared) ? Number(declared) : null;
+    if (size !== null && size > limit) {
+      await response.body?.cancel().catch(() => {});
+      throw upstreamFailed(
+        `The audio is ${formatBytes(size)}, over the bridge's ${formatBytes(limit)} limit (MAX_AUDIO_BYTES).`,
+      );
+    }
+    return { result, audio: { stream: response.body.pipeThrough(checkedLength(size, limit)), size } };
+  }
+
+  // The response of a GET to the presigned URL (its body unread), retried like a read. The URL is
+  // a credential of sorts: it stays out of messages and logs.
+  async download(url, deadline, signal) {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.fetchOnce(url, deadline, signal);
+      } catch (error) {
+        const delay = retryDelay(this.config, attempt, error);
+        if (!error.transient || attempt > this.config.RETRY_ATTEMPTS || Date.now() + delay >= deadline) throw error;
+        console.warn(`bridge: downloading the audio failed (${error.code}); retry ${attempt} in ${delay} ms`);
+        await sleep(delay, signal);
       }
-      return { bytes: new Uint8Array(await response.arrayBuffer()), result };
-    } catch (error) {
-      if (error instanceof ApiError) throw error;
-      if (signal?.aborted) throw new CallerGone();
-      if (isTimeout(error)) throw upstreamTimeout("Downloading the audio from the worker's storage timed out.");
-      throw upstreamFailed("Downloading the audio from the worker's storage failed (network error).");
     }
   }
+
+  // One GET: UPSTREAM_TIMEOUT_SECONDS for the answer to begin, the job's deadline for its body.
+  async fetchOnce(url, deadline, signal) {
+    const remaining = deadline - Date.now();
+    if (remaining <= 0) throw jobTimeout(this.config);
+    const first = new AbortController();
+    const timer = setTimeout(
+      () => first.abort(new DOMException("timed out", "TimeoutError")),
+      Math.min(this.config.UPSTREAM_TIMEOUT_SECONDS * 1000, remaining),
+    );
+    const signals = [first.signal, AbortSignal.timeout(remaining), ...(signal ? [signal] : [])];
+    let response;
+    try {
+      response = await fetch(url, { signal: AbortSignal.any(signals) });
+    } catch (error) {
+      if (signal?.aborted) throw new CallerGone();
+      if (isTimeout(error))
+        throw transient(upstreamTimeout("Downloading the audio from the worker's storage timed out."));
+      throw transient(upstreamFailed("Downloading the audio from the worker's storage failed (network error)."));
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok) {
+      await response.body?.cancel().catch(() => {});
+      const error = upstreamFailed(`Downloading the audio from the worker's storage failed (HTTP ${response.status}).`);
+      if (TRANSIENT_STATUS.has(response.status)) transient(error);
+      throw error;
+    }
+    return response;
+  }
+}
+
+// Passes bytes through, failing when they pass `limit` or end short of (or past) `size`.
+function checkedLength(size, limit) {
+  let seen = 0;
+  return new TransformStream({
+    transform(chunk, controller) {
+      seen += chunk.byteLength;
+      if (seen > limit || (size !== null && seen > size)) {
+        controller.error(upstreamFailed("The audio from the worker's storage is longer than it should be."));
+        return;
+      }
+      controller.enqueue(chunk);
+    },
+    flush(controller) {
+      if (size !== null && seen !== size) {
+        controller.error(upstreamFailed("The audio from the worker's storage ended early.", "upstream_incomplete"));
+      }
+    },
+  });
 }
 
 function httpError(response, operation) {
@@ -367,10 +437,12 @@ export function workerError(error) {
     }
     const message = trimmed.slice(0, 1000) || "The worker failed without a message.";
     const cause = message.replace(AFTER_ITEMS, "");
-    if (SERVER_FAULTS.some((pattern) => pattern.test(cause))) return upstreamFailed(message, "worker_error");
+    const fault = SERVER_FAULTS.find(([pattern]) => pattern.test(cause));
     const field = /'([A-Za-z_][A-Za-z0-9_]*)(?:\[\d+\])?[.'\[]/.exec(cause)?.[1];
-    if (field && field in CLIENT_FIELDS) return invalid(message, CLIENT_FIELDS[field], "invalid_value");
-    return upstreamFailed(`The worker rejected the job: ${message}`, "worker_error");
+    // The worker's one sentence about a field the client gave is the client's to read.
+    if (!fault && field && field in CLIENT_FIELDS) return invalid(message, CLIENT_FIELDS[field], "invalid_value");
+    console.warn(`bridge: the worker failed the job: ${message.slice(0, 300)}`);
+    return upstreamFailed(fault ? fault[1] : "The worker could not run the job.", "worker_error");
   }
   return upstreamFailed("The job failed on RunPod.", "worker_error");
 }

@@ -39,8 +39,8 @@ export function parseSpeakers(speakers) {
 
 // The worker's voice fields: {speaker} | {voice_url} for one voice, or {speakers: [...]} for a
 // script (a preset name or {audio_url} each; created clips go as signed URLs, like `voice`).
-export async function resolveVoices(store, { voice, speakers }, request) {
-  if (!speakers) return store.resolve(voice, request);
-  const resolved = await Promise.all(speakers.map((entry) => store.resolve(entry, request)));
+export async function resolveVoices(store, { voice, speakers }) {
+  if (!speakers) return store.resolve(voice);
+  const resolved = await Promise.all(speakers.map((entry) => store.resolve(entry)));
   return { speakers: resolved.map((entry) => entry.speaker ?? { audio_url: entry.voice_url }) };
 }

@@ -12,9 +12,10 @@
 import { ApiError, invalid } from "./errors.js";
 import { EXTRAS, RETURNED, returnedHeader } from "./extras.js";
 import { FORMATS, FORMAT_NAMES } from "./formats.js";
-import { fromBase64, readJsonObject, toBase64 } from "./http.js";
+import { readJsonObject, toBase64 } from "./http.js";
 import { KEEP_ALIVE, KEEP_ALIVE_COMMENT, withKeepAlive } from "./keepalive.js";
 import { JobTie } from "./lifecycle.js";
+import { audioPieces, checkFormat, chunksOf } from "./pieces.js";
 import { CallerGone, RunPod } from "./runpod.js";
 import { parseSpeakers, parseVoice, resolveVoices } from "./speakers.js";
 import { timedReply, wantsTimestamps } from "./timed_speech.js";
@@ -33,11 +34,12 @@ const FRAMES_PER_SECOND = 7.5;
 // eslint-disable-next-line no-control-regex
 const UNPRINTABLE = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]|\p{Surrogate}/u;
 
-export async function createSpeech(request, env, ctx, config) {
+// `caller`: who asks ({owner, admin}, keys.js); created voices resolve only for their owner.
+export async function createSpeech(request, env, ctx, config, caller) {
   const body = await readJsonObject(request, config.MAX_REQUEST_BYTES);
   const speech = parseSpeechRequest(body, config);
   RunPod.requireConfigured(config);
-  const voice = await resolveVoices(new VoiceStore(env.VOICES, config), speech, request);
+  const voice = await resolveVoices(new VoiceStore(env.VOICES, config, caller), speech);
   const format = FORMATS[speech.responseFormat];
   const mode = speech.timestamps ? "timed" : deliveryMode(speech, format, config);
   const job = {
@@ -102,19 +104,30 @@ async function wholeFile(runpod, tie, job, format, headers, speech, ctx) {
   headers["x-runpod-job-id"] = submitted.id;
   if (speech.streamFormat === "sse" && !speech.timestamps) {
     const summary = {};
-    const pieces = fileAsPiece(runpod, tie, submitted, format, deadline, summary);
+    const pieces = fileAsPieces(runpod, tie, submitted, format, deadline, summary);
     return sseReply(pieces, summary, speech, headers, ctx, tie, runpod.config);
   }
-  const { bytes, result } = await finishedAudio(runpod, tie, submitted, format, deadline);
+  const { result, audio } = await finishedAudio(runpod, tie, submitted, format, deadline);
   if (speech.timestamps) {
     tie.finish();
-    return timedReply(bytes, result, format, speech.responseFormat, headers);
+    return timedReply(audio.stream, result, format, speech.responseFormat, headers);
   }
   for (const name of RETURNED) {
     if (result[name] !== undefined) headers[returnedHeader(name)] = encodeReturned(result[name]);
   }
   tie.finish();
-  return new Response(bytes, { headers: { ...headers, "content-length": String(bytes.byteLength) } });
+  return new Response(exactLength(audio, ctx), {
+    headers: { ...headers, ...(audio.size !== null ? { "content-length": String(audio.size) } : {}) },
+  });
+}
+
+// A body of known size goes out with its Content-Length (a FixedLengthStream: one that ends
+// short breaks the transfer); one of unknown size is chunked.
+function exactLength(audio, ctx) {
+  if (audio.size === null) return audio.stream;
+  const { readable, writable } = new FixedLengthStream(audio.size);
+  ctx?.waitUntil?.(audio.stream.pipeTo(writable).catch((error) => logEarlyEnd("audio file", null, error)));
+  return readable;
 }
 
 async function streamed(runpod, tie, job, format, headers, speech, ctx) {
@@ -123,8 +136,7 @@ async function streamed(runpod, tie, job, format, headers, speech, ctx) {
   const submitted = await tie.submit(() => runpod.submit(input, { sync: false, deadline, characters: job.characters }));
   headers["x-runpod-job-id"] = submitted.id;
   const summary = {};
-  const items = runpod.streamItems(submitted.id, { deadline, signal: tie.signal });
-  const pieces = audioPieces(runpod, tie, items, format, deadline, summary);
+  const pieces = audioPieces(runpod, tie, submitted.id, format, deadline, summary);
   if (speech.streamFormat === "sse") return sseReply(pieces, summary, speech, headers, ctx, tie, runpod.config);
   // The wait for the first byte: queueing, a cold start, the first decoded frames.
   const first = await pieces.next();
@@ -142,20 +154,21 @@ async function sseReply(pieces, summary, speech, headers, ctx, tie, config) {
   return sseResponse(prepend(first.value, waiting), summary, speech, headers, ctx, tie);
 }
 
-// A whole-file job's audio once it has finished (it may wait in the queue first).
+// A whole-file job's audio once it has finished (it may wait in the queue first), as a stream from
+// the worker's storage: passed through, never held whole (runpod.openAudio).
 async function finishedAudio(runpod, tie, submitted, format, deadline) {
   const finished = await runpod.pollStatus(submitted, { deadline, signal: tie.signal });
   tie.settle();
-  const { bytes, result } = await runpod.fetchAudio(finished.output, deadline, tie.signal);
+  const { result, audio } = await runpod.openAudio(finished.output, deadline, tie.signal);
   checkFormat(result, format);
-  return { bytes, result };
+  return { result, audio };
 }
 
-// The same as one piece for an SSE reply; fills `summary` with the worker's result.
-async function* fileAsPiece(runpod, tie, submitted, format, deadline, summary) {
-  const { bytes, result } = await finishedAudio(runpod, tie, submitted, format, deadline);
+// The same as pieces for an SSE reply, as they arrive; fills `summary` with the worker's result.
+async function* fileAsPieces(runpod, tie, submitted, format, deadline, summary) {
+  const { result, audio } = await finishedAudio(runpod, tie, submitted, format, deadline);
   Object.assign(summary, result);
-  yield { bytes, base64: null };
+  for await (const bytes of chunksOf(audio.stream)) yield { bytes, base64: null };
 }
 
 function noAudio() {
@@ -230,58 +243,6 @@ function checkText(input, limit) {
       ? "invalid Unicode (a lone surrogate)"
       : `the control character U+${code}`;
     throw invalid(`'input' contains ${what} at position ${position}.`, "input", "invalid_characters");
-  }
-}
-
-// The audio of a streaming job as {bytes, base64} pieces, in order; fills `summary` from the
-// worker's last ("complete") item. Lost audio is an error, never a shorter file: the worker
-// numbers its items (`seq`) and counts them in the summary (`items`).
-async function* audioPieces(runpod, tie, items, format, deadline, summary) {
-  let lastSeq = -1;
-  let received = 0;
-  let finished = false;
-  for await (const item of items) {
-    if (!item || typeof item !== "object") continue;
-    if (item.status === "complete" || item.status === "completed") {
-      Object.assign(summary, item);
-      finished = true;
-    }
-    if (typeof item.audio_chunk === "string") {
-      if (typeof item.seq === "number") {
-        if (item.seq <= lastSeq) continue; // a repeated delivery
-        if (item.seq > lastSeq + 1) throw incomplete(`item ${lastSeq + 1} is missing`);
-        lastSeq = item.seq;
-      }
-      checkFormat(item, format);
-      const bytes = fromBase64(item.audio_chunk);
-      if (!bytes)
-        throw new ApiError(502, "The worker sent an audio chunk that is not base64.", { code: "upstream_bad_output" });
-      received += 1;
-      if (bytes.byteLength) yield { bytes, base64: item.audio_chunk };
-    } else if (item.audio_url || item.audio_base64) {
-      // A whole file in the stream (a worker that does not stream this job).
-      const { bytes, result } = await runpod.fetchAudio([item], deadline, tie.signal);
-      checkFormat(result, format);
-      Object.assign(summary, result);
-      yield { bytes, base64: null };
-    }
-  }
-  tie.settle();
-  if (!finished) throw incomplete("the stream ended without the worker's summary");
-  if (typeof summary.items === "number" && summary.items !== received) {
-    throw incomplete(`${received} of ${summary.items} audio items arrived`);
-  }
-}
-
-function incomplete(why) {
-  return new ApiError(502, `The audio from RunPod is incomplete: ${why}.`, { code: "upstream_incomplete" });
-}
-
-function checkFormat(item, format) {
-  if (item.format && item.format !== format.worker) {
-    throw new ApiError(502, `The worker sent ${item.format} audio instead of ${format.worker}.`, {
-      code: "upstream_bad_output",
-    });
   }
 }
 
@@ -369,7 +330,8 @@ async function write(writer, bytes, tie) {
 
 function logEarlyEnd(what, tie, error) {
   const why = error instanceof CallerGone ? "the client went away" : error?.code || error?.name || "error";
-  console.warn(`bridge: ${what} of job ${tie.id} ended early (${why}); the reply is marked incomplete`);
+  const job = tie ? `of job ${tie.id} ` : "";
+  console.warn(`bridge: ${what} ${job}ended early (${why}); the reply is marked incomplete`);
 }
 
 function encodeReturned(value) {

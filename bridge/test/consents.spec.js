@@ -105,8 +105,11 @@ describe("REQUIRE_VOICE_CONSENT", () => {
     expect(stored.customMetadata.consent).toBe(consent.id);
   });
 
-  it("is off by default: a consent id is kept as given", async () => {
+  it("is off by default: a voice may come without a consent, but a given consent must be a stored one", async () => {
     expect((await post("/v1/audio/voices", voiceForm())).status).toBe(200);
-    expect((await post("/v1/audio/voices", voiceForm("cons_anything"))).status).toBe(200);
+    await expectError(await post("/v1/audio/voices", voiceForm("cons_anything")), 404, {
+      param: "consent",
+      code: "consent_not_found",
+    });
   });
 });

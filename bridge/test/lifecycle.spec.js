@@ -121,10 +121,27 @@ describe("a job the bridge stops following is cancelled", () => {
     }
   });
 
-  it("when a streamed job loses audio: the transfer breaks and the job is cancelled", async () => {
+  it("when a streamed job loses audio: the transfer breaks once the job has ended, with nothing to cancel", async () => {
+    // The bridge reads the lost item from the job's final output, which it waits for: here the
+    // output holds emptied items (a result past RunPod's limit), so the audio is lost for good.
     const text = uniqueText();
-    await plan(text, { chunks: ["a", "b", "c", "d"], lose: 1, hold: 3 });
+    await plan(text, { chunks: ["a", "b", "c", "d"], lose: 1, hold: 3, aggregate: "emptied", polls: 2 });
     const response = await speech({ input: text, stream_format: "audio" });
+    expect(response.status).toBe(200);
+    await expect(response.arrayBuffer()).rejects.toThrow();
+    await response.settled();
+    const [job] = await jobs(text);
+    expect(job.polls).toBe(2); // /status was read until the job ended
+    expect(job.cancels).toBe(0);
+  });
+
+  it("when a streamed job loses audio and its deadline passes first: the job is cancelled", async () => {
+    const text = uniqueText();
+    await plan(text, { chunks: ["a", "b", "c", "d"], lose: 1, hold: 3, polls: 1000 });
+    const response = await speech(
+      { input: text, stream_format: "audio" },
+      { envOverrides: { JOB_TIMEOUT_SECONDS: "1" } },
+    );
     expect(response.status).toBe(200);
     await expect(response.arrayBuffer()).rejects.toThrow();
     await response.settled();

@@ -152,11 +152,45 @@ describe("split stream backlogs", () => {
   });
 });
 
+describe("a lost /stream reply", () => {
+  // RunPod handed the reply's items out, the reply never arrived, the next read brings later items.
+  // The job's final output (/status) holds every item: the gap is filled from it.
+  for (const [lost, format] of [
+    [1, "audio"],
+    [2, "audio"],
+    [1, "sse"],
+  ]) {
+    it(`is filled from the job's final output (item ${lost} of 3, stream_format ${format})`, async () => {
+      vi.spyOn(console, "warn").mockImplementation(() => {});
+      const text = uniqueText();
+      await plan(text, { chunks: ["a", "b", "c"], lose: lost, polls: 2 });
+      const response = await speech({ input: text, stream_format: format });
+      expect(response.status).toBe(200);
+      if (format === "sse") {
+        const events = parseSse(await response.text());
+        expect(events.filter((e) => e.type === "speech.audio.delta").map((e) => atob(e.audio))).toEqual([
+          "a",
+          "b",
+          "c",
+        ]);
+        expect(events.at(-1).type).toBe("speech.audio.done");
+      } else {
+        expect(textOf(await response.arrayBuffer())).toBe("abc");
+      }
+      await response.settled();
+      const [job] = await jobs(text);
+      expect(job.polls).toBe(2); // /status, until the job had ended
+      expect(job.cancels).toBe(0);
+    });
+  }
+});
+
 describe("lost audio is never a shorter 200", () => {
   it("ends an SSE stream with an error event naming the loss, and logs it", async () => {
     const logged = vi.spyOn(console, "warn").mockImplementation(() => {});
     const text = uniqueText();
-    await plan(text, { chunks: ["a", "b", "c"], lose: 2 }); // the last item: only the summary's count shows it
+    // The last item, which only the summary's count shows; the final output lacks it too.
+    await plan(text, { chunks: ["a", "b", "c"], lose: 2, aggregate: "emptied" });
     const events = parseSse(await (await speech({ input: text, stream_format: "sse" })).text());
     expect(events.map((event) => event.type)).toEqual(["speech.audio.delta", "speech.audio.delta", "error"]);
     expect(events.at(-1).error).toMatchObject({ code: "upstream_incomplete", type: "server_error" });
@@ -165,8 +199,9 @@ describe("lost audio is never a shorter 200", () => {
   });
 
   it("breaks a raw stream whose middle item is missing", async () => {
+    vi.spyOn(console, "warn").mockImplementation(() => {});
     const text = uniqueText();
-    await plan(text, { chunks: ["a", "b", "c"], lose: 1 });
+    await plan(text, { chunks: ["a", "b", "c"], lose: 1, aggregate: "emptied" });
     const response = await speech({ input: text, stream_format: "audio" });
     await expect(response.arrayBuffer()).rejects.toThrow();
   });

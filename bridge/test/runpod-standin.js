@@ -9,7 +9,8 @@
 //   {fail: "sentence"}      the job FAILS with that error (also for streams, after `chunks`)
 //   {status: "CANCELLED"}   the job ends with that status
 //   {http: {op: code}}      the operation (run, runsync, status, stream, cancel, audio) answers HTTP code
-//   {flaky: {op: n}}        the first n calls of the operation answer 503 (a passing gateway failure)
+//   {flaky: {op: n}}        the first n calls of the operation answer 503 (a passing gateway failure;
+//                           op "audio": the audio URL)
 //   {limited: {op: n}}      the first n calls answer 429 with Retry-After: {retryAfter} (default "0");
 //                           a refused run or runsync starts no job (GET /__refused?text= counts them)
 //   {delay: {op: ms}}       the operation answers after ms
@@ -17,11 +18,17 @@
 //   {queued: ms}            the job waits IN_QUEUE for ms after submission (a cold start), then goes on
 //   {delivery: "url"}       the result has an audio_url served by this server (else audio_base64)
 //   {audio: "text"}         the result's audio bytes (default "AUDIO:<format>:<text>")
+//   {audioSize: n}          the result's audio is n bytes (of 7)
+//   {audioHold: true}       the audio URL sends half the file, then the rest after POST /__release
+//   {audioShort: n}         the audio URL declares the whole file's length, sends n bytes and hangs up
 //   {format: "wav"}         the format the result claims (default: the one asked for)
 //   {chunks: ["a", "b"]}    streamed audio pieces; {hold: i} withholds piece i until POST /__release
 //   {split: n}              the stream is all generated at once (the job is COMPLETED) and each /stream
 //                           reply carries at most n items, as RunPod splits backlogs over 1 MB
-//   {lose: i}               stream item i never arrives (a lost /stream reply)
+//   {lose: i}               stream item i never arrives on /stream (a lost /stream reply); the job's
+//                           final output on /status still holds it, as RunPod's aggregate does
+//   {aggregate: "emptied"}  a streamed job's final output holds emptied items and the summary (the
+//                           worker's answer to a result past RunPod's limit)
 //   {streamError: "FAILED without error"} the failed /stream reply carries no error (the bridge asks /status)
 //   {wholeInStream: true}   a streamed job yields one whole result instead of chunks
 //   {output: value}         the COMPLETED output, verbatim
@@ -65,10 +72,11 @@ export function startStandin() {
     if (audioMatch) {
       const job = jobs.get(audioMatch[1]);
       if (!job) return send(404, { error: "no such job" });
+      job.downloads = (job.downloads || 0) + 1;
+      if (job.downloads <= (job.plan.flaky?.audio || 0)) return send(503, { error: "slow down" });
       const code = job.plan.http?.audio;
       if (code) return send(code, "no");
-      res.writeHead(200, { "content-type": "application/octet-stream" });
-      return res.end(Buffer.from(audioBytes(job)));
+      return sendAudio(res, job);
     }
 
     const match = /^\/v2\/([^/]+)\/(run|runsync|status|stream|cancel)(?:\/([^/?]+))?$/.exec(url.pathname);
@@ -150,7 +158,34 @@ export function startStandin() {
     job.finished = true;
     if (plan.fail) return { id: job.id, status: "FAILED", error: plan.fail };
     if (plan.status) return { id: job.id, status: plan.status };
-    return { id: job.id, status: "COMPLETED", output: plan.output !== undefined ? plan.output : [result(job)] };
+    if (plan.output !== undefined) return { id: job.id, status: "COMPLETED", output: plan.output };
+    if (job.input.stream && !plan.wholeInStream) return { id: job.id, status: "COMPLETED", output: aggregate(job) };
+    return { id: job.id, status: "COMPLETED", output: [result(job)] };
+  }
+
+  // A streamed job's final output: every item it yielded (return_aggregate_stream), then the summary.
+  function aggregate(job) {
+    const chunks = job.plan.chunks || ["chunk-0", "chunk-1"];
+    const items = chunks.map((_, seq) => (job.plan.aggregate === "emptied" ? {} : streamItem(job, seq)));
+    return [...items, summaryOf(job)];
+  }
+
+  function streamItem(job, seq) {
+    const chunks = job.plan.chunks || ["chunk-0", "chunk-1"];
+    return {
+      status: "streaming",
+      seq,
+      format: job.plan.format || job.input.output_format,
+      sample_rate: job.input.sample_rate || 48000,
+      audio_chunk: Buffer.from(chunks[seq]).toString("base64"),
+    };
+  }
+
+  function summaryOf(job) {
+    const chunks = job.plan.chunks || ["chunk-0", "chunk-1"];
+    const summary = { status: "complete", format: job.input.output_format, duration_sec: 2.0, items: chunks.length };
+    if (job.input.captions) summary.captions = `captions:${job.input.captions}`;
+    return summary;
   }
 
   function result(job) {
@@ -189,15 +224,7 @@ export function startStandin() {
     while (job.sent < limit) {
       const seq = job.sent++;
       if (seq === plan.lose) continue;
-      items.push({
-        output: {
-          status: "streaming",
-          seq,
-          format: plan.format || job.input.output_format,
-          sample_rate: job.input.sample_rate || 48000,
-          audio_chunk: Buffer.from(chunks[seq]).toString("base64"),
-        },
-      });
+      items.push({ output: streamItem(job, seq) });
       if (plan.repeat) items.push(items[items.length - 1]); // a duplicated delivery
     }
     if (plan.split && job.sent < chunks.length) return { status: "COMPLETED", stream: items };
@@ -209,15 +236,28 @@ export function startStandin() {
     }
     if (!job.finished) {
       job.finished = true;
-      const summary = { status: "complete", format: job.input.output_format, duration_sec: 2.0, items: chunks.length };
-      if (job.input.captions) summary.captions = `captions:${job.input.captions}`;
-      items.push({ output: summary });
+      items.push({ output: summaryOf(job) });
     }
     return { status: "COMPLETED", stream: items };
   }
 
   function audioBytes(job) {
+    if (job.plan.audioSize) return new Uint8Array(job.plan.audioSize).fill(7);
     return new TextEncoder().encode(job.plan.audio ?? `AUDIO:${job.input.output_format}:${job.input.text}`);
+  }
+
+  async function sendAudio(res, job) {
+    const bytes = Buffer.from(audioBytes(job));
+    res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(bytes.length) });
+    if (job.plan.audioShort !== undefined) {
+      res.write(bytes.subarray(0, job.plan.audioShort));
+      return setTimeout(() => res.destroy(), 50);
+    }
+    if (!job.plan.audioHold) return res.end(bytes);
+    const half = Math.floor(bytes.length / 2);
+    res.write(bytes.subarray(0, half));
+    for (let i = 0; i < 1000 && !released.has(job.input.text); i++) await new Promise((r) => setTimeout(r, 10));
+    res.end(bytes.subarray(half));
   }
 
   function publicJob(job) {
@@ -232,6 +272,7 @@ export function startStandin() {
       cancels: job.cancels || 0,
       wait: job.wait,
       sent: job.sent,
+      downloads: job.downloads || 0,
     };
   }
 

@@ -26,7 +26,6 @@ afterEach(() => reset());
 function wavForm(name, bytes = tinyWav(), field = "audio_sample") {
   const form = new FormData();
   form.append("name", name);
-  form.append("consent", "cons_test");
   form.append(field, new File([bytes], "sample.wav", { type: "audio/wav" }));
   return form;
 }
@@ -44,7 +43,7 @@ async function fetchClip(url) {
 async function clipUrlFor(key, seconds) {
   const { clipUrl } = await import("../src/clips.js");
   const { loadConfig } = await import("../src/config.js");
-  const url = new URL(await clipUrl(key, new Request("http://bridge.test/"), loadConfig(env), seconds));
+  const url = new URL(await clipUrl(key, loadConfig(env), seconds));
   return url.pathname + url.search;
 }
 const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
@@ -206,7 +205,12 @@ describe("POST /v1/audio/voices", () => {
 
     const stored = await env.VOICES.get(`clips/${voice.id}`);
     expect(new Uint8Array(await stored.arrayBuffer())).toEqual(clip);
-    expect(stored.customMetadata).toMatchObject({ name: "Grandpa", format: "wav", consent: "cons_test" });
+    expect(stored.customMetadata).toEqual({
+      name: "Grandpa",
+      format: "wav",
+      owner: "default", // AUTH_TOKEN's owner
+      created_at: String(voice.created_at),
+    });
 
     for (const reference of [{ id: voice.id }, voice.id]) {
       const text = uniqueText();

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from audio_helpers import tone
 
 from inference import ChunkAudio
 from jobs.planning import plan_job
 from jobs.rendering import AudioSummary
-from jobs.reporting import PROGRESS_INTERVAL_SEC, ProgressThrottle, after_items, job_result
+from jobs.reporting import (
+    ITEMS_LEFT_OUT,
+    PROGRESS_INTERVAL_SEC,
+    FinalOutput,
+    ProgressThrottle,
+    after_items,
+    job_result,
+)
 from jobs.schema import parse_job_input
 from jobs.timeline import Placement
 
@@ -83,3 +92,21 @@ def test_whole_and_streamed_results_share_every_field_but_delivery_and_timings(f
 
 def results_seconds(results) -> float:
     return sum(result.audio.size for result in results) / 24000
+
+
+def test_final_output_leaves_the_audio_items_out_only_past_the_limit() -> None:
+    """The SDK aggregates the very objects a streamed job yields: below the limit they stay whole;
+    once the summary would pass it, the earlier items are emptied and the summary says why."""
+    items = [{"status": "streaming", "seq": n, "audio_chunk": "A" * 400} for n in range(3)]
+    summary = {"status": "complete", "items": 3}
+    roomy = FinalOutput(10_000)
+    for item in [*items, summary]:
+        roomy.add(item)
+    assert all(item["audio_chunk"] for item in items) and "warnings" not in summary
+
+    tight = FinalOutput(1_000)
+    for item in [*items, summary]:
+        tight.add(item)
+    assert items == [{}, {}, {}]
+    assert summary["warnings"] == [ITEMS_LEFT_OUT.format(limit=0.001)]
+    assert len(json.dumps([*items, summary])) <= 1_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import ipaddress
 import threading
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 import soundfile
 from audio_helpers import encode_file, tone
 
-from jobs.voices import VoiceError, VoiceLibrary, VoiceLimits
+from jobs.voices import VoiceError, VoiceLibrary, VoiceLimits, _destinations, _resolve_allowed
+from runtime.deadline import Deadline
 
 
 @pytest.fixture()
@@ -194,3 +196,73 @@ def test_redirect_to_private_address_is_refused(library: VoiceLibrary, awkward_s
     # checked again and refused, since link-local is not listed.
     with pytest.raises(VoiceError, match="private, loopback"):
         library.from_url(f"{awkward_server}/redirect-private", "'voice_url'")
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("path", ["/body", "/headers"])
+def test_a_server_that_trickles_cannot_stretch_the_deadline(
+    library: VoiceLibrary, limits, trickle_server, path
+) -> None:
+    """One byte a second passes every per-read timeout; the download still ends at its deadline, and
+    the connection is cut then (the server sees the hang-up long before its 90 bytes are out)."""
+    quick = VoiceLibrary(library.folder, limits(voice_fetch_timeout=2.0))
+    with pytest.raises(VoiceError, match="timed out after 2 s"):
+        quick.from_url(trickle_server.base_url + path, "'voice_url'")
+    assert trickle_server.wait_for_cuts(1) == [path]
+
+
+# --- IPv6 addresses that carry an IPv4 address ------------------------------------------------------
+
+
+def _int(v4: str) -> int:
+    return int(ipaddress.IPv4Address(v4))
+
+
+def _teredo(server: str, client: str) -> str:
+    """Teredo (2001::/32): the server's IPv4 address as is, the client's inverted (RFC 4380)."""
+    return str(ipaddress.IPv6Address((0x20010000 << 96) | (_int(server) << 64) | (_int(client) ^ 0xFFFFFFFF)))
+
+
+IPV6_FORMS = {
+    "IPv4-mapped ::ffff:0:0/96": lambda v4: f"::ffff:{v4}",
+    "SIIT ::ffff:0:0:0/96": lambda v4: f"::ffff:0:{v4}",
+    "IPv4-compatible ::/96": lambda v4: f"::{v4}",
+    "NAT64 64:ff9b::/96": lambda v4: f"64:ff9b::{v4}",
+    "local NAT64 64:ff9b:1::/48": lambda v4: f"64:ff9b:1::{v4}",
+    "6to4 2002::/16": lambda v4: str(
+        ipaddress.IPv6Address((0x2002 << 112) | (int(ipaddress.IPv4Address(v4)) << 80) | 1)
+    ),
+    "Teredo client": lambda v4: _teredo("65.54.227.120", v4),
+    "Teredo server": lambda v4: _teredo(v4, "93.184.216.34"),
+}
+CARRIED = {"metadata": "169.254.169.254", "loopback": "127.0.0.1", "private": "10.0.0.1"}
+
+
+@pytest.mark.parametrize("target", sorted(CARRIED))
+@pytest.mark.parametrize("form", sorted(IPV6_FORMS))
+def test_ipv6_forms_that_carry_a_private_ipv4_address_are_refused(form: str, target: str) -> None:
+    """Each form is unwrapped to the IPv4 address it reaches, which is checked like any other; the
+    local-use NAT64 prefix, whose layout varies per network, is refused whole."""
+    address = IPV6_FORMS[form](CARRIED[target])
+    with Deadline(5) as deadline, pytest.raises(VoiceError, match="private, loopback, link-local or reserved"):
+        _resolve_allowed(address, 80, "'voice_url'", (), deadline)
+    # An operator who allows the IPv4 network allows it in every form that can be read back.
+    allowed = (ipaddress.ip_network(f"{CARRIED[target]}/32"), ipaddress.ip_network("2001::/32"))
+    with Deadline(5) as deadline:
+        if form.startswith("local NAT64"):
+            with pytest.raises(VoiceError, match="private, loopback"):
+                _resolve_allowed(address, 80, "'voice_url'", allowed, deadline)
+        else:
+            assert _resolve_allowed(address, 80, "'voice_url'", allowed, deadline)
+
+
+@pytest.mark.parametrize("form", sorted(set(IPV6_FORMS) - {"local NAT64 64:ff9b:1::/48"}))
+def test_ipv6_forms_unwrap_to_the_ipv4_address_they_carry(form: str) -> None:
+    address = ipaddress.IPv6Address(IPV6_FORMS[form]("169.254.169.254"))
+    assert ipaddress.IPv4Address("169.254.169.254") in _destinations(address)
+
+
+def test_an_ipv4_address_is_never_in_an_allowed_ipv6_network() -> None:
+    """`ipaddress` compares integers alone: 10.0.0.1 "is in" ::/96. The versions must match."""
+    with Deadline(5) as deadline, pytest.raises(VoiceError, match="private, loopback"):
+        _resolve_allowed("10.0.0.1", 80, "'voice_url'", (ipaddress.ip_network("::/96"),), deadline)
