@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # The compiled static frame step (engine/framestep.py): auto = on for CUDA, off on the CPU (compiling is slow).
     compile: Literal["auto", "on", "off"] = "auto"
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
+    # The language model's linear layers: as loaded, or quantized to 8 bits at load time (engine/weights.py).
+    weights: Literal["bf16", "int8", "fp8"] = "bf16"
 
     # --- worker ------------------------------------------------------------------------------
     # Jobs taken at once (their chunks share the decode batch); 0 = automatic: on CUDA as many as

@@ -29,6 +29,7 @@ from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, 
 
 from config import MODEL_SAMPLE_RATE, Settings
 from deploy import hub_cache
+from engine import weights as engine_weights
 from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
 from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
 from engine.framestep import WARM_UP_BUCKETS, use_compile_caches
@@ -73,6 +74,7 @@ class EngineInfo:
     dtype: str
     attention: str
     load_seconds: float
+    weights: engine_weights.WeightsReport | None = None  # WEIGHTS in effect (engine/weights.py)
 
 
 AudioCallback = Callable[[int, np.ndarray], None]
@@ -145,17 +147,22 @@ class VibeVoiceEngine:
         model, attention = _load_model(path, device, dtype, [])
         processor = AutoProcessor.from_pretrained(path)
         model.eval()
+        weights = engine_weights.apply(model, settings.weights)  # before the decoder: its compiled step sees them
+        if device == "cuda":
+            torch.cuda.empty_cache()  # hand the loaded bf16 copies of quantized layers back to the device
         info = EngineInfo(
             source=source,
             device=device,
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
             load_seconds=time.perf_counter() - started,
+            weights=weights,
         )
         log.info(
-            "model loaded from %s on %s (%s, %s attention) in %.1f s",
-            source, device, info.dtype, attention, info.load_seconds,
+            "model loaded from %s on %s (%s, %s attention, %s weights) in %.1f s",
+            source, device, info.dtype, attention, weights.used, info.load_seconds,
         )  # fmt: skip
+        weights.log()
         return cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
                    compile_mode=settings.compile)  # fmt: skip
 
