@@ -25,11 +25,13 @@ is built at a time.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
+import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,31 +54,31 @@ SEED = 7
 
 @dataclass
 class ModelErrors:
-    """One model's figures: int8 against the unquantized model, per layer and per frame."""
+    """One model's figures, per layer and per frame, against the model as drawn (float32)."""
 
     model: str
     layers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {"int8", "bf16", "fp8"}
-    hidden: list[float] = field(default_factory=list)  # per frame: the language model's output, worst row
-    latents: list[float] = field(default_factory=list)  # per frame: the latents, worst row
-    prompt_effect: list[float] = field(default_factory=list)  # per frame: how far the other prompt moves them
+    # Per frame, the worst row: "<signal> <run>", signal "hidden" (the language model's output) or
+    # "latents"; run "int8", or "bf16 weights" (the same layers' weights rounded to bf16: the yardstick),
+    # or "prompt" for the latents (the other prompt's latents against this one's, same noise).
+    frames: dict[str, list[float]] = field(default_factory=dict)
     resident_bytes: dict[str, int] = field(default_factory=dict)  # "loaded", "int8"
     start_up_check: float = 0.0  # the largest layer error on engine/weights.py's probe
     seconds: float = 0.0
 
     def summary(self) -> dict[str, float]:
-        """Largest and median layer error per kind, and the largest per-frame errors."""
+        """Median and largest layer error per kind; first-frame and largest errors per signal and run."""
         by_kind: dict[str, list[float]] = {}
         for errors in self.layers.values():
             for kind, value in errors.items():
                 by_kind.setdefault(kind, []).append(value)
         figures = {}
         for kind, values in sorted(by_kind.items()):
-            figures[f"layer_{kind}_max"] = max(values)
-            figures[f"layer_{kind}_median"] = sorted(values)[len(values) // 2]
-        figures["hidden_max"] = max(self.hidden)
-        figures["latent_max"] = max(self.latents)
-        relative = [error / effect for error, effect in zip(self.latents, self.prompt_effect, strict=True)]
-        figures["latent_over_prompt_effect_max"] = max(relative)
+            figures[f"layer {kind} median"] = sorted(values)[len(values) // 2]
+            figures[f"layer {kind} max"] = max(values)
+        for name, values in self.frames.items():
+            figures[f"{name} first frame"] = values[0]
+            figures[f"{name} max"] = max(values)
         return figures
 
 
@@ -180,7 +182,8 @@ def rounded_errors(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def measure(name: str, frames: int = FRAMES) -> ModelErrors:
-    """Build `name`, decode it unquantized, quantize it in place to int8, decode again; compare."""
+    """Build `name` and decode it as drawn; round the quantizable layers' weights to bf16 (what the real
+    checkpoint holds) and decode; quantize them to int8 in place and decode; compare each with the first."""
     started = time.perf_counter()
     model = build(name)
     result = ModelErrors(name, resident_bytes={"loaded": weights.resident_bytes(model)})
@@ -189,7 +192,10 @@ def measure(name: str, frames: int = FRAMES) -> ModelErrors:
     with torch.no_grad():
         for layer_name, (x, y) in reference.layer_io.items():
             result.layers[layer_name] = rounded_errors(layers[layer_name], x, y)
-    report = weights.apply(model, "int8")
+        for layer in layers.values():
+            layer.weight.copy_(layer.weight.bfloat16())  # bf16 values, still float32 tensors
+    compare(result, "bf16 weights", reference, decode(model, frames, layers=False))
+    report = weights.apply(model, "int8")  # from the bf16 values, as the worker quantizes the bf16 checkpoint
     if report.used != "int8" or report.kept:
         raise RuntimeError(f"int8 did not apply to every layer: {report.describe()}")
     result.resident_bytes["int8"] = report.resident_bytes
@@ -197,13 +203,186 @@ def measure(name: str, frames: int = FRAMES) -> ModelErrors:
     with torch.no_grad():
         for layer_name, (x, y) in reference.layer_io.items():
             result.layers[layer_name]["int8"] = weights.relative_error(layers[layer_name](x), y)
-    quantized = decode(model, frames, layers=False)
-    for want, got in zip(reference.hidden, quantized.hidden, strict=True):
-        result.hidden.append(max(weights.relative_error(got[r], want[r]) for r in range(want.shape[0])))
-    for want, got in zip(reference.latents, quantized.latents, strict=True):
-        result.latents.append(max(weights.relative_error(got[r], want[r]) for r in range(want.shape[0])))
-        result.prompt_effect.append(weights.relative_error(want[1], want[0]))
+    compare(result, "int8", reference, decode(model, frames, layers=False))
+    result.frames["latents prompt"] = [weights.relative_error(want[1], want[0]) for want in reference.latents]
     del model, reference, layers
     gc.collect()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def compare(result: ModelErrors, run: str, reference: Recorder, other: Recorder) -> None:
+    """Per frame, the worst row's relative error of `other` against `reference`, for both signals."""
+    for signal in ("hidden", "latents"):
+        wanted, got = getattr(reference, signal), getattr(other, signal)
+        result.frames[f"{signal} {run}"] = [
+            max(weights.relative_error(g[row], w[row]) for row in range(w.shape[0]))
+            for w, g in zip(wanted, got, strict=True)
+        ]
+
+
+# --- sizing: what int8 buys on RunPod's tiers (estimates until `make gpu-bench` measures) ----------
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str  # RunPod's memory tier
+    gpu: str  # the smallest (in memory) and slowest card of the tier, so the estimate holds for every card
+    memory: int  # bytes the card has
+    bandwidth: float  # bytes/s, its memory bandwidth
+    price: float  # $ per second (RunPod serverless, mid-2026, from issue 27)
+
+
+TIERS = (
+    Tier("24 GB", "L4", 23034 * 2**20, 300e9, 0.00019),
+    Tier("48 GB", "A40", 46068 * 2**20, 696e9, 0.00034),
+    Tier("80 GB", "H100 PCIe", 81559 * 2**20, 2.0e12, 0.00116),
+)
+FAL_PER_AUDIO_HOUR = 2.40  # fal.ai's VibeVoice 7B: $0.04 per generated minute
+COMPILED_BATCH_CAP = 16  # the largest compiled bucket (engine/framestep.py WARM_UP_BUCKETS)
+CAPACITY = 1024  # KV columns per row of the compiled step on CUDA (engine/framestep.py CAPACITY_STEP)
+RESERVE = 2 * 10**9  # CUDA context, cuBLAS and graph workspaces, one prefill: an assumption
+BANDWIDTH_SHARE = 0.5  # of the bandwidth a compiled decode step reaches: an assumption (gpt-fast-like 50-70 %)
+FRAME_SECONDS = 3200 / 24000  # audio per frame
+
+
+def frame_read_bytes(model, mode: str, steps: int = DIFFUSION_STEPS) -> int:
+    """Weight bytes one compiled frame reads for the whole batch (engine/framestep.py StaticFrame):
+    the language model once for both branches, the diffusion head's condition and adaLN projections
+    once and its per-step layers `steps` times, the connectors and codecs once."""
+    from bench.weights import module_bytes
+
+    sizes = module_bytes(model, mode)
+    head = model.model.diffusion_head
+
+    def size(*modules) -> int:
+        return 2 * sum(p.numel() for module in modules for p in module.parameters())
+
+    once = size(head.cond_proj, head.final_layer.linear_1, *(layer.linear for layer in head.layers))
+    per_step = size(head.noisy_images_proj, head.final_layer.linear_2, *(layer.ffn for layer in head.layers))
+    rest = ("language_model", "acoustic_decoder", "semantic_encoder", "acoustic_connector", "semantic_connector")
+    return sum(sizes[name] for name in rest) + once + steps * per_step
+
+
+def tier_estimates(mode: str) -> list[dict]:
+    """Per tier for the 7B with WEIGHTS=`mode`: weights, rows that fit, speed and cost (estimates)."""
+    from transformers import VibeVoiceForConditionalGeneration
+
+    from bench.weights import real_7b_config
+    from engine.scheduler import AUTO_BATCH_MEMORY_SHARE, CODEC_STATE_BYTES
+
+    with torch.device("meta"):
+        model = VibeVoiceForConditionalGeneration(real_7b_config())
+    text = model.config.text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # K and V, bf16
+    row_kv = 2 * CAPACITY * kv_per_token  # both guidance branches at the compiled capacity
+    weight_bytes, frame_bytes = weights.planned_bytes(model, mode), frame_read_bytes(model, mode)
+    estimates = []
+    for tier in TIERS:
+        room = AUTO_BATCH_MEMORY_SHARE * (tier.memory - weight_bytes - RESERVE)
+        rows = min(COMPILED_BATCH_CAP, max(0, int(room // (row_kv + CODEC_STATE_BYTES))))
+        speed = BANDWIDTH_SHARE * tier.bandwidth  # bytes/s; a frame reads the weights once and each row's cache
+        multiple = rows * FRAME_SECONDS * speed / (frame_bytes + rows * row_kv) if rows else 0.0
+        estimates.append({
+            "tier": tier.name, "gpu": tier.gpu, "weights": mode, "weight_gb": weight_bytes / 1e9, "rows": rows,
+            "rtf_batch_1": (frame_bytes + row_kv) / speed / FRAME_SECONDS, "realtime_multiple": multiple,
+            "dollars_per_audio_hour": tier.price * 3600 / multiple if multiple else None,
+        })  # fmt: skip
+    return estimates
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g} %"
+
+
+def markdown(results: list[ModelErrors], tiers: dict[str, list[dict]]) -> str:
+    from engine.scheduler import AUTO_BATCH_MEMORY_SHARE
+
+    lines = [
+        "# 8-bit weights: int8's error against the loaded weights, and what it buys",
+        "",
+        "Made by `python -m bench.quantization` (bench/quantization.py says how). CPU, float32, random weights:",
+        "the speech quality of int8 on the real checkpoint is not measured here. Errors are relative RMS",
+        "(||quantized - as drawn|| / ||as drawn||), each beside the yardstick of the same layers' weights rounded",
+        "to bf16, the precision the real checkpoint is stored in.",
+        "",
+        "## Each quantized layer, on the input it gets in the first frame",
+        "",
+        "| model | layers | int8, median / max | bf16 weights and input, median / max | fp8, median / max |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        s = r.summary()
+        cells = [f"{_percent(s[f'layer {kind} median'])} / {_percent(s[f'layer {kind} max'])}"
+                 for kind in ("int8", "bf16", "fp8")]  # fmt: skip
+        lines.append(f"| {r.model} | {len(r.layers)} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "## The first frames, the whole model",
+        "",
+        "Per frame, the worst of the batch's rows. The language model's output is the diffusion head's condition;",
+        'the latents are what the acoustic decoder turns into audio. "other prompt" is how far the latents of',
+        "the batch's other prompt lie from these (same noise): the scale of what the condition changes.",
+        "",
+        "| model | signal | int8 | bf16 weights (yardstick) | other prompt |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        for signal in ("hidden", "latents"):
+            runs = [", ".join(_percent(v) for v in r.frames.get(f"{signal} {run}", [])) or "-"
+                    for run in ("int8", "bf16 weights", "prompt")]  # fmt: skip
+            label = "language model output" if signal == "hidden" else "latents"
+            lines.append(f"| {r.model} | {label} | {' | '.join(runs)} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"- {r.model}: {r.resident_bytes['loaded'] / 1e9:.3g} GB of weights as loaded (float32), "
+                     f"{r.resident_bytes['int8'] / 1e9:.3g} GB with int8; the start-up check's largest layer error "
+                     f"{_percent(r.start_up_check)}; measured in {r.seconds:.0f} s.")  # fmt: skip
+    lines += [
+        "",
+        "## The 7B on RunPod's tiers (estimates until `make gpu-bench` measures)",
+        "",
+        f"Rows that fit: {AUTO_BATCH_MEMORY_SHARE:.0%} of the memory left after the weights and a "
+        f"{RESERVE / 1e9:.0f} GB reserve, at {CAPACITY} KV columns per row (the compiled step's capacity), at most "
+        f"{COMPILED_BATCH_CAP} (the largest compiled bucket). Speed: each frame reads the weights once and every "
+        f"row's cache, at {BANDWIDTH_SHARE:.0%} of the card's memory bandwidth (an assumption). fal.ai: "
+        f"${FAL_PER_AUDIO_HOUR:.2f} per hour of audio.",
+        "",
+        "| tier (card) | weights | weight memory | rows that fit | RTF at batch 1 | audio per second at that batch "
+        "| $ per hour of audio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, estimates in tiers.items():
+        for e in estimates:
+            cost = f"{e['dollars_per_audio_hour']:.3f}" if e["dollars_per_audio_hour"] else "-"
+            lines.append(f"| {e['tier']} ({e['gpu']}) | {mode} | {e['weight_gb']:.1f} GB | {e['rows']} "
+                         f"| {e['rtf_batch_1']:.2f} | {e['realtime_multiple']:.0f} s | {cost} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,1.5b", help="comma-separated: tiny, 1.5b")
+    parser.add_argument("--frames", type=int, default=FRAMES)
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    results = []
+    for name in names:  # one model at a time: the 1.5B in float32 is about 11 GB
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        results.append(measure(name, args.frames))
+    tiers = {mode: tier_estimates(mode) for mode in ("bf16", "int8")}
+    text = markdown(results, tiers)
+    print(text)
+    if sorted(names) == ["1.5b", "tiny"] and args.frames == FRAMES:  # the full report only
+        payload = {"models": [asdict(r) | {"summary": r.summary()} for r in results], "tiers": tiers}
+        RESULTS.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        RESULTS.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

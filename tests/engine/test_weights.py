@@ -277,3 +277,23 @@ def test_a_job_runs_with_int8_weights_through_the_sdks_loop(tiny_model_dir, volu
     log = log_path.read_text(errors="replace")
     assert "float32, sdpa attention, int8 weights)" in log
     assert "weights: int8 for 14 linear layers of the language model" in log
+
+
+# --- make gpu-bench's 8-bit rows (bench/gpu_weights.py), on the CPU ------------------------------------
+
+
+def test_the_gpu_benchs_int8_rows_run_on_the_tiny_model(tiny_model) -> None:
+    """The function gpu_bench.py calls for its int8 and fp8 rows, run here as on a GPU but uncompiled:
+    it quantizes, times batches 1 and 2, and compares with the bf16 audio of the same requests."""
+    from bench.gpu_weights import weights_rows
+    from bench.quantization import requests as prompts
+
+    check = prompts(tiny_model.config, 3)
+    reference = [r.audio for r in BatchDecoder(tiny_model).decode(check)]
+    result = weights_rows(tiny_model, "fp8", check, reference, {1: check[:1], 2: check}, compiled=False)
+    assert (result["asked"], result["weights"]) == ("fp8", "int8")  # no float8 kernels on the CPU
+    assert "WEIGHTS=fp8 needs a CUDA GPU" in result["start_up_check"]
+    assert [row["batch"] for row in result["rows"]] == [1, 2]
+    assert all(row["frames"] == 3 and row["rtf"] > 0 and row["compiled_frames"] == 0 for row in result["rows"])
+    assert 0 < result["vs_bf16"]["max"] < 0.01 and len(result["vs_bf16"]["per_frame"]) == 3
+    assert result["graph_breaks"] == 0 and result["cudagraph_skips"] == 0
