@@ -52,6 +52,10 @@ _ROW_EXTRA = {"int8": lambda dtype: torch.finfo(dtype).bits // 8 + 8, "fp8": lam
 # --- data types ---------------------------------------------------------------------------------
 
 
+class QuantizationFailed(RuntimeError):
+    """A layer's quantized output failed its check; the layer keeps its loaded weights."""
+
+
 @dataclass(frozen=True)
 class WeightsReport:
     """What WEIGHTS did at load time: the mode asked for, the mode in use, and why they differ."""
@@ -65,7 +69,7 @@ class WeightsReport:
     largest_error: float  # the largest relative output error of a quantized layer on the probe
 
     def engine_fields(self) -> dict[str, object]:
-        """The job result's `engine` report's part about weights (one line for the lead to merge)."""
+        """The weights' part of a job result's `engine` report: what runs, its bytes, and why if not as asked."""
         fields: dict[str, object] = {"weights": self.used, "weight_bytes": self.resident_bytes}
         if self.note:
             fields["weights_note"] = self.note
@@ -123,15 +127,33 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 
 def apply(model: nn.Module, asked: str) -> WeightsReport:
-    """Quantize the model's language-model linear layers in place for WEIGHTS=`asked`; say what runs."""
+    """Quantize the model's language-model linear layers in place for WEIGHTS=`asked`; say what runs.
+
+    fp8 that no layer passes falls back to int8; int8 that no layer passes leaves the model as loaded."""
     used, note = resolve(asked, model.device)
     if used == "bf16":
         return WeightsReport(asked, used, note, 0, (), resident_bytes(model), 0.0)
     try:
-        config = torchao_config(used)
+        quantized, kept, largest, failure = quantize_all(model, torchao_config(used))
+        if not quantized and used == "fp8":
+            note = f"WEIGHTS=fp8 failed its check on every layer ({failure}), so int8 runs"
+            used = "int8"
+            quantized, kept, largest, failure = quantize_all(model, torchao_config(used))
     except ImportError as exc:
         reason = f"WEIGHTS={asked} needs torchao, which did not import ({_first_line(exc)}); weights stay as loaded"
         return WeightsReport(asked, "bf16", reason, 0, (), resident_bytes(model), 0.0)
+    if not quantized:
+        reason = f"WEIGHTS={asked} failed its check on every layer ({failure}); the weights stay as loaded"
+        return WeightsReport(asked, "bf16", reason, 0, tuple(kept), resident_bytes(model), 0.0)
+    if kept:
+        kept_note = f"{len(kept)} layer(s) failed their check and stay as loaded (first: {kept[0]}: {failure})"
+        note = f"{note}; {kept_note}" if note else kept_note
+    return WeightsReport(asked, used, note, quantized, tuple(kept), resident_bytes(model), largest)
+
+
+def quantize_all(model: nn.Module, config) -> tuple[int, list[str], float, str]:
+    """Each quantizable layer through `quantize_layer`: (layers quantized, names of those kept as
+    loaded, the largest error on the probe, the first failure's reason)."""
     quantized, kept, largest, failure = 0, [], 0.0, ""
     with torch.no_grad():
         for name, layer in quantized_layers(model):
@@ -143,17 +165,7 @@ def apply(model: nn.Module, asked: str) -> WeightsReport:
                 continue
             quantized += 1
             largest = max(largest, error)
-    if not quantized:
-        reason = f"WEIGHTS={asked} failed its check on every layer ({failure}); the weights stay as loaded"
-        return WeightsReport(asked, "bf16", reason, 0, tuple(kept), resident_bytes(model), 0.0)
-    if kept:
-        note = "; ".join(filter(None, [note, f"{len(kept)} layer(s) failed their check and stay as loaded "
-                                              f"(first: {kept[0]}: {failure})"]))  # fmt: skip
-    return WeightsReport(asked, used, note, quantized, tuple(kept), resident_bytes(model), largest)
-
-
-class QuantizationFailed(RuntimeError):
-    """A layer's quantized output failed its check; the layer keeps its loaded weights."""
+    return quantized, kept, largest, failure
 
 
 def torchao_config(mode: str):

@@ -147,6 +147,22 @@ def test_every_layer_failing_leaves_the_weights_as_loaded_with_an_error(tiny_mod
     assert [r.levelno for r in caplog.records if r.name == "vibevoice.weights"] == [logging.ERROR]
 
 
+def test_fp8_that_fails_every_check_falls_back_to_int8(tiny_model, monkeypatch) -> None:
+    """Mocked: a GPU with float8 (resolve says fp8 runs here) whose float8 kernels are broken."""
+    monkeypatch.setattr(weights, "resolve", lambda asked, device: ("fp8", ""))
+
+    def hook(module, args, output):
+        if type(module.weight).__name__ == "Float8Tensor":
+            raise RuntimeError("float8 kernels are not available")
+        return output
+
+    for _, layer in weights.quantized_layers(tiny_model):
+        layer.register_forward_hook(hook)
+    report = weights.apply(tiny_model, "fp8")
+    assert (report.asked, report.used, report.quantized) == ("fp8", "int8", 14)
+    assert report.note == "WEIGHTS=fp8 failed its check on every layer (float8 kernels are not available), so int8 runs"
+
+
 def test_without_torchao_the_weights_stay_as_loaded(tiny_model, monkeypatch) -> None:
     def missing(mode):
         raise ImportError("No module named 'torchao'")
@@ -297,3 +313,50 @@ def test_the_gpu_benchs_int8_rows_run_on_the_tiny_model(tiny_model) -> None:
     assert all(row["frames"] == 3 and row["rtf"] > 0 and row["compiled_frames"] == 0 for row in result["rows"])
     assert 0 < result["vs_bf16"]["max"] < 0.01 and len(result["vs_bf16"]["per_frame"]) == 3
     assert result["graph_breaks"] == 0 and result["cudagraph_skips"] == 0
+
+
+# --- int8's error against the weights as drawn (bench/quantization.py measures, these bound) ----------
+
+# Per-row int8 rounds each weight by up to half a step of max|row| / 127: a relative RMS output error
+# of max|row| / (127 * sqrt(12) * RMS(row)), about 0.7 % for the tiny's rows of 64-128 Gaussian weights
+# and 0.9 % for the 1.5B's 1.5-9k (measured 0.81 % and 0.95 % at most). A wrong scale, layout or
+# transposition gives about 100 %.
+LAYER_BOUND = 0.015
+# A weight perturbation this small moves the first frame linearly: the whole model's error against the
+# bf16-rounding yardstick follows the per-layer ratio (measured 0.8-1.4x it). int8 done wrong outside the
+# layers themselves (other weights changed, the decoder reading other tensors) breaks the proportion.
+PROPORTION_BOUND = 2.0
+
+
+def check_int8_errors(result, latent_share_bound: float) -> None:
+    s = result.summary()
+    assert s["layer int8 max"] <= LAYER_BOUND, s
+    layer_ratio = s["layer int8 median"] / s["layer bf16 weights median"]
+    for signal in ("hidden", "latents"):
+        int8, yardstick = s[f"{signal} int8 first frame"], s[f"{signal} bf16 weights first frame"]
+        assert yardstick < int8 <= PROPORTION_BOUND * layer_ratio * yardstick, (signal, int8, yardstick, layer_ratio)
+    assert s["latents int8 first frame"] <= latent_share_bound * s["latents prompt first frame"], s
+
+
+def test_int8_error_on_the_tiny_checkpoint_is_bounded() -> None:
+    from bench.quantization import measure
+
+    result = measure("tiny", frames=2)
+    assert len(result.layers) == 14
+    # The tiny model damps weight errors: its output moves by a sixth of the per-layer error (0.11 %
+    # measured), and its latents by 2 % of what the other prompt changes (the noise dominates them).
+    assert result.summary()["hidden int8 first frame"] <= 0.005
+    check_int8_errors(result, latent_share_bound=0.05)
+
+
+@pytest.mark.slow
+def test_int8_error_on_the_real_15b_configuration_at_full_size_is_bounded() -> None:
+    """The 1.5B's real shapes with random weights, in float32 (about 11 GB, minutes on two cores): one
+    model at a time, its int8 copy made in place. Only the first frame: the random model is chaotic
+    after it (bench/quantization.md), so later frames say nothing about int8."""
+    from bench.quantization import measure
+
+    result = measure("1.5b", frames=1)
+    assert len(result.layers) == 196 and result.resident_bytes["int8"] < 0.65 * result.resident_bytes["loaded"]
+    # In the first frame int8 moves the latents by a seventh of what the other prompt changes (14 % measured).
+    check_int8_errors(result, latent_share_bound=0.25)
