@@ -307,13 +307,14 @@ def _percent(value: float) -> str:
 
 
 AMPLIFICATION = (
-    "Reading it: the whole model's first frame moves in proportion to the per-layer error, for int8 as for the",
-    "bf16 yardstick (about 7x the yardstick in both, on the 1.5B): int8 acts as a perturbation of the weights",
-    "of its measured size, nothing more. How far a model carries such a perturbation to its output is its own:",
-    "the tiny model damps it; the random 1.5B amplifies it about 35-fold by the first frame's output, and the",
-    "frames after feed it back, so after 3-4 frames even bf16-rounded weights give unrelated latents (random",
-    "deep networks are chaotic). Trained models are usually far less sensitive to weight rounding, but that,",
-    "and the speech quality of int8 on the real weights, is not measured here.",
+    "Reading it: int8's per-layer error is 4-5x the yardstick's (bf16 rounding of the same weights), and",
+    "the whole model's first frame moves by 3-7x the yardstick's: in proportion (0.8-1.4x the per-layer",
+    "ratio), so int8 acts as a weight rounding of its measured size, nothing more. How far a model carries",
+    "such a rounding to its output is the model's own: the tiny model damps it (its output moves by a fifth",
+    "of a layer's error); the random 1.5B amplifies it about 24-fold by the first frame's output, and the frames",
+    "after feed it back, so after 3-4 frames even bf16-rounded weights give unrelated latents (random deep",
+    "networks are chaotic). Trained models are usually far less sensitive to weight rounding; that, and the",
+    "speech quality of int8 on the real weights, is not measured here.",
 )
 
 

@@ -360,3 +360,25 @@ def test_int8_error_on_the_real_15b_configuration_at_full_size_is_bounded() -> N
     assert len(result.layers) == 196 and result.resident_bytes["int8"] < 0.65 * result.resident_bytes["loaded"]
     # In the first frame int8 moves the latents by a seventh of what the other prompt changes (14 % measured).
     check_int8_errors(result, latent_share_bound=0.25)
+
+
+def test_the_automatic_batch_counts_the_quantized_weights() -> None:
+    """BATCH_SIZE=0 admits what the GPU memory left after loading holds; with int8 the 7B leaves 6.5 GB
+    more on a 24 GB card. Mocked: the CUDA memory reading (an L4's 23034 MiB, less a 1 GB context and
+    the 7B's weights as planned from its shapes)."""
+    from transformers import VibeVoiceForConditionalGeneration
+
+    from bench.weights import real_7b_config
+    from engine.batch import DecodeRequest
+    from engine.scheduler import BatchBudget
+
+    with torch.device("meta"):
+        model = VibeVoiceForConditionalGeneration(real_7b_config())
+    card, context = 23034 * 2**20, 10**9
+    request = DecodeRequest(0, torch.zeros(350, dtype=torch.long), 195, 0, expected_frames=195)  # a default chunk
+    rows = {}
+    for mode in ("bf16", "int8"):
+        budget = BatchBudget(0, torch.device("cuda"), kv_bytes_per_token=57_344, prefill_bytes=368_640_000)
+        budget.memory_left = lambda mode=mode: card - context - weights.planned_bytes(model, mode)
+        rows[mode] = budget.fits(request)
+    assert 20 < rows["bf16"] < rows["int8"], rows
