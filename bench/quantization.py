@@ -172,25 +172,24 @@ def decode(model, frames: int, layers: bool) -> Recorder:
 # --- errors ---------------------------------------------------------------------------------------
 
 
-def rounded_errors(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """The layer's error with its weights rounded to bf16 (the yardstick), with weights and input in
-    bf16 (what a GPU computes), and with fp8 weights (a copy: the layer is unchanged)."""
+def rounded_errors(layer: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, scale: bool) -> dict[str, float]:
+    """The layer's error with its weights rounded to bf16 (the yardstick); with `scale`, also with weights
+    and input in bf16 (what a GPU computes) and with fp8 weights (a copy: the layer is unchanged)."""
     linear = torch.nn.functional.linear
     bias = layer.bias
-    rounded = linear(x, layer.weight.bfloat16().float(), bias)
-    bf16 = linear(x.bfloat16(), layer.weight.bfloat16(), bias.bfloat16() if bias is not None else None)
-    fp8 = copy.deepcopy(layer)
-    weights.quantize_layer(fp8, weights.torchao_config("fp8"))
-    return {
-        "bf16 weights": weights.relative_error(rounded, y),
-        "bf16": weights.relative_error(bf16, y),
-        "fp8": weights.relative_error(fp8(x), y),
-    }
+    errors = {"bf16 weights": weights.relative_error(linear(x, layer.weight.bfloat16().float(), bias), y)}
+    if scale:
+        bf16 = linear(x.bfloat16(), layer.weight.bfloat16(), bias.bfloat16() if bias is not None else None)
+        fp8 = copy.deepcopy(layer)
+        weights.quantize_layer(fp8, weights.torchao_config("fp8"))
+        errors |= {"bf16": weights.relative_error(bf16, y), "fp8": weights.relative_error(fp8(x), y)}
+    return errors
 
 
-def measure(name: str, frames: int = FRAMES) -> ModelErrors:
+def measure(name: str, frames: int = FRAMES, scale: bool = True) -> ModelErrors:
     """Build `name` and decode it as drawn; round the quantizable layers' weights to bf16 (what the real
-    checkpoint holds) and decode; quantize them to int8 in place and decode; compare each with the first."""
+    checkpoint holds) and decode; quantize them to int8 in place and decode; compare each with the first.
+    `scale`: also each layer in bf16 arithmetic and in fp8 (the report's columns for scale)."""
     started = time.perf_counter()
     model = build(name)
     result = ModelErrors(name, resident_bytes={"loaded": weights.resident_bytes(model)})
@@ -198,7 +197,7 @@ def measure(name: str, frames: int = FRAMES) -> ModelErrors:
     layers = dict(weights.quantized_layers(model))
     with torch.no_grad():
         for layer_name, (x, y) in reference.layer_io.items():
-            result.layers[layer_name] = rounded_errors(layers[layer_name], x, y)
+            result.layers[layer_name] = rounded_errors(layers[layer_name], x, y, scale)
         for layer in layers.values():
             layer.weight.copy_(layer.weight.bfloat16())  # bf16 values, still float32 tensors
     compare(result, "bf16 weights", reference, decode(model, frames, layers=False))

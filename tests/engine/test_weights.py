@@ -350,13 +350,14 @@ def test_int8_error_on_the_tiny_checkpoint_is_bounded() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 3-5 minutes on two idle cores; much more while other work shares them
 def test_int8_error_on_the_real_15b_configuration_at_full_size_is_bounded() -> None:
-    """The 1.5B's real shapes with random weights, in float32 (about 11 GB, minutes on two cores): one
-    model at a time, its int8 copy made in place. Only the first frame: the random model is chaotic
-    after it (bench/quantization.md), so later frames say nothing about int8."""
+    """The 1.5B's real shapes with random weights, in float32 (about 11 GB): one model at a time, its
+    int8 copy made in place. Only the first frame: the random model is chaotic after it
+    (bench/quantization.md), so later frames say nothing about int8."""
     from bench.quantization import measure
 
-    result = measure("1.5b", frames=1)
+    result = measure("1.5b", frames=1, scale=False)
     assert len(result.layers) == 196 and result.resident_bytes["int8"] < 0.65 * result.resident_bytes["loaded"]
     # In the first frame int8 moves the latents by a seventh of what the other prompt changes (14 % measured).
     check_int8_errors(result, latent_share_bound=0.25)
