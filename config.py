@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     # flash-attn is installed, else sdpa; flash_attention_2 = required (same rule as COMPILE=on).
     attention: Literal["auto", "flash_attention_2", "sdpa"] = "auto"
     stream_chunk_ms: int = Field(400, ge=100, le=5000)  # audio per streamed item
+    # The language model's linear layers: as loaded, or quantized to 8 bits at load time (engine/weights.py).
+    weights: Literal["bf16", "int8", "fp8"] = "bf16"
 
     # --- worker ------------------------------------------------------------------------------
     # Jobs taken at once (their chunks share the decode batch); 0 = automatic: on CUDA as many as

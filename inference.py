@@ -30,6 +30,7 @@ from transformers import AutoProcessor, StoppingCriteria, StoppingCriteriaList, 
 
 from config import MODEL_SAMPLE_RATE, Settings
 from deploy import hub_cache
+from engine import weights as engine_weights
 from engine.batch import ChunkAudio, DecodeRequest, VoiceClip, ended_by_cap
 from engine.compile_cache import use_compile_caches
 from engine.decoder import PREFILL_PIECE_TOKENS, VOICE_SEGMENT_SAMPLES, BatchDecoder
@@ -83,6 +84,7 @@ class EngineInfo:
     dtype: str
     attention: str  # the language model's own attention (the prefill, the eager loop)
     load_seconds: float
+    weights: engine_weights.WeightsReport | None = None  # WEIGHTS in effect (engine/weights.py)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ class EngineReport:
     compile: bool  # frames of the shapes below run through the compiled step
     compiled_buckets: dict[str, list[int]]  # cache columns -> batch buckets compiled at that capacity
     diffusion_steps: int  # the deployment's default, the count the compiled step runs
+    weights: str = "bf16"  # WEIGHTS in effect: bf16 (as loaded; float32 on the CPU), int8 or fp8
+    weight_bytes: int = 0  # the model's weights as they sit in memory
     fallbacks: tuple[str, ...] = ()  # each fast path the start-up check gave up, and why
 
     def for_job(self, results: list[ChunkAudio]) -> dict:
@@ -187,17 +191,22 @@ class VibeVoiceEngine:
         model, attention = _load_model(path, device, dtype, settings.attention, notes)
         processor = AutoProcessor.from_pretrained(path)
         model.eval()
+        weights = engine_weights.apply(model, settings.weights)  # before the decoder: its compiled step sees them
+        if device == "cuda":
+            torch.cuda.empty_cache()  # hand the loaded bf16 copies of quantized layers back to the device
         info = EngineInfo(
             source=source,
             device=device,
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
             load_seconds=time.perf_counter() - started,
+            weights=weights,
         )
         log.info(
-            "model loaded from %s on %s (%s, %s attention) in %.1f s",
-            source, device, info.dtype, attention, info.load_seconds,
+            "model loaded from %s on %s (%s, %s attention, %s weights) in %.1f s",
+            source, device, info.dtype, attention, weights.used, info.load_seconds,
         )  # fmt: skip
+        weights.log()
         engine = cls(model, processor, info, batch_size=settings.batch_size, decode_loop=settings.decode_loop,
                      compile_mode=settings.compile, diffusion_steps=settings.default_diffusion_steps,
                      attention_mode=settings.attention)  # fmt: skip
@@ -242,6 +251,7 @@ class VibeVoiceEngine:
         for bucket, capacity, _ in sorted(frame_step.compiled_shapes if compiled else ()):
             buckets.setdefault(str(capacity), []).append(bucket)
         decode = frame_step.attention if frame_step is not None else self.info.attention
+        weights = self.info.weights
         return EngineReport(
             device=self.info.device,
             dtype=self.info.dtype,
@@ -249,7 +259,9 @@ class VibeVoiceEngine:
             compile=compiled,
             compiled_buckets=buckets,
             diffusion_steps=self.diffusion_steps,
-            fallbacks=tuple(self.fast_paths.fallbacks),
+            weights=weights.used if weights else "bf16",
+            weight_bytes=weights.resident_bytes if weights else 0,
+            fallbacks=tuple(self.fast_paths.fallbacks) + ((weights.note,) if weights and weights.note else ()),
         )
 
     def probe_prompt(self) -> torch.Tensor:

@@ -17,6 +17,8 @@ packages=(
   "transformers==$(pinned transformers)" "diffusers==$(pinned diffusers)"
   "huggingface_hub==$(pinned huggingface_hub)" "safetensors==$(pinned safetensors)" "numpy==$(pinned numpy)"
   "urllib3==$(pinned urllib3)"
+  # WEIGHTS=int8/fp8 rows (bench/gpu_weights.py): 7 MB, its Python API runs on the device's torch.
+  "torchao==$(pinned torchao)"
   # accelerate is not needed, but transformers uses it where it is installed: this keeps it at the pin.
   "accelerate==$(pinned accelerate)" psutil==7.2.2
   # What transformers, huggingface_hub and diffusers import (diffusers needs PIL and requests).

@@ -15,6 +15,10 @@ KV cache, activations, unfused). "Before" is its graph with transformers' sdpa, 
 torch.compile copies the KV cache once per query head (`repeat_kv`); "after" is its own attention
 (engine/attention.py). tests/engine/test_attention.py checks both counts on the compiled graph itself.
 
+The WEIGHTS=int8 rows weigh the same calls with the language model's linear layers at one byte per
+weight plus their per-row scales (engine/weights.planned_bytes), as a compiled step reads them (the
+eager loop on a GPU widens each int8 weight to bf16 in memory before multiplying, which reads more).
+
 The real configurations (7B, and the 1.5B for `make gpu-bench`) live here, in one place.
 """
 
@@ -87,16 +91,21 @@ def real_1_5b_config():
     )
 
 
-def module_bytes(model) -> dict[str, int]:
-    """Parameter bytes (bf16) of each module the loops call; '*_row' entries are per gathered row."""
+def module_bytes(model, weights: str = "bf16") -> dict[str, int]:
+    """Parameter bytes (bf16) of each module the loops call; '*_row' entries are per gathered row.
+
+    `weights` (WEIGHTS: bf16, int8, fp8) sizes the language model's linear layers as engine/weights.py
+    quantizes them (1 byte per weight plus per-row scales); everything else stays in bf16."""
+    from engine.weights import planned_bytes
 
     def size(module) -> int:
         return sum(p.numel() for p in module.parameters()) * 2
 
     inner = model.model
     hidden = model.config.text_config.hidden_size
+    saved = planned_bytes(model, "bf16") - planned_bytes(model, weights)  # only the language model's layers
     return {
-        "language_model": size(inner.language_model) - size(inner.language_model.embed_tokens),
+        "language_model": size(inner.language_model) - size(inner.language_model.embed_tokens) - saved,
         "embedding_row": hidden * 2,
         "lm_head": size(model.lm_head),
         "token_head_row": hidden * 2,
@@ -109,8 +118,8 @@ def module_bytes(model) -> dict[str, int]:
     }
 
 
-def real_module_bytes() -> dict[str, int]:
-    return module_bytes(meta_model(real_7b_config()))
+def real_module_bytes(weights: str = "bf16") -> dict[str, int]:
+    return module_bytes(meta_model(real_7b_config()), weights)
 
 
 def meta_model(config, dtype: torch.dtype = torch.bfloat16):
@@ -147,6 +156,13 @@ def compiled_frame_rows() -> tuple[list[Row], dict]:
                             before / 1e9, "GB", None, note))  # fmt: skip
             detail[f"{name}_batch_{batch}"] = {"own_attention": after, "transformers_sdpa": before}
     return rows, detail
+
+
+def diffusion_head_int8_bytes() -> int:
+    """The 7B's diffusion head with its linear layers in int8 too (a what-if: WEIGHTS keeps it in bf16)."""
+    head = meta_model(real_7b_config()).model.diffusion_head
+    linear = [m.weight.shape for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(p.numel() for p in head.parameters()) * 2 - sum(rows * (columns - 10) for rows, columns in linear)
 
 
 class TokenGuidanceCounter:
@@ -217,7 +233,12 @@ class CallCounter:
         self.calls["token_head_row"] += int(module.out_features)
 
     def weighted_bytes(self, sizes: dict[str, int]) -> int:
-        return sum(count * sizes[name] for name, count in self.calls.items())
+        return weighted_bytes(self.calls, sizes)
+
+
+def weighted_bytes(calls: dict[str, int], sizes: dict[str, int]) -> int:
+    """Weight bytes read: each module's calls (or gathered rows) times its bytes."""
+    return sum(count * sizes[name] for name, count in calls.items())
 
 
 def chunk_text(number: int) -> str:
@@ -260,6 +281,7 @@ def measure(workspace) -> tuple[list[Row], dict]:
         }
     engine.batch_size = 0
     stock, single, batched = (runs[name]["bytes_per_audio_second"] for name in runs)
+    int8_rows, int8_detail = int8_figures(runs, sizes)
     # transformers' generate also applies its generic token-level CFG (UnbatchedClassifierFree-
     # GuidanceLogitsProcessor, added because guidance_scale != 1): a third LM pass per frame that
     # VibeVoice's own inference code does not run. The second row compares against stock without it.
@@ -276,13 +298,40 @@ def measure(workspace) -> tuple[list[Row], dict]:
             stock / H100_BYTES_PER_SECOND, "RTF", None, "weight bytes / 3.35 TB/s; stock generate is the baseline"),
         Row("a", f"bandwidth floor RTF on one H100, per chunk, {CHUNKS} chunks batched",
             batched / H100_BYTES_PER_SECOND, stock / H100_BYTES_PER_SECOND, "RTF", None),
+        *int8_rows,
     ]  # fmt: skip
     frame_rows, frame_detail = compiled_frame_rows()
     detail = {
         "module_bytes_bf16": sizes,
+        **int8_detail,
         "frames_per_chunk": FRAMES_PER_CHUNK,
         "diffusion_steps": DIFFUSION_STEPS,
         "runs": runs,
         "compiled_frame_bytes": frame_detail,
     }
     return rows + frame_rows, detail
+
+
+def int8_figures(runs: dict, sizes: dict[str, int]) -> tuple[list[Row], dict]:
+    """WEIGHTS=int8 against bf16 from the same counted calls: only the sizes of the language model's
+    linear layers change. A frame at the default 10 diffusion steps reads the diffusion head ten
+    times (13.4 GB in bf16, as much as the language model's 13.1 GB), and that stays bf16; the last
+    row shows what the head in int8 too would give (not offered)."""
+    int8 = real_module_bytes("int8")
+    head_too = {**int8, "diffusion_head": diffusion_head_int8_bytes()}
+
+    def per_second(run: str, module_sizes: dict[str, int]) -> float:
+        return weighted_bytes(runs[run]["calls"], module_sizes) / runs[run]["audio_seconds"] / 1e9
+
+    single, batched = "own loop, batch 1", f"own loop, {CHUNKS} chunks as one batch"
+    note = "baseline: WEIGHTS=bf16, the same calls; int8: the language model's linear layers (head, codecs bf16)"
+    rows = [
+        Row("a", "weight reads per audio second, own loop at batch 1, WEIGHTS=int8 (GB)", per_second(single, int8),
+            per_second(single, sizes), "GB", "<= 0.6", note),
+        Row("a", f"same, per chunk, {CHUNKS} chunks batched, WEIGHTS=int8 (GB)", per_second(batched, int8),
+            per_second(batched, sizes), "GB", None),
+        Row("a", "same at batch 1 if the diffusion head's linear layers were int8 too (not offered)",
+            per_second(single, head_too), per_second(single, sizes), "GB", None,
+            "a what-if: WEIGHTS quantizes the language model only"),
+    ]  # fmt: skip
+    return rows, {"module_bytes_int8": int8, "diffusion_head_int8_bytes": head_too["diffusion_head"]}

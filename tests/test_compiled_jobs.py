@@ -81,7 +81,7 @@ def test_the_start_up_check_compiles_both_capacity_steps_and_agrees(compiled) ->
     report = engine.report()
     step = framestep.capacity_step(engine.model.device)
     assert report.compile and report.compiled_buckets == {str(step): [1], str(2 * step): [1]}
-    assert report.diffusion_steps == 3 and report.attention == {"prefill": "sdpa", "decode": "sdpa"}
+    assert report.diffusion_steps == 3 and report.attention == {"prefill": "sdpa", "decode": "sdpa_packed_gqa"}
     assert not report.fallbacks
     assert engine.budget.cap() == 1
     shapes = engine.fast_paths.compile_seconds

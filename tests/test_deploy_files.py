@@ -337,3 +337,14 @@ def test_fetch_voices_checks_size_and_checksum(http_files, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["good.wav"]
     assert "voice bad.wav: " in done.stderr and "not used" in done.stderr
     assert "warning: 1 reference voice(s) could not be fetched (bad.wav)" in done.stderr
+
+
+def test_hub_presets_set_offered_settings_to_offered_values():
+    """A preset's defaults name env inputs of hub.json and values those inputs offer (the 24 GB tier's int8)."""
+    inputs = {entry["key"]: entry["input"] for entry in HUB["config"]["env"] if "input" in entry}
+    assert any(preset["defaults"].get("WEIGHTS") == "int8" for preset in HUB["config"]["presets"])
+    for preset in HUB["config"]["presets"]:
+        assert preset["name"] and preset["defaults"], preset
+        for key, value in preset["defaults"].items():
+            options = [option["value"] for option in inputs[key].get("options", [])]
+            assert not options or value in options, (preset["name"], key, value)
