@@ -63,6 +63,9 @@ RESULTS = ROOT / "bench" / "gpu_results"  # .md and .json, where a run on CUDA w
 LOOPS = {"eager": "own loop, eager", "compiled": "own loop, compiled", "stock": "stock generate"}
 ROWS = (("eager", 1), ("compiled", 1), ("compiled", 16), ("stock", 1), ("eager", 4), ("eager", 8), ("eager", 16),
         ("compiled", 4), ("compiled", 8))  # fmt: skip
+# After a model's bf16 rows: the same model with 8-bit weights (bench/gpu_weights.py), at these batches.
+WEIGHT_MODES = ("int8", "fp8")
+WEIGHT_BATCHES = (1, 16)
 SAMPLE_RATE = 24000  # the codec's rate: 3200 samples (one frame) are 133 ms
 DIFFUSION_STEPS = 10
 CFG_SCALE = 1.3
@@ -107,6 +110,7 @@ class Options:
     compiled: bool  # measure the compiled step (where this build has one)
     out: Path | None  # the folder of gpu_results.md and .json; None: print only
     rows: tuple[tuple[str, int], ...] = ()  # (loop id, batch) in the order they run; default ROWS
+    weights: tuple[str, ...] = WEIGHT_MODES  # 8-bit modes measured after the bf16 rows (fp8 where the GPU has it)
     inject: str | None = None  # "nan" | "mismatch": make a check fail (the tests prove it fails loudly)
 
 
@@ -407,6 +411,7 @@ class ModelBench:
             self.rows.append(row)
             getattr(self, f"{loop}_row")(row)
             self.save()
+        self.eight_bit_rows()
         peaks = [row.peak_gib for row in self.rows if row.peak_gib is not None]
         self.report["peak_gib"] = max(peaks) if peaks else None  # the largest batch's row, weights included
 
@@ -528,7 +533,52 @@ class ModelBench:
         if decoder.compiled and decoder.frame_step.compiled_frames == frames:
             self.report["notes"].append("the compiled check ran uncompiled: its shape is not one the warm-up compiled")
         record_agreement("compiled vs eager", seen, self.options, self.report["checks"])
+        self.fitness_check(decoder)
         self.save()
+
+    def fitness_check(self, decoder: BatchDecoder) -> None:
+        """The worker's own start-up comparison (engine/fitness.py: the compiled step against the eager
+        loop on forced speech frames) on this GPU, with its measured difference and tolerance; one that
+        disagrees fails the run, as COMPILE=on fails the worker."""
+        from engine import fitness
+
+        agreement = fitness.compare_compiled(decoder, prompt_ids(self.model.config, CHECK_PROMPT_LENGTHS[1], seed=7))
+        self.report["checks"]["start-up fitness check"] = {
+            "ok": agreement.ok, "note": agreement.describe(), "difference": agreement.difference,
+            "latents": agreement.latents, "states": agreement.states, "tolerance": agreement.tolerance,
+        }  # fmt: skip
+        if not agreement.ok:
+            self.report["failures"].append(f"{self.name} start-up fitness check: {agreement.describe()}")
+
+    def eight_bit_rows(self) -> None:
+        """WEIGHTS=int8, then fp8 where the GPU has float8, after the bf16 rows: RTF at WEIGHT_BATCHES,
+        peak memory, compile and graph counters, and the audio against bf16's on the same requests and
+        noise (bench/gpu_weights.py). Quantizing is in place, so a second mode builds the model again;
+        each mode runs only while the model's part of the budget holds it."""
+        from bench.gpu_weights import weights_rows
+        from engine import weights
+
+        results = self.report.setdefault("weights", {})
+        modes = [mode for mode in self.options.weights if weights.resolve(mode, self.model.device)[0] == mode]
+        check = requests(self.model.config, CHECK_PROMPT_LENGTHS, len(CHECK_PROMPT_LENGTHS), CHECK_FRAMES)
+        reference = [r.audio for r in self.eager.decode(check)]
+        timed = {n: requests(self.model.config, TIMED_PROMPT_LENGTHS, n, self.options.frames) for n in WEIGHT_BATCHES}
+        compile_s = max([COMPILE_RESERVE_S if self.options.device == "cuda" else 0, *self.report["compile_s"].values()])
+        for k, mode in enumerate(modes):
+            needs = len(timed) * compile_s + 2 * (self.options.frames + 2) * self.step_estimate * (1 + max(timed) / 8)
+            left = self.deadline - time.monotonic()
+            if needs > left:
+                results[mode] = {"note": f"skipped: {max(left, 0):.0f} s of this model's time budget left, "
+                                 f"the rows need about {needs:.0f} s"}  # fmt: skip
+                continue
+            if k:  # the model holds the last mode's weights: build it again in bf16
+                self.close()
+                self.build()
+            compiled = self.options.compiled and compiled_unavailable() is None
+            results[mode] = weights_rows(self.model, mode, check, reference, timed, compiled=compiled)
+            if results[mode]["cudagraph_skips"]:
+                self.report["failures"].append(f"{self.name} WEIGHTS={mode}: inductor skipped CUDA graphs")
+            self.save()
 
     def fail_row(self, row: Row, reason: str) -> None:
         row.note = f"FAILED: {reason}"
@@ -718,6 +768,27 @@ def _model_markdown(report: dict) -> list[str]:
                  "first_frame_s", "step_ms", "step_gb")), share, *(_number(row[key]) for key in ("compile_s",
                  "recompiles", "cudagraph_skips", "peak_gib")), row["note"]]  # fmt: skip
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return lines + _weights_markdown(report.get("weights", {}))
+
+
+def _weights_markdown(results: dict) -> list[str]:
+    """The 8-bit rows: per mode, what the start-up check said, then a row per batch."""
+    if not results:
+        return []
+    lines = ["", "| weights | batch | RTF | x real time | step (ms) | peak (GiB) | vs bf16 (max, per frame) | note |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for mode, result in results.items():
+        if "rows" not in result:
+            lines.append(f"| {mode} | | | | | | | {result.get('note', '')} |")
+            continue
+        note = f"{result['start_up_check']}; compile {result['compile_s']:.0f} s, graph breaks " \
+               f"{result['graph_breaks']}, CUDA graphs skipped {result['cudagraph_skips']}"  # fmt: skip
+        vs = f"{_number(result['vs_bf16']['max'])} ({result['vs_bf16']['per_frame']})"
+        for row in result["rows"]:
+            cells = [result["weights"], row["batch"], *(_number(row[key]) for key in ("rtf", "realtime_multiple",
+                     "step_ms", "peak_gib")), vs, note]  # fmt: skip
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+            note = ""
     return lines
 
 
@@ -761,6 +832,12 @@ def parse_options(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on CUDA, float32 on the CPU"
     )
+    parser.add_argument(
+        "--weights",
+        default=",".join(WEIGHT_MODES),
+        help="8-bit WEIGHTS modes measured after each model's bf16 rows, comma-separated, or none "
+        "(default: int8,fp8; fp8 only where the GPU has float8)",
+    )
     parser.add_argument("--inject", choices=["nan", "mismatch"], help=argparse.SUPPRESS)  # the tests' faults
     args = parser.parse_args(argv)  # fmt: skip
     on_cuda = args.device == "cuda"
@@ -776,6 +853,9 @@ def parse_options(argv: list[str] | None) -> Options:
     rows = parse_rows(args.rows) if args.rows else ROWS
     if rows is None:
         parser.error(f"--rows: give LOOP:BATCH pairs, LOOP one of {', '.join(LOOPS)} and BATCH from 1 to 64")
+    weights = () if args.weights == "none" else tuple(args.weights.split(","))
+    if any(mode not in WEIGHT_MODES for mode in weights):
+        parser.error(f"--weights: choose from {', '.join(WEIGHT_MODES)}, or none")
     return Options(
         models=models,
         device=args.device,
@@ -785,6 +865,7 @@ def parse_options(argv: list[str] | None) -> Options:
         compiled=args.compiled if args.compiled is not None else on_cuda,
         out=args.out if args.out is not None else (RESULTS.parent if on_cuda else None),
         rows=rows,
+        weights=weights,
         inject=args.inject,
     )
 

@@ -61,8 +61,15 @@ def test_the_cpu_run_checks_and_reports_every_row_in_order(tmp_path) -> None:
         assert row["bandwidth_fraction"] is None  # no GPU, no bandwidth: said in bandwidth_note
         assert row["compile_s"] is None and row["recompiles"] is None and row["cudagraph_skips"] is None
         assert 0 < row["first_frame_s"] < row["wall_s"]
+    # Then the same model with 8-bit weights (fp8 only where the GPU has float8: not on the CPU).
+    [(mode, eight_bit)] = model["weights"].items()
+    assert mode == "int8" and eight_bit["weights"] == "int8" and eight_bit["start_up_check"].startswith("weights: int8")
+    assert [row["batch"] for row in eight_bit["rows"]] == list(gpu_bench.WEIGHT_BATCHES)
+    assert all(row["rtf"] > 0 and row["frames"] == 4 for row in eight_bit["rows"])
+    assert 0 < eight_bit["vs_bf16"]["max"] < 0.01 and eight_bit["graph_breaks"] == 0
     page = (tmp_path / "out" / "gpu_results.md").read_text()
     assert "All checks passed" in page and "| stock generate | 1 |" in page and "| own loop, eager | 16 |" in page
+    assert "| int8 | 1 |" in page and "| int8 | 16 |" in page
     assert "| GB per step | bandwidth used | compile (s) | recompiles | CUDA graphs skipped |" in page
 
 
@@ -70,10 +77,16 @@ def test_the_cpu_run_checks_and_reports_every_row_in_order(tmp_path) -> None:
 def test_a_compiled_row_reports_its_compile_recompiles_and_bytes(tmp_path) -> None:
     """The compiled step on the CPU (torch.compile, no CUDA graphs), bucket 1 only: a minute or two."""
     out = tmp_path / "compiled"
-    assert gpu_bench.main(["--compiled", "--rows", "eager:1,compiled:1", "--frames", "3", "--out", str(out)]) == 0
+    options = ["--compiled", "--rows", "eager:1,compiled:1", "--frames", "3", "--weights", "none"]
+    assert gpu_bench.main([*options, "--out", str(out)]) == 0
     [model] = json.loads((out / "gpu_results.json").read_text())["models"]
     check = model["checks"]["compiled vs eager"]
     assert check["ok"] and check["max_error"] <= check["tolerance"] == 1e-4
+    # The worker's own start-up comparison (engine/fitness.py), run on the same compiled step.
+    fitness = model["checks"]["start-up fitness check"]
+    assert fitness["ok"] and fitness["difference"] <= fitness["tolerance"] == 1e-4
+    assert fitness["note"].startswith("the compiled step agrees with the eager loop over 4 forced speech frames")
+    assert "weights" not in model or model["weights"] == {}
     assert set(model["compile_s"]) == {"1"} and model["compile_s"]["1"] > 0 and model["compile_graphs"] == {"1": 1}
     eager, compiled = model["rows"]
     assert compiled["loop"] == COMPILED and compiled["rtf"] > 0 and compiled["note"] == ""
@@ -82,6 +95,14 @@ def test_a_compiled_row_reports_its_compile_recompiles_and_bytes(tmp_path) -> No
     # Its own count (every operator of the static frame, KV and activations too), not the eager loop's weights.
     assert compiled["step_gb"] > 0 and compiled["step_gb"] != eager["step_gb"]
     assert "compiling the step (the warm-up of each bucket): bucket 1" in (out / "gpu_results.md").read_text()
+
+
+def test_eight_bit_modes_are_named(capsys) -> None:
+    assert gpu_bench.parse_options([]).weights == ("int8", "fp8")
+    assert gpu_bench.parse_options(["--weights", "none"]).weights == ()
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_options(["--weights", "int4"])
+    assert "--weights: choose from int8, fp8, or none" in capsys.readouterr().err
 
 
 def test_rows_are_named_by_loop_and_batch(capsys) -> None:
