@@ -58,8 +58,8 @@ def test_default_job(run_job) -> None:
     # What decoded it: the session's engine is the CPU's eager loop (COMPILE=auto is off on the CPU).
     assert item["engine"] == {
         "device": "cpu", "dtype": "float32", "attention": {"prefill": "sdpa", "decode": "sdpa"}, "compile": False,
-        "compiled_buckets": {}, "diffusion_steps": 10, "weights": "bf16", "weight_bytes": item["engine"]["weight_bytes"],
-        "fallbacks": [], "frames": {"compiled": 0, "uncompiled": 4},
+        "compiled_buckets": {}, "diffusion_steps": 10, "weights": "bf16",
+        "weight_bytes": item["engine"]["weight_bytes"], "fallbacks": [], "frames": {"compiled": 0, "uncompiled": 4},
     }  # fmt: skip
     assert item["engine"]["weight_bytes"] > 1_000_000  # the tiny checkpoint's float32 weights
 
