@@ -227,77 +227,6 @@ def compare(result: ModelErrors, run: str, reference: Recorder, other: Recorder)
         ]
 
 
-# --- sizing: what int8 buys on RunPod's tiers (estimates until `make gpu-bench` measures) ----------
-
-
-@dataclass(frozen=True)
-class Tier:
-    name: str  # RunPod's memory tier
-    gpu: str  # the smallest (in memory) and slowest card of the tier, so the estimate holds for every card
-    memory: int  # bytes the card has
-    bandwidth: float  # bytes/s, its memory bandwidth
-    price: float  # $ per second (RunPod serverless, mid-2026, from issue 27)
-
-
-TIERS = (
-    Tier("24 GB", "L4", 23034 * 2**20, 300e9, 0.00019),
-    Tier("48 GB", "A40", 46068 * 2**20, 696e9, 0.00034),
-    Tier("80 GB", "H100 PCIe", 81559 * 2**20, 2.0e12, 0.00116),
-)
-FAL_PER_AUDIO_HOUR = 2.40  # fal.ai's VibeVoice 7B: $0.04 per generated minute
-COMPILED_BATCH_CAP = 16  # the largest compiled bucket (engine/framestep.py WARM_UP_BUCKETS)
-CAPACITY = 1024  # KV columns per row of the compiled step on CUDA (engine/framestep.py CAPACITY_STEP)
-RESERVE = 2 * 10**9  # CUDA context, cuBLAS and graph workspaces, one prefill: an assumption
-BANDWIDTH_SHARE = 0.5  # of the bandwidth a compiled decode step reaches: an assumption (gpt-fast-like 50-70 %)
-FRAME_SECONDS = 3200 / 24000  # audio per frame
-
-
-def frame_read_bytes(model, mode: str, steps: int = DIFFUSION_STEPS) -> int:
-    """Weight bytes one compiled frame reads for the whole batch (engine/framestep.py StaticFrame):
-    the language model once for both branches, the diffusion head's condition and adaLN projections
-    once and its per-step layers `steps` times, the connectors and codecs once."""
-    from bench.weights import module_bytes
-
-    sizes = module_bytes(model, mode)
-    head = model.model.diffusion_head
-
-    def size(*modules) -> int:
-        return 2 * sum(p.numel() for module in modules for p in module.parameters())
-
-    once = size(head.cond_proj, head.final_layer.linear_1, *(layer.linear for layer in head.layers))
-    per_step = size(head.noisy_images_proj, head.final_layer.linear_2, *(layer.ffn for layer in head.layers))
-    rest = ("language_model", "acoustic_decoder", "semantic_encoder", "acoustic_connector", "semantic_connector")
-    return sum(sizes[name] for name in rest) + once + steps * per_step
-
-
-def tier_estimates(mode: str) -> list[dict]:
-    """Per tier for the 7B with WEIGHTS=`mode`: weights, rows that fit, speed and cost (estimates)."""
-    from transformers import VibeVoiceForConditionalGeneration
-
-    from bench.weights import real_7b_config
-    from engine.scheduler import AUTO_BATCH_MEMORY_SHARE, CODEC_STATE_BYTES
-
-    with torch.device("meta"):
-        model = VibeVoiceForConditionalGeneration(real_7b_config())
-    text = model.config.text_config
-    head_dim = text.hidden_size // text.num_attention_heads
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # K and V, bf16
-    row_kv = 2 * CAPACITY * kv_per_token  # both guidance branches at the compiled capacity
-    weight_bytes, frame_bytes = weights.planned_bytes(model, mode), frame_read_bytes(model, mode)
-    estimates = []
-    for tier in TIERS:
-        room = AUTO_BATCH_MEMORY_SHARE * (tier.memory - weight_bytes - RESERVE)
-        rows = min(COMPILED_BATCH_CAP, max(0, int(room // (row_kv + CODEC_STATE_BYTES))))
-        speed = BANDWIDTH_SHARE * tier.bandwidth  # bytes/s; a frame reads the weights once and each row's cache
-        multiple = rows * FRAME_SECONDS * speed / (frame_bytes + rows * row_kv) if rows else 0.0
-        estimates.append({
-            "tier": tier.name, "gpu": tier.gpu, "weights": mode, "weight_gb": weight_bytes / 1e9, "rows": rows,
-            "rtf_batch_1": (frame_bytes + row_kv) / speed / FRAME_SECONDS, "realtime_multiple": multiple,
-            "dollars_per_audio_hour": tier.price * 3600 / multiple if multiple else None,
-        })  # fmt: skip
-    return estimates
-
-
 # --- the report -------------------------------------------------------------------------------------
 
 
@@ -317,11 +246,9 @@ AMPLIFICATION = (
 )
 
 
-def markdown(results: list[ModelErrors], tiers: dict[str, list[dict]]) -> str:
-    from engine.scheduler import AUTO_BATCH_MEMORY_SHARE
-
+def markdown(results: list[ModelErrors]) -> str:
     lines = [
-        "# 8-bit weights: int8's error against the loaded weights, and what it buys",
+        "# 8-bit weights: int8's error against the loaded weights",
         "",
         "Made by `python -m bench.quantization` (bench/quantization.py says how). CPU, float32, random weights:",
         "the speech quality of int8 on the real checkpoint is not measured here. Errors are relative RMS",
@@ -362,23 +289,8 @@ def markdown(results: list[ModelErrors], tiers: dict[str, list[dict]]) -> str:
                      f"{_percent(r.start_up_check)}; measured in {r.seconds:.0f} s.")  # fmt: skip
     lines += [
         "",
-        "## The 7B on RunPod's tiers (estimates until `make gpu-bench` measures)",
-        "",
-        f"Rows that fit: {AUTO_BATCH_MEMORY_SHARE:.0%} of the memory left after the weights and a "
-        f"{RESERVE / 1e9:.0f} GB reserve, at {CAPACITY} KV columns per row (the compiled step's capacity), at most "
-        f"{COMPILED_BATCH_CAP} (the largest compiled bucket). Speed: each frame reads the weights once and every "
-        f"row's cache, at {BANDWIDTH_SHARE:.0%} of the card's memory bandwidth (an assumption). fal.ai: "
-        f"${FAL_PER_AUDIO_HOUR:.2f} per hour of audio.",
-        "",
-        "| tier (card) | weights | weight memory | rows that fit | RTF at batch 1 | audio per second at that batch "
-        "| $ per hour of audio |",
-        "|---|---|---|---|---|---|---|",
+        "What the 8-bit weights buy on each RunPod tier: the GPU table of docs/operations.md (bench/sizing.py).",
     ]
-    for mode, estimates in tiers.items():
-        for e in estimates:
-            cost = f"{e['dollars_per_audio_hour']:.3f}" if e["dollars_per_audio_hour"] else "-"
-            lines.append(f"| {e['tier']} ({e['gpu']}) | {mode} | {e['weight_gb']:.1f} GB | {e['rows']} "
-                         f"| {e['rtf_batch_1']:.2f} | {e['realtime_multiple']:.0f} s | {cost} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -392,11 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:  # one model at a time: the 1.5B in float32 is about 11 GB
         print(f"{name} ...", file=sys.stderr, flush=True)
         results.append(measure(name, args.frames))
-    tiers = {mode: tier_estimates(mode) for mode in ("bf16", "int8")}
-    text = markdown(results, tiers)
+    text = markdown(results)
     print(text)
     if sorted(names) == ["1.5b", "tiny"] and args.frames == FRAMES:  # the full report only
-        payload = {"models": [asdict(r) | {"summary": r.summary()} for r in results], "tiers": tiers}
+        payload = {"models": [asdict(r) | {"summary": r.summary()} for r in results]}
         RESULTS.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
         RESULTS.with_suffix(".md").write_text(text)
     return 0

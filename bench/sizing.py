@@ -1,30 +1,37 @@
 """The GPU table of docs/operations.md: which RunPod tier holds which batch, how fast, at what price.
 
-Every memory figure comes from the worker's own code: the weights are the parameters of the real 7B
-and 1.5B configurations (bench/weights.py) built on the meta device, and the memory a row takes and
-the batch that fits come from the decode scheduler's budget (`inference.memory_budget`: KV cache,
-codec state, one prefill, the share of the memory it may plan with), asked as the worker asks it at
-start-up (`typical_request`). When the budget changes, the table follows; tests/test_docs.py keeps the
+Every memory figure comes from the worker's own code, for the deployment a CUDA worker runs by
+default (`COMPILE=auto`: the compiled step). The weights are the parameters of the real 7B and 1.5B
+configurations (bench/weights.py) built on the meta device, as WEIGHTS holds them
+(`engine/weights.planned_bytes`). The batch is what the start-up warm-up affords
+(`engine/warmup.affordable_shapes`: the compiled shapes whose buffers fit the decode scheduler's share
+of the memory left, `inference.memory_budget`), whose largest bucket is the batch cap; a row's memory
+is the compiled step's buffers per row of that bucket (`FrameStep.slot_bytes`: both guidance
+branches' KV cache at one capacity step, noise tables, codec state) and the scheduler's codec state.
+When the budget or the step's buffers change, the table follows; tests/test_docs.py keeps the
 document equal to `markdown_tables()`.
 
 The speed is an estimate until `make gpu-bench` has run on the GPU: per frame (133 ms of audio), the
-bytes a frame step reads (each module's weights once per call: bench/weights.py's module sizes times
-FRAME_CALLS, which figure a counted; plus every row's budgeted memory) at the GPU's memory bandwidth,
-plus a fixed FRAME_OVERHEAD_S that no bandwidth explains (kernel launches and small kernels), taken
-from the one published CUDA-graph VibeVoice decode (PUBLISHED_RTF). Prices are RunPod's flex prices
-per second (mid-2026); check the live page before quoting them.
+weight bytes a compiled frame reads (`compiled_frame_reads`: the language model once for both
+branches, the diffusion head's condition and adaLN projections once and its per-step layers once per
+diffusion step, the codecs and connectors once), plus every row's buffers, at the GPU's memory
+bandwidth, or its arithmetic at the card's bf16 rate if that takes longer; plus a fixed overhead per
+frame that no bandwidth explains (kernel launches and small kernels), taken from the one published
+CUDA-graph VibeVoice decode (PUBLISHED_RTF). Prices are RunPod's flex prices per second (mid-2026);
+check the live page before quoting them.
 
-A column set per weight format (WEIGHT_FORMATS): another format (8-bit weights, say) is one more
-`WeightFormat` with its own weight bytes and frame reads, and the tables gain its columns.
+A column set per weight format (WEIGHT_FORMATS: bf16 and WEIGHTS=int8).
 
     python -m bench.sizing     # prints the tables (paste them into docs/operations.md)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,12 +42,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.weights import meta_model as build_meta_model  # noqa: E402
 from bench.weights import module_bytes, real_1_5b_config, real_7b_config  # noqa: E402
-from engine.scheduler import AUTO_BATCH_MEMORY_SHARE  # noqa: E402
-from inference import memory_budget, typical_request  # noqa: E402
+from engine.decoder import BatchDecoder  # noqa: E402
+from engine.framestep import capacity_step  # noqa: E402
+from engine.scheduler import CODEC_STATE_BYTES  # noqa: E402
+from engine.warmup import affordable_shapes  # noqa: E402
+from engine.weights import planned_bytes  # noqa: E402
+from inference import memory_budget  # noqa: E402
 
 FRAME_SECONDS = 3200 / 24000  # one frame of audio: the codec's hop at 24 kHz
-DIFFUSION_STEPS = 10  # DEFAULT_DIFFUSION_STEPS
+DIFFUSION_STEPS = 10  # DEFAULT_DIFFUSION_STEPS's default
+FAL_PER_AUDIO_HOUR = 2.40  # hosted VibeVoice 7B on fal.ai: $0.04 per generated minute, the price to beat
 # Module calls per frame of the own loop at any batch (both guidance branches in one pass): what figure a
 # counts on the tiny model (bench/results.json, "own loop, batch 1"; tests/test_docs.py compares them).
 FRAME_CALLS = {
@@ -135,23 +148,35 @@ MODELS = (
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How the weights are held: their bytes on the GPU, and the bytes one frame step reads."""
+    """How the weights are held (a WEIGHTS mode): their bytes on the GPU, and the bytes a frame reads."""
 
-    name: str
-    weight_bytes: Callable[[torch.nn.Module], int]
-    frame_bytes: Callable[[torch.nn.Module], int]
+    name: str  # bf16, int8
 
+    def weight_bytes(self, model: torch.nn.Module) -> int:
+        return planned_bytes(model, self.name)
 
-def bf16_weight_bytes(model: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters()) * 2
-
-
-def bf16_frame_bytes(model: torch.nn.Module) -> int:
-    sizes = module_bytes(model)
-    return sum(calls * sizes[name] for name, calls in FRAME_CALLS.items())
+    def frame_bytes(self, model: torch.nn.Module) -> int:
+        return compiled_frame_reads(model, self.name)
 
 
-WEIGHT_FORMATS = (WeightFormat("bf16", bf16_weight_bytes, bf16_frame_bytes),)
+WEIGHT_FORMATS = (WeightFormat("bf16"), WeightFormat("int8"))
+
+
+def compiled_frame_reads(model: torch.nn.Module, weights: str, steps: int = DIFFUSION_STEPS) -> int:
+    """Weight bytes one compiled frame reads for the whole batch (engine/framestep.py StaticFrame): the
+    language model once for both branches, the diffusion head's condition and adaLN projections once and
+    its per-step layers `steps` times, the connectors and codecs once; WEIGHTS=`weights` sizes the
+    language model's linear layers."""
+    sizes = module_bytes(model, weights)
+    head = model.model.diffusion_head
+
+    def size(*modules) -> int:
+        return 2 * sum(p.numel() for module in modules for p in module.parameters())
+
+    once = size(head.cond_proj, head.final_layer.linear_1, *(layer.linear for layer in head.layers))
+    per_step = size(head.noisy_images_proj, head.final_layer.linear_2, *(layer.ffn for layer in head.layers))
+    rest = ("language_model", "acoustic_decoder", "semantic_encoder", "acoustic_connector", "semantic_connector")
+    return sum(sizes[name] for name in rest) + once + steps * per_step
 
 
 @dataclass(frozen=True)
@@ -159,8 +184,8 @@ class Sizing:
     """One model in one weight format on one tier's smallest card."""
 
     weights: float  # bytes
-    row_bytes: float  # what the budget plans per row: KV cache at a typical chunk's width, codec state
-    batch: int  # rows the budget admits at start-up (0: not even one)
+    row_bytes: float  # a row's compiled-step buffers (one capacity step) and codec state
+    batch: int  # the largest compiled bucket the memory left affords: the batch cap (0: not even one row)
     rtf_one: float  # estimated seconds of decoding per second of audio, one job alone
     real_time: float  # estimated seconds of audio per second, all `batch` rows together
     price_per_second: float
@@ -171,11 +196,8 @@ class Sizing:
 
 @cache
 def meta_model(config_builder: Callable[[], object]) -> torch.nn.Module:
-    """The real architecture in bf16 on the meta device: shapes and sizes, no weights."""
-    from transformers import VibeVoiceForConditionalGeneration
-
-    with torch.device("meta"):
-        return VibeVoiceForConditionalGeneration(config_builder()).to(torch.bfloat16)
+    """The real architecture in bf16 on the meta device: shapes and sizes, no weights (built once)."""
+    return build_meta_model(config_builder())
 
 
 @cache
@@ -200,9 +222,16 @@ def row_flops(config_builder: Callable[[], object]) -> float:
     return linear + counter.get_total_flops() / frames
 
 
+def eager_frame_reads(model: torch.nn.Module) -> int:
+    """Weight bytes a frame reads when each module is called whole (FRAME_CALLS, as figure a counts
+    them): the diffusion head entirely once per step, as the published decode calls it."""
+    sizes = module_bytes(model)
+    return sum(calls * sizes[name] for name, calls in FRAME_CALLS.items())
+
+
 def frame_overhead() -> float:
     """Seconds per frame that the published decode took beyond its bytes at its GPU's bandwidth."""
-    published = bf16_frame_bytes(meta_model(real_1_5b_config)) / PUBLISHED_BANDWIDTH
+    published = eager_frame_reads(meta_model(real_1_5b_config)) / PUBLISHED_BANDWIDTH
     return PUBLISHED_RTF * FRAME_SECONDS - published
 
 
@@ -214,20 +243,40 @@ def frame_seconds(model: Model, frame_bytes: float, rows: int, row_bytes: float,
     return frame_overhead() + max(reads, arithmetic)
 
 
+@cache
+def compiled_decoder(config_builder: Callable[[], object]) -> BatchDecoder:
+    """The decoder a CUDA worker builds (COMPILE=auto: with the static step), over the meta model."""
+    return BatchDecoder(meta_model(config_builder), compile_mode="on", diffusion_steps=DIFFUSION_STEPS)
+
+
 def size(model: Model, weights: WeightFormat, tier: Tier) -> Sizing:
+    """What the worker's start-up would afford on the tier's smallest card, and the estimated speed."""
     module = meta_model(model.config)
     gpu = tier.smallest
     weight_bytes = weights.weight_bytes(module)
-    budget = memory_budget(module, device=torch.device("cuda"))
     left = max(0, int(gpu.memory_bytes - weight_bytes - RUNTIME_BYTES))
+    decoder = compiled_decoder(model.config)
+    budget = memory_budget(module, device=torch.device("cuda"), decoder=decoder)
     budget.memory_left = lambda: left
-    request = typical_request(frame_rate=1 / FRAME_SECONDS)
-    row_bytes = budget.estimate([request] * 2) - budget.estimate([request])
-    batch = budget.fits(request) if budget.estimate([request]) <= AUTO_BATCH_MEMORY_SHARE * left else 0
+    with _quiet(logging.getLogger("vibevoice.engine")):  # it would name the shapes left out
+        shapes = affordable_shapes(decoder, budget)
+    batch = max((bucket for bucket, _, _ in shapes), default=0)
+    capacity = capacity_step(torch.device("cuda"))
+    row_bytes = decoder.frame_step.slot_bytes(batch or 1, capacity, DIFFUSION_STEPS) / (batch or 1) + CODEC_STATE_BYTES
     frame_bytes = weights.frame_bytes(module)
     rtf_one = frame_seconds(model, frame_bytes, 1, row_bytes, gpu) / FRAME_SECONDS
     full = frame_seconds(model, frame_bytes, batch, row_bytes, gpu) if batch else math.inf
     return Sizing(weight_bytes, row_bytes, batch, rtf_one, batch * FRAME_SECONDS / full, gpu.price_per_second)
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def tiers_that_fit(model: Model = MODELS[0], weights: WeightFormat = WEIGHT_FORMATS[0]) -> list[str]:
@@ -256,33 +305,27 @@ def _cells(sizing: Sizing) -> list[str]:
     ]
 
 
-def markdown_table(model: Model) -> str:
-    """One model: a row per tier, a column set per weight format."""
-    header = ["pool", "GPUs (the first is sized for)", "$/s"]
-    for weights in WEIGHT_FORMATS:
-        header += [
-            f"{weights.name}: weights (GB)",
-            "per row (MB)",
-            "batch",
-            "RTF, 1 job (est.)",
-            "$/audio h, 1 job (est.)",
-            "audio/s, full batch (est.)",
-            "$/audio h, full batch (est.)",
-        ]
+def markdown_table(model: Model, weights: WeightFormat) -> str:
+    """One model in one weight format: a row per tier."""
+    header = ["pool", "GPUs (the first is sized for)", "$/s", "weights (GB)", "per row (MB)", "batch",
+              "RTF, 1 job (est.)", "$/audio h, 1 job (est.)", "audio/s, full batch (est.)",
+              "$/audio h, full batch (est.)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for tier in TIERS:
         gpus = ", ".join(f"{gpu.name} ({gpu.memory_bytes / 1e9:.0f} GB)" for gpu in tier.cards)
         prices = sorted({f"{gpu.price_per_second:.5f}" for gpu in tier.cards})
-        cells = [f"`{tier.pool}`", gpus, "-".join(prices)]
-        for weights in WEIGHT_FORMATS:
-            cells += _cells(size(model, weights, tier))
+        cells = [f"`{tier.pool}`", gpus, "-".join(prices), *_cells(size(model, weights, tier))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown_tables() -> str:
-    """Every model's table under its name, as docs/operations.md holds them."""
-    return "\n\n".join(f"**{model.name}** (`{model.model_id}`)\n\n{markdown_table(model)}" for model in MODELS)
+    """Every model and weight format's table under its name, as docs/operations.md holds them."""
+    return "\n\n".join(
+        f"**{model.name}** (`{model.model_id}`), `WEIGHTS={weights.name}`\n\n{markdown_table(model, weights)}"
+        for model in MODELS
+        for weights in WEIGHT_FORMATS
+    )
 
 
 def main() -> None:

@@ -104,8 +104,8 @@ def compile_shapes(decoder: BatchDecoder, budget: BatchBudget, paths: FastPaths)
 def affordable_shapes(decoder: BatchDecoder, budget: BatchBudget) -> list[tuple[int, int, int]]:
     """framestep.warm_up_shapes for the batch cap, as far as their buffers (kept for the process) fit in
     AUTO_BATCH_MEMORY_SHARE of the memory left on CUDA; the log names the shapes left out."""
-    shapes = warm_up_shapes(budget.cap(), decoder.device, decoder.diffusion_steps)
-    if decoder.device.type != "cuda":
+    shapes = warm_up_shapes(budget.cap(), budget.device, decoder.diffusion_steps)
+    if budget.device.type != "cuda":
         return shapes
     room, kept = AUTO_BATCH_MEMORY_SHARE * budget.memory_left() - budget.prefill_bytes, []
     for shape in shapes:
