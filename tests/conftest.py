@@ -31,8 +31,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# The one-line reliability summary after the run (counts from the tests that ran): tests/reliability.py.
-pytest_plugins = ["reliability"]
+# The one-line reliability summary after the run (counts from the tests that ran): tests/reliability.py;
+# how `make test` shares the tests among its processes: tests/scheduling.py.
+pytest_plugins = ["reliability", "scheduling"]
 
 # Tests never see the host's cloud settings.
 for _name in list(os.environ):

@@ -53,7 +53,7 @@ def start_long_job(api: RunpodAPI, **extra: object) -> str:
     return job["id"]
 
 
-def wait_for_log(path: Path, text: str, timeout: float = 30) -> None:
+def wait_for_log(path: Path, text: str, timeout: float = 90) -> None:
     """The worker's log gets `text` within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while text not in path.read_text(errors="replace"):
