@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import http.server
 import json
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,20 +332,36 @@ def runpod_api(tiny_model_dir: Path, volume: Path, tmp_path_factory: pytest.Temp
 BOMB_SECONDS = {"flac": 7200, "mp3": 3600, "opus": 7200}
 
 
-@pytest.fixture(scope="session")
-def bomb_files(tmp_path_factory) -> dict[str, Path]:
-    """The bombs, made once per session: FLAC, low-bitrate MP3 and Ogg/Opus holding hours, and a
-    WAV whose header claims 4 GB in front of 400 s of 8 kHz audio (within the byte cap)."""
+def made_once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that `make` fills once per test run, shared by all of `make test`'s pytest processes
+    (xdist's workers share the parent of their base folders); a lock lets one make it, the others wait."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
+def make_bombs(folder: Path) -> None:
     import bombs
 
-    folder = tmp_path_factory.mktemp("bombs")
-    files = {}
     for kind, seconds in BOMB_SECONDS.items():
-        files[kind] = folder / f"{kind}.bomb"
-        files[kind].write_bytes(bombs.bomb(kind, seconds))
-    files["wav"] = folder / "wav.bomb"
-    files["wav"].write_bytes(bombs.wav_claiming(4 * 1024**3, real_seconds=400.0))
-    return files
+        (folder / f"{kind}.bomb").write_bytes(bombs.bomb(kind, seconds))
+    (folder / "wav.bomb").write_bytes(bombs.wav_claiming(4 * 1024**3, real_seconds=400.0))
+
+
+@pytest.fixture(scope="session")
+def bomb_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bombs, made once per run: FLAC, low-bitrate MP3 and Ogg/Opus holding hours, and a WAV
+    whose header claims 4 GB in front of 400 s of 8 kHz audio (within the byte cap)."""
+    folder = made_once_per_run(tmp_path_factory, "bombs", make_bombs)
+    return {kind: folder / f"{kind}.bomb" for kind in (*BOMB_SECONDS, "wav")}
 
 
 @dataclass

@@ -33,7 +33,8 @@ from tools import tiny_checkpoint
 from tools.local_home import synthetic_voice
 
 # Each engine compiles at start-up: minutes on a loaded 2-core machine, counted in its first test.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# One xdist worker runs this module (its compiled engine is built once).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.xdist_group("compiled_jobs")]
 
 
 def run(worker: Worker, job_input: dict) -> dict:

@@ -169,12 +169,11 @@ def test_one_host_synchronisation_per_frame(engine, voices, chunks) -> None:
 
 @pytest.fixture(scope="module")
 def compiled(engine):
-    from torch._dynamo.utils import counters
-
     decoder = static_decoder(engine, compile_frame=True)
-    graphs = counters["stats"]["unique_graphs"]
     decoder.warm_up([1, 2])
-    assert decoder.compiled and counters["stats"]["unique_graphs"] >= graphs + 2  # really compiled, per bucket
+    # Both buckets compiled (dynamo's count of new graphs depends on what this process compiled before:
+    # an earlier engine's graph of the same shape is reused). The tests below check frames ran compiled.
+    assert decoder.compiled and {rows for rows, _, _ in decoder.frame_step.compiled_shapes} == {1, 2}
     return decoder
 
 
