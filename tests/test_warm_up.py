@@ -64,7 +64,8 @@ def make_engine(path, attention: str = "sdpa", **options) -> VibeVoiceEngine:
 
 
 def errors(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    """The worker's own ERROR lines (not, say, asyncio's about an earlier test's loop collected meanwhile)."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("vibevoice")]
 
 
 # --- attention ---------------------------------------------------------------------------------------
