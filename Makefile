@@ -19,8 +19,11 @@ SERVE_API_KEY ?= local-dev
 SERVE_FLAGS ?=
 GPU_BENCH_FLAGS ?=
 # `make test`'s pytest processes (pytest-xdist) and how tests are shared among them (docs/testing.md).
-TEST_WORKERS ?= 3
+# Their torch runs one thread each (OMP_NUM_THREADS, inherited by the workers the tests start): the
+# processes already share the cores, and more threads only compete for them.
+TEST_WORKERS ?= 4
 TEST_DIST ?= loadgroup
+TEST_THREADS ?= 1
 
 # The bridge (bridge/): Node 20 or newer + npm (deploying with wrangler: Node 22); packages from bridge/package-lock.json, installed by npm ci.
 BRIDGE_STAMP := bridge/node_modules/.installed
@@ -105,7 +108,7 @@ test: $(STAMP) $(REF_STAMP) $(BRIDGE_STAMP) espeak $(CHROMIUM)
 	$(MAKE) --no-print-directory lint-deploy
 	@mkdir -p .local
 	@(cd bridge && npx vitest run > ../.local/vitest.log 2>&1) & vitest=$$!; \
-		$(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST); status=$$?; \
+		OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist $(TEST_DIST); status=$$?; \
 		wait $$vitest; bridge=$$?; tail -n 6 .local/vitest.log; \
 		if [ $$bridge -ne 0 ]; then cat .local/vitest.log; echo "the bridge's tests failed (make bridge-test)"; fi; \
 		[ $$status -eq 0 ] && [ $$bridge -eq 0 ]
