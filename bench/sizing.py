@@ -27,11 +27,9 @@ A column set per weight format (WEIGHT_FORMATS: bf16 and WEIGHTS=int8).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -44,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from bench.weights import meta_model as build_meta_model  # noqa: E402
 from bench.weights import module_bytes, real_1_5b_config, real_7b_config  # noqa: E402
+from engine.compile_cache import only_errors_from  # noqa: E402
 from engine.decoder import BatchDecoder  # noqa: E402
 from engine.framestep import capacity_step  # noqa: E402
 from engine.scheduler import CODEC_STATE_BYTES  # noqa: E402
@@ -258,7 +257,7 @@ def size(model: Model, weights: WeightFormat, tier: Tier) -> Sizing:
     decoder = compiled_decoder(model.config)
     budget = memory_budget(module, device=torch.device("cuda"), decoder=decoder)
     budget.memory_left = lambda: left
-    with _quiet(logging.getLogger("vibevoice.engine")):  # it would name the shapes left out
+    with only_errors_from("vibevoice.engine"):  # it would name the shapes left out
         shapes = affordable_shapes(decoder, budget)
     batch = max((bucket for bucket, _, _ in shapes), default=0)
     capacity = capacity_step(torch.device("cuda"))
@@ -267,16 +266,6 @@ def size(model: Model, weights: WeightFormat, tier: Tier) -> Sizing:
     rtf_one = frame_seconds(model, frame_bytes, 1, row_bytes, gpu) / FRAME_SECONDS
     full = frame_seconds(model, frame_bytes, batch, row_bytes, gpu) if batch else math.inf
     return Sizing(weight_bytes, row_bytes, batch, rtf_one, batch * FRAME_SECONDS / full, gpu.price_per_second)
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def tiers_that_fit(model: Model = MODELS[0], weights: WeightFormat = WEIGHT_FORMATS[0]) -> list[str]:

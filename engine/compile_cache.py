@@ -129,7 +129,7 @@ class StepArtifacts:
                     return False
                 mega_cache = archive.read(MEGA_CACHE)
                 kernels = {name: archive.read(name) for name in archive.namelist() if KERNEL_NAME.fullmatch(name)}
-            with _quiet("torch.compiler._cache"):  # its own warning is a traceback; this module's line says it
+            with only_errors_from("torch.compiler._cache"):  # its warning is a traceback; our line says it
                 if torch.compiler.load_cache_artifacts(mega_cache) is None:
                     raise ValueError("torch could not read its mega-cache")
             placed = _place_kernels(kernels)
@@ -243,7 +243,7 @@ def _version_of(package: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet(logger: str) -> Iterator[None]:
+def only_errors_from(logger: str) -> Iterator[None]:
     """Only errors from `logger` inside the block."""
     target = logging.getLogger(logger)
     level = target.level

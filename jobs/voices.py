@@ -257,8 +257,9 @@ def fetch_audio(url: str, field: str, limits: VoiceLimits) -> bytes:
     raise VoiceError(f"{field} redirected more than {_MAX_REDIRECTS} times.")
 
 
-class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
-    """A connection whose socket the deadline's watchdog cuts when the time is up."""
+class _Watched:
+    """Mixed into a urllib3 connection: its socket the deadline's watchdog cuts when the time is up
+    (for HTTPS too: the TLS socket wraps this one, so the cut reaches it)."""
 
     def __init__(self, *args, deadline: Deadline, **kwargs):
         super().__init__(*args, **kwargs)
@@ -270,15 +271,12 @@ class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
         return sock
 
 
-class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    def __init__(self, *args, deadline: Deadline, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
+class _WatchedHTTPConnection(_Watched, urllib3.connection.HTTPConnection):
+    pass
 
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self.deadline.watch(sock)  # the TLS socket wraps this connection: the cut reaches it
-        return sock
+
+class _WatchedHTTPSConnection(_Watched, urllib3.connection.HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(urllib3.HTTPConnectionPool):

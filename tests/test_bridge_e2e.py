@@ -597,6 +597,18 @@ def test_a_client_that_leaves_while_its_job_runs_cancels_it(mode: str, request: 
     assert probe(audio.content).codec == "mp3float"
 
 
+def sse_audio(response) -> bytes:
+    """The audio of a streamed speech response's SSE events; no event may be an error."""
+    deltas = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            event = json.loads(line.removeprefix("data: "))
+            assert event["type"] != "error", event
+            if event["type"] == "speech.audio.delta":
+                deltas.append(base64.b64decode(event["audio"]))
+    return b"".join(deltas)
+
+
 def test_rough_runpod_is_survived_and_nothing_is_truncated(bridge: Bridge, whole_file_bridge: Bridge) -> None:
     """RUNNING, a /stream backlog split into replies of ~2 items, every third /status and /stream
     call failing with 503, and /status and /stream rate-limited to 4 calls a second: every reply
@@ -614,18 +626,11 @@ def test_rough_runpod_is_survived_and_nothing_is_truncated(bridge: Bridge, whole
         assert [job["status"] for job in bridge.jobs(text)] == ["COMPLETED"]
 
         text = f"Events through a rough RunPod {os.urandom(4).hex()}."
-        deltas = []
         with bridge.client().audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=text, response_format="wav", stream_format="sse",
             extra_body={**TINY, "max_new_tokens": 20, "stream_chunk_ms": 100},
         ) as response:  # fmt: skip
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line.removeprefix("data: "))
-                    assert event["type"] != "error", event
-                    if event["type"] == "speech.audio.delta":
-                        deltas.append(base64.b64decode(event["audio"]))
-        assert probe(b"".join(deltas)).samples.size == 20 * 3200
+            assert probe(sse_audio(response)).samples.size == 20 * 3200
 
         text = f"A whole file from a rough RunPod {os.urandom(4).hex()}."
         wav = whole_file_bridge.client().audio.speech.create(
@@ -647,19 +652,12 @@ def test_a_lost_stream_reply_is_filled_from_the_final_output(bridge: Bridge) -> 
             extra_body={**TINY, "max_new_tokens": frames, "stream_chunk_ms": 100},
         )  # fmt: skip
         assert len(pcm.content) == frames * 3200 * 2
-        deltas = []
         with bridge.client().audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=f"Events with a lost reply {os.urandom(4).hex()}.",
             response_format="wav", stream_format="sse",
             extra_body={**TINY, "max_new_tokens": 12, "stream_chunk_ms": 100},
         ) as response:  # fmt: skip
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line.removeprefix("data: "))
-                    assert event["type"] != "error", event
-                    if event["type"] == "speech.audio.delta":
-                        deltas.append(base64.b64decode(event["audio"]))
-        assert probe(b"".join(deltas)).samples.size == 12 * 3200
+            assert probe(sse_audio(response)).samples.size == 12 * 3200
     assert [job["status"] for job in bridge.jobs(text)] == ["COMPLETED"]
 
 

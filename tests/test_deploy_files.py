@@ -120,24 +120,24 @@ def test_the_default_model_is_the_same_everywhere():
     assert hub_default == bootstrap_default[1]
 
 
-def bridge_defaults() -> dict:
-    """The bridge's settings with nothing set: bridge/src/config.js's own defaults, read by Node."""
-    script = "import { loadConfig } from './src/config.js'; console.log(JSON.stringify(loadConfig({})));"
+def bridge_value(module: str, expression: str):
+    """`expression` (JSON-serialisable) evaluated by Node after `import * as m from bridge/src/<module>`."""
+    script = f"import * as m from './src/{module}'; console.log(JSON.stringify({expression}));"
     done = subprocess.run(
         ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def bridge_defaults() -> dict:
+    """The bridge's settings with nothing set: bridge/src/config.js's own defaults."""
+    return bridge_value("config.js", "m.loadConfig({})")
 
 
 def openai_voices() -> dict[str, str]:
-    """The bridge's map of OpenAI's voice names to presets (bridge/src/openai_voices.js), read by Node."""
-    script = "import { OPENAI_VOICES } from './src/openai_voices.js'; console.log(JSON.stringify(OPENAI_VOICES));"
-    done = subprocess.run(
-        ["node", "--input-type=module", "-e", script], cwd=ROOT / "bridge", capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    """The bridge's map of OpenAI's voice names to presets (bridge/src/openai_voices.js)."""
+    return bridge_value("openai_voices.js", "m.OPENAI_VOICES")
 
 
 def wrangler_vars() -> dict[str, str]:
