@@ -20,7 +20,8 @@ from bench.common import ROOT, Row, median_time
 REPEATS = 3
 
 READY = """
-import handler, config, inference, logs
+import handler, config, inference
+from runtime import logs
 settings = config.load_settings()
 logs.setup_logging(settings)
 engine = inference.VibeVoiceEngine.load(settings)
